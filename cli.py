@@ -1,0 +1,111 @@
+"""The ``turboboa`` command: a thin click layer over :mod:`turboboa.api`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from turboboa.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def app() -> None:
+    """Quantize LLMs to 2-8 bits with TurboBoA, BoA, GPTQ or RTN, and measure them."""
+
+
+@app.command()
+@click.argument("model", required=False, default=DEFAULT_MODEL)
+@click.option("--method", default="turboboa", show_default=True, help="rtn | gptq | boa | turboboa")
+@click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8")
+@click.option("--group-size", type=int, default=128, show_default=True, help="-1 = per output channel")
+@click.option("--sym", is_flag=True, help="symmetric grids (zero point 2^(bits-1))")
+@click.option("--grid", default="auto", show_default=True,
+              help="minmax | search (Hessian-weighted range search) | auto (search for boa/turboboa)")
+@click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal (static groups)")
+@click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids from the original weights")
+@click.option("--damp", "percdamp", type=float, default=0.01, show_default=True, help="damping, share of mean diag")
+@click.option("--rows", type=int, default=16, show_default=True, help="TurboBoA: rows quantized jointly (N)")
+@click.option("--alpha", type=float, default=0.25, show_default=True, help="TurboBoA F2 strength")
+@click.option("--no-dx", is_flag=True, help="TurboBoA: turn off F2 (error correction from the fp stream)")
+@click.option("--no-adaptive-grid", is_flag=True, help="TurboBoA: fix grids from the original weights")
+@click.option("--refine-iters", type=int, default=1, show_default=True, help="TurboBoA: scale refinement sweeps")
+@click.option("--act-order-col", is_flag=True, help="BoA/TurboBoA: columns by decreasing H_col diagonal")
+@click.option("--act-order-row", is_flag=True, help="BoA/TurboBoA: rows by decreasing H_row diagonal")
+@click.option("--calib", default="wikitext2", show_default=True, help="calibration data: name or .txt/.jsonl path")
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("-o", "--output", required=True, help="QDIR folder to write")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, grid: str, act_order: bool,
+             static_groups: bool, percdamp: float, rows: int, alpha: float, no_dx: bool, no_adaptive_grid: bool,
+             refine_iters: int, act_order_col: bool, act_order_row: bool, calib: str, nsamples: int, seqlen: int,
+             seed: int, device: str, output: str, quiet: bool, as_json: bool) -> None:
+    """Quantize MODEL (default smollm2-135m) into the quantized checkpoint folder -o QDIR."""
+    from turboboa import api
+    from turboboa.config import QuantConfig
+
+    cfg = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, grid=grid, act_order=act_order,
+                      static_groups=static_groups, percdamp=percdamp, rows=rows, alpha=alpha, use_dx=not no_dx,
+                      adaptive_grid=not no_adaptive_grid, refine_iters=refine_iters, act_order_col=act_order_col,
+                      act_order_row=act_order_row, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    summary = api.quantize(model, cfg, output, device=device, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps({"output": str(summary.output), "layers": summary.layers,
+                               "seconds": round(summary.seconds, 3), "peak_memory_bytes": summary.peak_memory,
+                               "config": cfg.to_dict()}))
+    else:
+        click.echo(summary.line(cfg), err=True)
+
+
+@app.command(name="eval")
+@click.argument("target", required=False, default=DEFAULT_MODEL)
+@click.option("--data", default="wikitext2", show_default=True, help="evaluation data: name or .txt/.jsonl path")
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--max-windows", type=int, default=None, help="only the first K windows")
+@click.option("--device", default="auto", show_default=True)
+@click.option("-q", "--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, device: str, quiet: bool,
+             as_json: bool) -> None:
+    """Perplexity of TARGET: a model (default smollm2-135m) or a QDIR (its fake-quant model)."""
+    from turboboa import api
+
+    res = api.evaluate(target, data=data, seqlen=seqlen, max_windows=max_windows, device=device,
+                       progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(res.to_dict()))
+    else:
+        click.echo(f"{res.backend}: ppl {res.ppl:.4f} over {res.tokens} tokens "
+                   f"({res.windows} windows of {res.seqlen}) in {res.seconds:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    try:
+        rv = app.main(args=argv, prog_name="turboboa", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+        sys.exit(2)
+    except UserError as e:
+        click.echo(f"error: {' '.join(str(e).split())}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Solvers against brute force and identities on small random problems (float64 where exactness matters)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from turboboa.config import QuantConfig
+from turboboa.grids import GridSpec, dequantize, fit_grid, quantize_codes
+from turboboa.solvers import LayerProblem, shifted_target, solve_layer
+from turboboa.solvers.boa import row_compensation
+from turboboa.solvers.gptq import gptq_quantize
+from turboboa.solvers.linalg import cholesky_inverse_upper
+from turboboa.solvers.refine import kron_objective, refine_scales
+from turboboa.solvers.rtn import rtn_quantize
+
+
+def correlated_inputs(d_in: int, n: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d_in, d_in, generator=g, dtype=dtype) / d_in**0.5 + torch.eye(d_in, dtype=dtype)
+    scales = torch.rand(d_in, generator=g, dtype=dtype) * 3 + 0.1
+    return (torch.randn(n, d_in, generator=g, dtype=dtype) @ A) * scales
+
+
+def hessian(X: torch.Tensor) -> torch.Tensor:
+    return 2 * X.T @ X / X.shape[0]
+
+
+def random_spd(d: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, 2 * d, generator=g, dtype=dtype)
+    return A @ A.T / (2 * d) + 0.1 * torch.eye(d, dtype=dtype)
+
+
+def naive_gptq(W: torch.Tensor, H: torch.Tensor, spec: GridSpec, group_size: int) -> torch.Tensor:
+    """GPTQ column by column, every later column updated right away (no lazy batches)."""
+    W = W.clone()
+    U, _ = cholesky_inverse_upper(H.unsqueeze(0), 0.01)
+    U = U[0]
+    C = W.shape[1]
+    G = group_size if group_size > 0 else C
+    Q = torch.zeros_like(W)
+    for j in range(C):
+        if j % G == 0:
+            s, z = fit_grid(W[:, j : j + G], spec)
+        q = dequantize(quantize_codes(W[:, j], s, z, spec.maxq), s, z)
+        Q[:, j] = q
+        e = (W[:, j] - q) / U[j, j]
+        W[:, j:] -= e[:, None] * U[j, j:][None, :]
+    return Q
+
+
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_gptq_lazy_batches_equal_column_by_column(group_size):
+    X = correlated_inputs(64, 512, 0)
+    W = torch.randn(24, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    spec = GridSpec(bits=3)
+    ref = naive_gptq(W, hessian(X), spec, group_size)
+    res = gptq_quantize(W, hessian(X), spec, group_size, block_size=32)
+    assert torch.allclose(res.Q, ref, atol=1e-10)
+
+
+def layer_error(W, Q, X):
+    return ((Q - W) @ X.T).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("bits,group_size", [(3, -1), (4, 32), (2, -1)])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size):
+    X = correlated_inputs(128, 2048, 2, torch.float32)
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    H = hessian(X)
+    spec = GridSpec(bits=bits)
+    q_gptq = gptq_quantize(W, H, spec, group_size).Q
+    q_rtn = rtn_quantize(W.unsqueeze(0), spec, group_size).Q[0]
+    assert layer_error(W, q_gptq, X) < 0.8 * layer_error(W, q_rtn, X)
+
+
+def test_gptq_act_order_and_dead_inputs():
+    X = correlated_inputs(64, 512, 4)
+    X[:, 5] = 0  # a dead input
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    H = hessian(X)
+    spec = GridSpec(bits=4)
+    plain = gptq_quantize(W, H, spec, 16, static_groups=True)
+    ordered = gptq_quantize(W, H, spec, 16, act_order=True)
+    assert torch.all(ordered.Q[:, 5] == 0) and torch.all(plain.Q[:, 5] == 0)
+    # act-order uses the same static grids; its objective stays in the same range as the plain order's
+    assert torch.equal(plain.scale, ordered.scale)
+    assert layer_error(W, ordered.Q, X) < 1.5 * layer_error(W, plain.Q, X)
+    # codes decode to Q with the one dequantizer
+    assert torch.equal(dequantize(ordered.codes, ordered.scale.repeat_interleave(16, 1),
+                                  ordered.zero.repeat_interleave(16, 1)), ordered.Q)
+
+
+def boa_problem(seed: int, heads=3, d_h=8, d_in=32, identity_row=False, dtype=torch.float64) -> LayerProblem:
+    X = correlated_inputs(d_in, 400, seed, dtype)
+    W = torch.randn(heads * d_h, d_in, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype)
+    if identity_row:
+        H_row = torch.eye(d_h, dtype=dtype).expand(heads, d_h, d_h).clone()
+    else:
+        H_row = torch.stack([random_spd(d_h, seed + 10 + h, dtype) for h in range(heads)])
+    return LayerProblem("test", W, hessian(X), H_row, heads)
+
+
+def cfg(method: str, **kw) -> QuantConfig:
+    base = dict(method=method, bits=3, group_size=-1, grid="minmax")
+    base.update(kw)
+    return QuantConfig(**base)
+
+
+@pytest.mark.parametrize("group_size", [-1, 8])
+def test_turboboa_with_one_row_and_f2_f3_off_equals_boa(group_size):
+    p = boa_problem(0)
+    p.cross = 0.1 * random_spd(p.W.shape[1], 99)
+    boa = solve_layer(p, cfg("boa", group_size=group_size, grid="search"))
+    turbo = solve_layer(p, cfg("turboboa", group_size=group_size, grid="search", rows=1, use_dx=False,
+                               adaptive_grid=False, refine_iters=0))
+    assert torch.equal(boa.codes, turbo.codes) and torch.equal(boa.scale, turbo.scale)
+    # and F2/F3 do change the result
+    full = solve_layer(p, cfg("turboboa", group_size=group_size, grid="search", rows=1))
+    assert not torch.equal(full.scale, boa.scale)
+
+
+@pytest.mark.parametrize("group_size", [-1, 8])
+def test_boa_with_identity_row_hessian_equals_gptq(group_size):
+    p = boa_problem(1, identity_row=True)
+    boa = solve_layer(p, cfg("boa", group_size=group_size))
+    gptq = solve_layer(p, cfg("gptq", group_size=group_size, static_groups=True))
+    assert torch.equal(boa.codes, gptq.codes)
+    assert torch.allclose(boa.dequantize(), gptq.dequantize(), atol=0, rtol=0)
+
+
+def test_n_row_compensation_is_least_squares_optimum():
+    """Brute force on the full Kronecker objective: later rows at their optimum given the quantized block."""
+    d, C, N = 5, 3, 2
+    H_row, H_col = random_spd(d, 1), random_spd(C, 2)
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(d, C, generator=g, dtype=torch.float64)
+    Q_blk = W[:N] + 0.3 * torch.randn(N, C, generator=g, dtype=torch.float64)
+    U_row, _ = cholesky_inverse_upper(H_row.unsqueeze(0), 0.0)
+    W_rest = W[N:] - row_compensation(U_row, slice(0, N), slice(N, d), (W[:N] - Q_blk).unsqueeze(0))[0]
+    # brute force: minimize vec(D)^T (H_row kron H_col) vec(D) over the free entries D[N:, :]
+    K = torch.kron(H_row, H_col)
+    free = torch.arange(N * C, d * C)
+    fixed = torch.arange(0, N * C)
+    D_fixed = (Q_blk - W[:N]).reshape(-1)
+    D_free = -torch.linalg.solve(K[free][:, free], K[free][:, fixed] @ D_fixed)
+    assert torch.allclose(W_rest, W[N:] + D_free.reshape(d - N, C), atol=1e-10)
+
+
+def test_n_rows_turboboa_lowers_attention_objective_vs_gptq():
+    p = boa_problem(4, heads=2, d_h=16, d_in=48)
+    gptq = solve_layer(p, cfg("gptq"))
+    turbo = solve_layer(p, cfg("turboboa", rows=4, use_dx=False, refine_iters=0, adaptive_grid=False))
+    Wh = p.W.reshape(2, 16, 48)
+
+    def obj(q):
+        return kron_objective(Wh, q.dequantize().reshape(2, 16, 48).double(), p.H.unsqueeze(0), p.H_row).item()
+
+    assert obj(turbo) < obj(gptq)
+
+
+@pytest.mark.parametrize("group_size,with_row", [(-1, True), (8, True), (-1, False), (8, False)])
+def test_scale_refinement_never_increases_objective(group_size, with_row):
+    p = boa_problem(5, identity_row=not with_row)
+    heads, d_h, C = 3, 8, p.W.shape[1]
+    Wh = p.W.reshape(heads, d_h, C)
+    spec = GridSpec(bits=3)
+    res = rtn_quantize(Wh, spec, group_size)
+    H = p.H.unsqueeze(0)
+    H_row = p.H_row if with_row else None
+    before = kron_objective(Wh, res.Q, H, H_row)
+    scale = res.scale
+    prev = before
+    for _ in range(3):
+        scale, Q = refine_scales(Wh, res.codes, scale, res.zero, H, H_row, group_size, iters=1)
+        now = kron_objective(Wh, Q, H, H_row)
+        assert now <= prev + 1e-9 * abs(prev)
+        prev = now
+    assert prev < 0.95 * before
+
+
+def test_f2_shift_is_the_minimizer_and_vanishes_without_deviation():
+    X = correlated_inputs(16, 300, 6)
+    dX = 0.1 * correlated_inputs(16, 300, 7)
+    X_fp = X + dX
+    W = torch.randn(4, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    H = hessian(X)
+    C = 2 * dX.T @ X / X.shape[0]
+    Wp = shifted_target(W, C, H, 1.0)
+    lstsq = W @ X_fp.T @ X @ torch.linalg.inv(X.T @ X)  # argmin_Q ||Q X - W X_fp||^2 (rows as tokens here)
+    assert torch.allclose(Wp, lstsq, atol=1e-10)
+    # F2 with zero input deviation equals no F2
+    p = boa_problem(6)
+    base = cfg("turboboa", rows=4, group_size=8)
+    no_dx = solve_layer(p, dataclasses.replace(base, use_dx=False))
+    p.cross = torch.zeros_like(p.H)
+    zero_dx = solve_layer(p, base)
+    assert torch.equal(no_dx.codes, zero_dx.codes) and torch.equal(no_dx.scale, zero_dx.scale)
+
+
+def test_f2_reduces_error_against_full_precision_outputs():
+    X = correlated_inputs(32, 600, 9, torch.float32)
+    dX = 0.3 * correlated_inputs(32, 600, 10, torch.float32)
+    W = torch.randn(24, 32, generator=torch.Generator().manual_seed(11))
+    H = hessian(X)
+    C = 2 * dX.T @ X / X.shape[0]
+    p = LayerProblem("l", W, H, None, 1, C)
+    base = cfg("turboboa", bits=4, refine_iters=0, alpha=1.0)
+    with_dx = solve_layer(p, base).dequantize()
+    without = solve_layer(p, dataclasses.replace(base, use_dx=False)).dequantize()
+
+    def err(Q):
+        return (X @ Q.T - (X + dX) @ W.T).pow(2).sum().item()
+
+    assert err(with_dx) < err(without)

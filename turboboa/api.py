@@ -1,0 +1,96 @@
+"""The Python API behind the CLI: ``quantize`` a model into a QDIR and ``evaluate`` a model or QDIR."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import is_qdir, load_fakequant_model, load_qdir, save_qdir
+from .config import QuantConfig
+from .data import calibration_batch, eval_tokens
+from .errors import UserError
+from .eval.perplexity import PerplexityResult, make_windows, perplexity, torch_logits_fn
+from .models import load_float_model
+from .pipeline import check_group_size, quantize_model, select_device
+
+
+@dataclass
+class QuantizeSummary:
+    output: Path
+    layers: int
+    seconds: float
+    peak_memory: int
+    source: str
+
+    def line(self, cfg: QuantConfig) -> str:
+        g = "per-channel" if cfg.group_size <= 0 else f"g{cfg.group_size}"
+        return (f"quantized {self.layers} layers with {cfg.method} w{cfg.bits} {g} in {self.seconds:.1f} s, "
+                f"peak memory {self.peak_memory / 2**30:.2f} GiB -> {self.output}")
+
+
+def check_output_location(output: Path) -> None:
+    """The output must be creatable: its parent writable, and the path not an unrelated existing file/folder."""
+    parent = output.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"cannot write to {parent}: permission denied; choose another -o location")
+    if output.exists() and (output.is_file() or (any(output.iterdir()) and not is_qdir(output))):
+        raise UserError(f"{output} exists and is not a turboboa QDIR; choose another -o location or remove it")
+
+
+def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: str = "auto",
+             progress: bool = True) -> QuantizeSummary:
+    """Quantize ``model`` with ``cfg`` and write the QDIR ``output`` (atomically: nothing half-written)."""
+    t0 = time.time()
+    output = Path(output)
+    check_output_location(output)
+    dev = select_device(device)
+    loaded = load_float_model(model)
+    from .arch import get_adapter
+
+    check_group_size(loaded.model, get_adapter(loaded.model), cfg.group_size)
+    calib = calibration_batch(loaded.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    result = quantize_model(loaded.model, calib, cfg, dev, progress=progress)
+    meta: dict[str, Any] = {
+        "source": loaded.source,
+        "model": model,
+        "calibration": {"data": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed,
+                        "tokens": int(calib.numel())},
+        "device": str(dev),
+        "timings": {"quantize_seconds": round(result.seconds, 3),
+                    "block_seconds": [round(s, 3) for s in result.block_seconds],
+                    "peak_memory_bytes": result.peak_memory},
+    }
+    save_qdir(output, loaded.model, loaded.tokenizer, result.layers, cfg, meta)
+    return QuantizeSummary(output, len(result.layers), time.time() - t0, result.peak_memory, loaded.source)
+
+
+def load_for_eval(target: str) -> tuple[torch.nn.Module, Any, str]:
+    """(model, tokenizer, backend name) for a QDIR (fake-quant torch model) or a float model spec."""
+    if is_qdir(target):
+        from transformers import AutoTokenizer
+
+        ckpt = load_qdir(target)
+        return load_fakequant_model(ckpt), AutoTokenizer.from_pretrained(target), "torch-fakequant"
+    loaded = load_float_model(target)
+    return loaded.model, loaded.tokenizer, "torch-float"
+
+
+def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
+             device: str = "auto", progress: bool = True) -> PerplexityResult:
+    """Perplexity of ``target`` on ``data``'s evaluation text, non-overlapping windows of ``seqlen`` tokens."""
+    if seqlen < 2:
+        raise UserError("--seqlen must be >= 2")
+    dev = select_device(device)
+    model, tokenizer, backend = load_for_eval(target)
+    windows = make_windows(eval_tokens(tokenizer, data), seqlen, max_windows)
+    model.to(dev)
+    return perplexity(torch_logits_fn(model, dev), windows, backend, progress=progress)

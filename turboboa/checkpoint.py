@@ -1,0 +1,204 @@
+"""The quantized checkpoint (QDIR): integer codes, scales and zero points plus every float tensor.
+
+Layout of a QDIR folder:
+
+* ``quant_config.json``: format version, the :class:`QuantConfig`, calibration, source model, package
+  versions, timings, and one entry per quantized layer (shape, bits, group size).
+* ``quantized.safetensors``: per quantized linear layer ``<name>.codes`` (uint8), ``<name>.scale`` and
+  ``<name>.zero`` (float32, ``(d_out, n_groups)``).
+* ``float.safetensors``: every other tensor of the model (embeddings, norms, head) in float32.
+* ``config.json`` and the tokenizer files, so the QDIR loads without the source model.
+
+:func:`load_fakequant_model` rebuilds the torch model with ``W_hat = scale * (codes - zero)`` from
+:func:`turboboa.grids.dequantize`, the one dequantizer every consumer uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import QuantConfig
+from .errors import UserError
+from .quantized import QuantizedLinear
+
+QDIR_FORMAT = "turboboa-qdir"
+QDIR_VERSION = 1
+CONFIG_FILE = "quant_config.json"
+QUANT_FILE = "quantized.safetensors"
+FLOAT_FILE = "float.safetensors"
+
+
+@dataclass
+class QuantizedCheckpoint:
+    """A QDIR in memory: quantized layers by full module name, float tensors, and its metadata."""
+
+    layers: dict[str, QuantizedLinear]
+    float_tensors: dict[str, torch.Tensor]
+    config: QuantConfig
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers in a checkpoint."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("turboboa", "torch", "transformers", "numpy", "safetensors", "gguf", "onnx", "onnxruntime"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def float_state(model: torch.nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` except quantized layers' weights; a tied head is stored once (as the embedding)."""
+    state = {}
+    seen: dict[int, str] = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        if name.endswith(".weight") and name[: -len(".weight")] in quantized:
+            continue
+        key = t.data_ptr()
+        if key in seen and t.numel() > 0:
+            continue  # tied weight (lm_head == embed_tokens): stored once
+        seen[key] = name
+        state[name] = t.detach().to(torch.float32).contiguous().cpu()
+    return state
+
+
+def save_qdir(
+    path: Path,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    layers: dict[str, QuantizedLinear],
+    config: QuantConfig,
+    meta: dict[str, Any],
+) -> Path:
+    """Write the QDIR into a temporary folder beside ``path`` and rename it into place when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        entries = {}
+        for name, q in layers.items():
+            tensors[f"{name}.codes"] = q.codes.to(torch.uint8).contiguous()
+            tensors[f"{name}.scale"] = q.scale.float().contiguous()
+            tensors[f"{name}.zero"] = q.zero.float().contiguous()
+            entries[name] = {"shape": list(q.shape), "bits": q.bits, "group_size": q.group_size, "sym": q.sym}
+        save_file(tensors, str(tmp / QUANT_FILE), metadata={"format": QDIR_FORMAT})
+        save_file(float_state(model, set(layers)), str(tmp / FLOAT_FILE), metadata={"format": QDIR_FORMAT})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        doc = {
+            "format": QDIR_FORMAT,
+            "version": QDIR_VERSION,
+            "method": config.method,
+            "bits": config.bits,
+            "group_size": config.group_size,
+            "quant_format": config.format,
+            "quant_config": config.to_dict(),
+            "versions": package_versions(),
+            **meta,
+            "layers": entries,
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def is_qdir(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``quant_config.json`` of a QDIR, checked to be ours and of a version this package reads."""
+    try:
+        doc = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a readable turboboa QDIR ({e}); quantize again with `turboboa quantize`") from None
+    if doc.get("format") != QDIR_FORMAT:
+        raise UserError(f"{path} is not a turboboa QDIR (no '{QDIR_FORMAT}' marker in {CONFIG_FILE})")
+    if doc.get("version") != QDIR_VERSION:
+        raise UserError(
+            f"{path} is a QDIR of version {doc.get('version')}, this turboboa reads version {QDIR_VERSION}; "
+            "quantize again with this version"
+        )
+    return doc
+
+
+def load_qdir(path: str | os.PathLike) -> QuantizedCheckpoint:
+    """Read a QDIR back: the exact codes, scales, zero points and float tensors that were saved."""
+    path = Path(path)
+    doc = read_meta(path)
+    try:
+        qt = load_file(str(path / QUANT_FILE))
+        ft = load_file(str(path / FLOAT_FILE))
+    except Exception as e:  # noqa: BLE001 - any read error is a corrupt QDIR
+        raise UserError(f"{path} is a damaged QDIR ({e}); quantize again") from None
+    layers = {}
+    for name, e in doc["layers"].items():
+        layers[name] = QuantizedLinear(
+            codes=qt[f"{name}.codes"], scale=qt[f"{name}.scale"], zero=qt[f"{name}.zero"],
+            bits=e["bits"], group_size=e["group_size"], sym=e["sym"],
+        )
+    config = QuantConfig.from_dict(doc["quant_config"])
+    return QuantizedCheckpoint(layers, ft, config, doc, path)
+
+
+def load_fakequant_model(ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The torch model whose quantized linear weights are ``scale * (codes - zero)``; needs only the QDIR."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert ckpt.path is not None
+    hf_config = AutoConfig.from_pretrained(ckpt.path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    state = dict(ckpt.float_tensors)
+    for name, q in ckpt.layers.items():
+        state[f"{name}.weight"] = q.dequantize()
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if missing:
+        # non-persistent buffers (rotary inv_freq) are rebuilt by re-initialising those modules on CPU
+        _materialize_buffers(model, hf_config)
+        missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise UserError(f"{ckpt.path} lacks tensors {missing[:3]}...; the QDIR is incomplete, quantize again")
+    model.config.use_cache = False
+    return model.eval()
+
+
+def _materialize_buffers(model: torch.nn.Module, hf_config: Any) -> None:
+    """Recreate modules that only hold meta buffers (e.g. the rotary embedding) on the CPU."""
+    for name, module in list(model.named_modules()):
+        bufs = [b for b in module.buffers(recurse=False) if b.device.type == "meta"]
+        params = list(module.parameters(recurse=False))
+        if bufs and not params:
+            cls = type(module)
+            try:
+                new = cls(config=hf_config)
+            except TypeError:
+                new = cls(hf_config)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)

@@ -1,0 +1,79 @@
+"""``QuantConfig``: every choice of a quantization run, built once (CLI or Python) and saved in the QDIR."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UserError
+from .grids import SUPPORTED_BITS, GridSpec
+
+METHODS = ("rtn", "gptq", "boa", "turboboa")
+GRIDS = ("auto", "minmax", "search")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Options of ``turboboa quantize``; defaults follow the papers (TurboBoA: N=16, alpha=0.25, 1 refinement)."""
+
+    method: str = "turboboa"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    grid: str = "auto"  # auto: Hessian-weighted range search for boa/turboboa, min-max for rtn/gptq
+    format: str = "int"
+    # GPTQ
+    act_order: bool = False
+    static_groups: bool = False
+    percdamp: float = 0.01
+    block_size: int = 128
+    # BoA / TurboBoA
+    rows: int = 16
+    alpha: float = 0.25
+    use_dx: bool = True
+    adaptive_grid: bool = True
+    refine_iters: int = 1
+    act_order_col: bool = False
+    act_order_row: bool = False
+    # calibration
+    calib: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if self.bits not in SUPPORTED_BITS:
+            raise UserError(f"--bits {self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.group_size == 0 or self.group_size < -1:
+            raise UserError(f"--group-size {self.group_size} is invalid; use -1 (per output channel) or a positive size")
+        if self.grid not in GRIDS:
+            raise UserError(f"unknown grid '{self.grid}'; choose one of {', '.join(GRIDS)}")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise UserError("--nsamples must be >= 1 and --seqlen >= 2")
+        if self.rows < 1:
+            raise UserError("--rows must be >= 1")
+        if self.refine_iters < 0:
+            raise UserError("--refine-iters must be >= 0")
+
+    @property
+    def is_row_method(self) -> bool:
+        return self.method in ("boa", "turboboa")
+
+    @property
+    def is_turbo(self) -> bool:
+        return self.method == "turboboa"
+
+    def grid_spec(self) -> GridSpec:
+        search = self.grid == "search" or (self.grid == "auto" and self.is_row_method)
+        return GridSpec(bits=self.bits, sym=self.sym, search=search)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,117 @@
+"""Uniform integer grids: choosing a scale and zero point, rounding onto the grid, and the one dequantizer.
+
+A grid with ``b`` bits stores integer codes ``z`` in ``[0, 2^b - 1]`` and represents the weight
+
+    w_hat = s * (z - z0)
+
+with a float32 scale ``s`` and a zero point ``z0`` (an integer; ``2^(b-1)`` for symmetric grids). Every
+consumer of a quantized checkpoint (fake-quant model, exporters, checker) calls :func:`dequantize` so
+that all of them see bit-identical weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """How a grid is chosen: ``bits``, symmetric or not, and min-max or a weighted range search."""
+
+    bits: int
+    sym: bool = False
+    search: bool = False
+    search_steps: int = 100
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``w_hat = s * (z - z0)`` in float32 (float64 when the scale is float64, for exact tests).
+
+    ``scale`` and ``zero`` broadcast against ``codes``.
+    """
+    dtype = torch.float64 if scale.dtype == torch.float64 else torch.float32
+    return scale.to(dtype) * (codes.to(dtype) - zero.to(dtype))
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """``z = clamp(round(w / s) + z0, 0, maxq)`` (float tensor holding integers)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of a grid covering ``[xmin, xmax]`` (which contains 0).
+
+    Asymmetric: ``s = (xmax - xmin) / maxq``, ``z0 = round(-xmin / s)``.
+    Symmetric: ``s = 2 max(|xmin|, xmax) / maxq``, ``z0 = (maxq + 1) / 2``.
+    An empty range (all-zero weights) gets ``s = 1``: every code then decodes to exactly 0.
+    """
+    maxq = spec.maxq
+    if spec.sym:
+        amax = torch.maximum(xmin.abs(), xmax)
+        scale = 2 * amax / maxq
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        scale = (xmax - xmin) / maxq
+        zero = torch.round(-xmin / torch.where(scale > 0, scale, torch.ones_like(scale)))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, zero
+
+
+def fit_minmax(w: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max grid of each row of ``w`` (``(..., G)`` -> scale, zero of shape ``(...)``); the range includes 0."""
+    xmin = torch.clamp(w.amin(dim=-1), max=0)
+    xmax = torch.clamp(w.amax(dim=-1), min=0)
+    return _params_from_range(xmin, xmax, spec)
+
+
+def fit_grid(
+    w: torch.Tensor,
+    spec: GridSpec,
+    h_diag: torch.Tensor | None = None,
+    h_full: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of each row of ``w`` (``(..., G)``): min-max, or the Hessian-weighted range search.
+
+    The search shrinks the min-max range by ``p = 1 - i / steps`` (i = 0 .. steps - 1) and keeps, per row,
+    the candidate with the smallest error ``(q - w) H_gg (q - w)^T``, with ``H_gg`` given either as its
+    diagonal ``h_diag`` (broadcastable to ``w``) or as the full block ``h_full`` (``(..., G, G)``, batched
+    like ``w`` without its row dimension). Without either, the unweighted squared error is used.
+    """
+    if not spec.search:
+        return fit_minmax(w, spec)
+    xmin = torch.clamp(w.amin(dim=-1), max=0)
+    xmax = torch.clamp(w.amax(dim=-1), min=0)
+    h = h_diag if h_diag is not None else torch.ones(w.shape[-1], dtype=w.dtype, device=w.device)
+    best_err = torch.full(w.shape[:-1], float("inf"), dtype=w.dtype, device=w.device)
+    best_scale, best_zero = _params_from_range(xmin, xmax, spec)
+    for i in range(spec.search_steps):
+        p = 1.0 - i / spec.search_steps
+        scale, zero = _params_from_range(p * xmin, p * xmax, spec)
+        d = dequantize(quantize_codes(w, scale[..., None], zero[..., None], spec.maxq), scale[..., None], zero[..., None]) - w
+        err = ((d @ h_full) * d).sum(-1) if h_full is not None else (d * d * h).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def expand_groups(params: torch.Tensor, group_size: int, columns: int) -> torch.Tensor:
+    """Per-(row, group) parameters ``(..., n_groups)`` repeated to per-(row, column) ``(..., columns)``."""
+    if group_size <= 0:
+        return params[..., :1].expand(*params.shape[:-1], columns)
+    return params.repeat_interleave(group_size, dim=-1)[..., :columns]
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The fake-quant weight ``W_hat[r, c] = s[r, g(c)] * (Z[r, c] - z0[r, g(c)])`` with ``g(c) = c // G``."""
+    columns = codes.shape[-1]
+    return dequantize(codes, expand_groups(scale, group_size, columns), expand_groups(zero, group_size, columns))

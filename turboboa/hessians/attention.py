@@ -1,0 +1,198 @@
+"""Attention-aware Hessian statistics (BoA) and the TurboBoA F2 cross term for v_proj.
+
+Notation per block: X the attention input (tokens x D), head dim d, H query heads, G KV heads, r = H / G;
+query head h reads KV head g(h) = h // r. All statistics are float32 running means over calibration tokens.
+RoPE follows the HF "rotate_half" convention: R_t = diag(c_t) + diag(s_t) J with J = [[0, -I], [I, 0]].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from turboboa.errors import UserError
+from turboboa.hessians.covariance import CovarianceAccumulator, RunningMean
+
+_REQUIRED = ("attn_input", "q_rope", "k_rope", "attn_probs")
+
+
+def _right_j(m: Tensor) -> Tensor:
+    """M J for J = [[0, -I], [I, 0]]: with column blocks M = [M1, M2], M J = [M2, -M1]."""
+    m1, m2 = m.chunk(2, dim=-1)
+    return torch.cat((m2, -m1), dim=-1)
+
+
+def _left_jt(m: Tensor) -> Tensor:
+    """J^T M for J = [[0, -I], [I, 0]]: with row blocks M = [M1; M2], J^T M = [M2; -M1]."""
+    m1, m2 = m.chunk(2, dim=-2)
+    return torch.cat((m2, -m1), dim=-2)
+
+
+def rope_average(m: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE-averaged matrix (1/L) sum_t R_t^T M R_t in closed form, M (..., d, d), cos/sin (L, d).
+
+    With R_t = C_t + S_t J (C_t = diag(c_t), S_t = diag(s_t)) and D M D' = M o (diag(D) diag(D')^T):
+    mean_t R_t^T M R_t = M o Ecc + (M o Ecs) J + J^T (M o Ecs^T) + J^T (M o Ess) J,
+    where Ecc = mean_t c_t c_t^T, Ecs = mean_t c_t s_t^T, Ess = mean_t s_t s_t^T.
+    """
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[-1] != m.shape[-1] or m.shape[-1] % 2:
+        raise UserError(
+            f"rope_average needs cos/sin of shape (L, d) matching M (..., d, d) with even d; got cos "
+            f"{tuple(cos.shape)}, sin {tuple(sin.shape)}, M {tuple(m.shape)}; pass rotary_cos_sin(model, L)"
+        )
+    m = m.to(torch.float32)
+    c = cos.to(device=m.device, dtype=torch.float32)
+    s = sin.to(device=m.device, dtype=torch.float32)
+    n = c.shape[0]
+    ecc, ecs, ess = (c.T @ c) / n, (c.T @ s) / n, (s.T @ s) / n
+    return m * ecc + _right_j(m * ecs) + _left_jt(m * ecs.T) + _left_jt(_right_j(m * ess))
+
+
+class AttentionStatistics:
+    """Accumulates the attention-aware statistics of one block from ``block_forward`` records.
+
+    Per call to ``add`` (tokens n = B L of the quantized stream):
+      Mk_g = mean_t k~_t k~_t^T (G, d, d), Mq_h = mean_t q~_t q~_t^T (H, d, d),
+      V_g = mean_t sum_{h in g} y_{h,t} y_{h,t}^T with Y_h = A_h X (G, D, D),
+      F_g = mean_t sum_{h in g} (y_fp,h,t - y_h,t) y_h,t^T with Y_fp,h = A_fp,h X_fp (only with ``rec_fp``),
+    and the plain q/k/v GPTQ statistics in ``self.qkv`` (H = 2 mean x x^T, C = 2 mean (x_fp - x) x^T).
+    ``max_chunk_bytes`` bounds the float32 temporaries of the (L x L) and (L x D) per-group products.
+    """
+
+    def __init__(self, max_chunk_bytes: int = 1 << 28) -> None:
+        self.max_chunk_bytes = int(max_chunk_bytes)
+        self.qkv = CovarianceAccumulator()
+        self._kk = RunningMean()
+        self._qq = RunningMean()
+        self._vv = RunningMean()
+        self._cross = RunningMean()
+        self.n_heads: int | None = None
+        self.n_kv_heads: int | None = None
+
+    @property
+    def n(self) -> int:
+        """Number of quantized-stream tokens accumulated."""
+        return self._kk.n
+
+    @property
+    def group_size(self) -> int:
+        """r = H / G, query heads per KV head."""
+        if self.n_heads is None or self.n_kv_heads is None:
+            raise RuntimeError("AttentionStatistics read before any add()")
+        return self.n_heads // self.n_kv_heads
+
+    def _check(self, rec: dict[str, Tensor], which: str) -> tuple[Tensor, Tensor]:
+        """Validate a record dict and return (X float32 (B, L, D), A float32 (B, H, L, L))."""
+        missing = [key for key in _REQUIRED if key not in rec]
+        if missing:
+            raise UserError(
+                f"{which} record lacks {missing}; fill it with block_forward(..., record=rec.__setitem__)"
+            )
+        x, a, q, k = rec["attn_input"], rec["attn_probs"], rec["q_rope"], rec["k_rope"]
+        batch, seqlen, _ = x.shape
+        n_heads, n_kv = q.shape[1], k.shape[1]
+        ok = (
+            a.shape == (batch, n_heads, seqlen, seqlen)
+            and q.shape[0] == k.shape[0] == batch
+            and q.shape[2] == k.shape[2] == seqlen
+            and n_heads % n_kv == 0
+        )
+        if not ok:
+            raise UserError(
+                f"{which} record shapes disagree (attn_input {tuple(x.shape)}, q_rope {tuple(q.shape)}, "
+                f"k_rope {tuple(k.shape)}, attn_probs {tuple(a.shape)}); record them from one block_forward call"
+            )
+        if self.n_heads is None:
+            self.n_heads, self.n_kv_heads = n_heads, n_kv
+        elif (self.n_heads, self.n_kv_heads) != (n_heads, n_kv):
+            raise UserError(
+                f"{which} record has {n_heads}/{n_kv} query/KV heads but earlier ones had "
+                f"{self.n_heads}/{self.n_kv_heads}; use one AttentionStatistics per block"
+            )
+        return x.to(torch.float32), a.to(torch.float32)
+
+    def _group_chunk(self, batch: int, seqlen: int, hidden: int) -> int:
+        """KV groups per chunk so that the temporaries Y = A X (B r L D floats per group, twice) fit the budget."""
+        per_group = 4 * batch * self.group_size * seqlen * 2 * hidden
+        return max(1, self.max_chunk_bytes // max(per_group, 1))
+
+    def _grouped(self, a: Tensor) -> Tensor:
+        """(B, H, L, L) -> (B, G, r, L, L): query heads of KV group g along dim 2."""
+        batch, _, seqlen, _ = a.shape
+        return a.view(batch, self.n_kv_heads, self.group_size, seqlen, seqlen)
+
+    def _weighted_inputs(self, a: Tensor, x: Tensor) -> Tensor:
+        """Y_h = A_h X for the query heads of a chunk of groups: (B, g, r, L, D). Cost L^2 D per head."""
+        return torch.matmul(a, x[:, None, None])
+
+    def _value_gram(self, a: Tensor, x: Tensor) -> Tensor:
+        """sum_b sum_{h in g} Y_h^T Y_h with Y_h = A_h X, (G, D, D); cost L^2 D + L D^2 per head."""
+        batch, seqlen, hidden = x.shape
+        a = self._grouped(a)
+        step = self._group_chunk(batch, seqlen, hidden)
+        parts = []
+        for g0 in range(0, a.shape[1], step):
+            y = self._weighted_inputs(a[:, g0 : g0 + step], x)
+            parts.append(torch.einsum("bgrld,bgrle->gde", y, y))
+        return torch.cat(parts, dim=0)
+
+    def _value_cross(self, a_fp: Tensor, x_fp: Tensor, a: Tensor, x: Tensor) -> Tensor:
+        """sum_b sum_{h in g} (A_fp,h X_fp - A_h X)^T (A_h X), (G, D, D)."""
+        batch, seqlen, hidden = x.shape
+        a, a_fp = self._grouped(a), self._grouped(a_fp)
+        step = self._group_chunk(batch, seqlen, hidden)
+        parts = []
+        for g0 in range(0, a.shape[1], step):
+            y = self._weighted_inputs(a[:, g0 : g0 + step], x)
+            y_fp = self._weighted_inputs(a_fp[:, g0 : g0 + step], x_fp)
+            parts.append(torch.einsum("bgrld,bgrle->gde", y_fp - y, y))
+        return torch.cat(parts, dim=0)
+
+    def add(self, rec: dict[str, Tensor], rec_fp: dict[str, Tensor] | None = None) -> None:
+        """Accumulate one batch: ``rec`` from the quantized stream, ``rec_fp`` (same tokens) from the fp stream."""
+        x, a = self._check(rec, "quantized-stream")
+        q = rec["q_rope"].to(torch.float32)
+        k = rec["k_rope"].to(torch.float32)
+        n = x.shape[0] * x.shape[1]
+        self._qq.update(torch.einsum("bhld,bhle->hde", q, q), n)
+        self._kk.update(torch.einsum("bgld,bgle->gde", k, k), n)
+        self._vv.update(self._value_gram(a, x), n)
+        self.qkv.add(x)
+        if rec_fp is None:
+            return
+        x_fp, a_fp = self._check(rec_fp, "full-precision")
+        if x_fp.shape != x.shape:
+            raise UserError(
+                f"full-precision attn_input {tuple(x_fp.shape)} differs from quantized {tuple(x.shape)}; "
+                "run both streams on the same calibration tokens"
+            )
+        x_fp, a_fp = x_fp.to(x.device), a_fp.to(x.device)
+        self._cross.update(self._value_cross(a_fp, x_fp, a, x), n)
+        self.qkv.add_cross(x_fp, x)
+
+    def _require(self, stat: RunningMean) -> Tensor:
+        """The accumulated mean, or an error if nothing was added."""
+        if stat.value is None:
+            raise RuntimeError("AttentionStatistics read before any add()")
+        return stat.value
+
+    def row_hessian_q(self, cos: Tensor, sin: Tensor) -> Tensor:
+        """H_row(q_proj, h) = (1/L) sum_t R_t^T Mk_{g(h)} R_t, (H, d, d); cos/sin (L, d) for the calibration L."""
+        averaged = rope_average(self._require(self._kk), cos, sin)
+        return averaged.repeat_interleave(self.group_size, dim=0)
+
+    def row_hessian_k(self, cos: Tensor, sin: Tensor) -> Tensor:
+        """H_row(k_proj, g) = (1/L) sum_t R_t^T (mean_{h in g} Mq_h) R_t, (G, d, d)."""
+        mq = self._require(self._qq)
+        mq = mq.view(self.n_kv_heads, self.group_size, *mq.shape[1:]).mean(dim=1)
+        return rope_average(mq, cos, sin)
+
+    def col_hessian_v(self) -> Tensor:
+        """H_col(v_proj, g) = mean_{h in g} 2 mean_t y_h y_h^T with Y_h = A_h X, (G, D, D)."""
+        return self._require(self._vv) * (2.0 / self.group_size)
+
+    def cross_v(self) -> Tensor | None:
+        """C_v(g) = mean_{h in g} 2 mean_t (y_fp,h - y_h) y_h^T, (G, D, D); None without fp-stream records."""
+        if self._cross.value is None:
+            return None
+        return self._cross.value * (2.0 / self.group_size)

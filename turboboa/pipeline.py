@@ -1,0 +1,242 @@
+"""The block pipeline: one transformer block at a time, statistics from hooks, solve, feed the next block.
+
+For block i (reference notes, section 4):
+
+1. keep the block's input for every calibration sequence: the quantized stream ``X`` and, for TurboBoA's F2,
+   the full-precision stream ``X_fp``;
+2. run the full-precision block on both streams, accumulating every linear layer's input Hessian
+   ``H = 2 X X^T / n`` (forward hooks), the F2 cross terms ``C = 2 (X_fp - X) X^T / n`` and, for BoA/TurboBoA,
+   the attention statistics (post-RoPE q/k covariances, attention-weighted v inputs);
+3. quantize the block's layers;
+4. push ``X`` through the quantized block (``X_fp`` already went through the full-precision block in step 2).
+
+Only one block is on the device at a time.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import get_adapter
+from .arch.base import ArchAdapter
+from .config import QuantConfig
+from .errors import UserError
+from .hessians import CovarianceAccumulator
+from .hessians.attention import AttentionStatistics
+from .quantized import QuantizedLinear
+from .solvers import HessianError, LayerProblem, solve_layer
+
+# attention probabilities of one chunk are held as (B, H, L, L) float32: keep that under this many elements
+MAX_ATTENTION_ELEMENTS = 1 << 25
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; TF32 is turned off so float32 stays float32."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    elif name != "cpu":
+        raise UserError(f"unknown device '{name}'; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak resident memory of this process (CPU) or peak allocated device memory (CUDA)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclass
+class PipelineResult:
+    layers: dict[str, QuantizedLinear]
+    seconds: float
+    peak_memory: int
+    block_seconds: list[float] = field(default_factory=list)
+
+
+def check_group_size(model: nn.Module, adapter: ArchAdapter, group_size: int) -> None:
+    """Every quantized layer must hold at least one whole group.
+
+    A width that is not a multiple of the group size ends in a narrower last group (576 = 4 x 128 + 64 for
+    SmolLM2's hidden size), as GPTQ does; a group wider than a layer is an error.
+    """
+    if group_size <= 0:
+        return
+    for i, block in enumerate(adapter.blocks(model)):
+        for name in adapter.linear_names():
+            width = block.get_submodule(name).in_features
+            if group_size > width:
+                raise UserError(
+                    f"--group-size {group_size} is wider than the input width {width} of layer {i}.{name}; "
+                    "choose a group size of at most the smallest layer width, or -1 for per-channel grids"
+                )
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """The dotted name of ``module`` inside ``model``."""
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise ValueError("module is not part of the model")
+
+
+def chunk_size(n: int, seqlen: int, heads: int) -> int:
+    return max(1, min(n, MAX_ATTENTION_ELEMENTS // max(1, heads * seqlen * seqlen)))
+
+
+class _InputCapture:
+    """Forward pre-hooks that keep the input of the first layer of each group of layers sharing one input."""
+
+    def __init__(self, block: nn.Module, names: list[str]):
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.handles = [
+            block.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names
+        ]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.inputs[name] = args[0].detach()
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def quantize_model(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    cfg: QuantConfig,
+    device: torch.device,
+    progress: bool = True,
+    start_block: int = 0,
+    state: dict | None = None,
+    on_block_done: Callable[[int, dict[str, QuantizedLinear], dict], None] | None = None,
+) -> PipelineResult:
+    """Quantize every block's linear layers of ``model`` (modified in place into its fake-quant form).
+
+    ``calib_ids``: ``(n, L)`` token ids. ``start_block``/``state`` resume a run whose streams were saved by
+    ``on_block_done(i, layers_of_block, state)`` (state holds the streams ``X`` and ``X_fp``).
+    """
+    t0 = time.time()
+    adapter = get_adapter(model)
+    check_group_size(model, adapter, cfg.group_size)
+    blocks = adapter.blocks(model)
+    shape = adapter.attention_shape(model)
+    n, L = calib_ids.shape
+    use_dx = cfg.is_turbo and cfg.use_dx
+    with torch.no_grad():
+        cos, sin = adapter.rotary_cos_sin(model, L, device)
+        if state is None:
+            X = torch.cat([adapter.embed(model, calib_ids[i : i + 8]).float() for i in range(0, n, 8)]).to(device)
+            X_fp = X.clone() if use_dx else None
+        else:
+            X, X_fp = state["X"].to(device), None if state.get("X_fp") is None else state["X_fp"].to(device)
+        group_heads = [g[0] for g in adapter.LINEAR_GROUPS]
+        layers: dict[str, QuantizedLinear] = {}
+        block_seconds: list[float] = []
+        bar = tqdm(range(start_block, len(blocks)), desc=f"{cfg.method} w{cfg.bits}", unit="block",
+                   disable=not progress, initial=start_block, total=len(blocks))
+        step = chunk_size(n, L, shape.n_heads)
+        prefix = module_name(model, blocks) + "."
+        need_stats = cfg.method != "rtn" or cfg.grid_spec().search
+        for i in bar:
+            tb = time.time()
+            block = blocks[i]
+            block.to(device=device, dtype=torch.float32)
+            covs = {g: CovarianceAccumulator() for g in group_heads}
+            attn = AttentionStatistics() if cfg.is_row_method else None
+            capture = _InputCapture(block, group_heads)
+            try:
+                for c0 in range(0, n if need_stats else 0, step):
+                    sl = slice(c0, c0 + step)
+                    rec_fp = None
+                    inputs_fp = None
+                    if use_dx:
+                        rec_fp = {}
+                        X_fp[sl] = adapter.block_forward(block, X_fp[sl], cos, sin,
+                                                         rec_fp.__setitem__ if attn is not None else None)
+                        inputs_fp = dict(capture.inputs)
+                    rec: dict[str, torch.Tensor] = {}
+                    adapter.block_forward(block, X[sl], cos, sin, rec.__setitem__ if attn is not None else None)
+                    for g in group_heads:
+                        x = capture.inputs[g]
+                        covs[g].add(x)
+                        if inputs_fp is not None:
+                            covs[g].add_cross(inputs_fp[g], x)
+                    if attn is not None:
+                        attn.add(rec, rec_fp if use_dx else None)
+                    del rec, rec_fp, inputs_fp
+            finally:
+                capture.remove()
+            block_layers = _solve_block(block, adapter, cfg, covs, attn, cos, sin, use_dx, f"{prefix}{i}.")
+            layers.update(block_layers)
+            for c0 in range(0, n, step):
+                sl = slice(c0, c0 + step)
+                X[sl] = adapter.block_forward(block, X[sl], cos, sin)
+            if not torch.isfinite(X).all():
+                raise UserError(f"block {i}: the quantized block's output holds NaN or Inf; try more bits or damping")
+            block.to("cpu")
+            block_seconds.append(time.time() - tb)
+            if on_block_done is not None:
+                on_block_done(i, block_layers, {"X": X, "X_fp": X_fp})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return PipelineResult(layers, time.time() - t0, peak_memory_bytes(device), block_seconds)
+
+
+def _solve_block(
+    block: nn.Module,
+    adapter: ArchAdapter,
+    cfg: QuantConfig,
+    covs: dict[str, CovarianceAccumulator],
+    attn: AttentionStatistics | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    use_dx: bool,
+    prefix: str,
+) -> dict[str, QuantizedLinear]:
+    """Build each layer's problem from the block's statistics, solve it, and load the fake-quant weight."""
+    roles = dict(zip("qkv", adapter.LINEAR_GROUPS[0]))  # by convention the first group is q, k, v
+    out = {}
+    row_q = row_k = col_v = cross_v = None
+    if attn is not None:
+        row_q, row_k = attn.row_hessian_q(cos, sin), attn.row_hessian_k(cos, sin)
+        col_v, cross_v = attn.col_hessian_v(), attn.cross_v() if use_dx else None
+    for group in adapter.LINEAR_GROUPS:
+        acc = covs[group[0]]
+        for name in group:
+            module = block.get_submodule(name)
+            W = module.weight.detach().float()
+            if acc.n == 0:  # RTN with min-max grids needs no statistics
+                H = torch.eye(W.shape[1], device=W.device)
+                problem = LayerProblem(prefix + name, W, H)
+            else:
+                problem = LayerProblem(prefix + name, W, acc.H, cross=acc.C if use_dx else None)
+            if attn is not None:
+                if name == roles["q"]:
+                    problem.H_row, problem.heads = row_q, row_q.shape[0]
+                elif name == roles["k"]:
+                    problem.H_row, problem.heads = row_k, row_k.shape[0]
+                elif name == roles["v"]:
+                    problem.H, problem.heads, problem.cross = col_v, col_v.shape[0], cross_v
+            try:
+                q = solve_layer(problem, cfg)
+            except HessianError as e:
+                raise UserError(f"cannot quantize {e}") from None
+            module.weight.data.copy_(q.dequantize().to(module.weight.device, module.weight.dtype))
+            out[prefix + name] = q
+    return out

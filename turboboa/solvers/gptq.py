@@ -1,0 +1,203 @@
+"""GPTQ (Frantar et al., 2023): column-by-column rounding with optimal compensation of the later columns.
+
+Objective per layer: ``||(Q - W) X||_F^2`` with ``H = 2 X X^T``. With ``U = chol(H^-1)^T`` (upper), column j is
+rounded, ``e = (w_j - q_j) / U[j, j]`` and the later columns are updated ``W[:, j+1:] -= e U[j, j+1:]``.
+Lazy batch updates apply the accumulated update of a block of B columns with one matrix product.
+
+Everything here is batched: ``W`` is ``(B, R, C)`` (B independent problems, e.g. attention heads, of R rows and
+C columns) and the Hessian factor ``U`` is ``(B, C, C)`` or ``(1, C, C)`` when shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..grids import GridSpec, dequantize, expand_groups, fit_grid, quantize_codes
+from .linalg import as_float, cholesky_inverse_upper, dead_columns
+
+# Range search weights errors by the full diagonal block H_gg up to this group width, by diag(H) beyond.
+FULL_BLOCK_SEARCH_MAX = 256
+
+
+@dataclass
+class ColumnResult:
+    """Quantized weights ``Q`` (float), integer ``codes`` and per-(row, group) ``scale`` and ``zero``."""
+
+    Q: torch.Tensor  # (B, R, C)
+    codes: torch.Tensor  # (B, R, C)
+    scale: torch.Tensor  # (B, R, n_groups)
+    zero: torch.Tensor  # (B, R, n_groups)
+
+
+def fit_weighted(w: torch.Tensor, spec: GridSpec, H_block: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of each row of ``w`` (``(B, R, G)``), the range search weighted by ``H_block`` (``(B|1, G, G)``)."""
+    if not spec.search or H_block is None:
+        return fit_grid(w, spec)
+    if w.shape[-1] <= FULL_BLOCK_SEARCH_MAX:
+        return fit_grid(w, spec, h_full=H_block)
+    return fit_grid(w, spec, h_diag=torch.diagonal(H_block, dim1=-2, dim2=-1)[:, None, :])
+
+
+def fit_groups(W: torch.Tensor, spec: GridSpec, group_size: int, H: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grids of every (row, group) of ``W`` (``(B, R, C)``) at once: returns scale, zero of shape ``(B, R, n_groups)``."""
+    C = W.shape[-1]
+    G = group_size if group_size > 0 else C
+    scales, zeros = [], []
+    for g0 in range(0, C, G):
+        Hb = None if H is None else H[:, g0 : g0 + G, g0 : g0 + G]
+        s, z = fit_weighted(W[..., g0 : g0 + G], spec, Hb)
+        scales.append(s)
+        zeros.append(z)
+    return torch.stack(scales, -1), torch.stack(zeros, -1)
+
+
+def aligned_block_size(block_size: int, group_size: int) -> int:
+    """A lazy-update block size such that every group starts inside a block with all its columns current."""
+    if group_size <= 0:
+        return block_size
+    if group_size <= block_size:
+        return (block_size // group_size) * group_size
+    return block_size if group_size % block_size == 0 else group_size
+
+
+def gptq_columns(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    spec: GridSpec,
+    group_size: int,
+    H: torch.Tensor | None = None,
+    col_params: tuple[torch.Tensor, torch.Tensor] | None = None,
+    block_size: int = 128,
+) -> ColumnResult:
+    """GPTQ's column loop with lazy batch updates on ``W`` (``(B, R, C)``), columns in the given order.
+
+    ``U`` is ``chol(H^-1)^T`` for the same column order. Grids: with ``col_params`` (per-column scale and zero,
+    ``(B, R, C)``) they are fixed ("static"); otherwise a per-row grid is fit from ``W`` before the first column
+    (``group_size <= 0``) or each group's grid from the current, already compensated weights when its first
+    column is reached. ``H`` (same order as ``U``) weights the range search.
+    """
+    W = W.clone()
+    B, R, C = W.shape
+    G = group_size if group_size > 0 else C
+    n_groups = (C + G - 1) // G
+    bs = aligned_block_size(block_size, group_size)
+    Q = torch.zeros_like(W)
+    codes = torch.zeros_like(W)
+    scale = W.new_zeros(B, R, n_groups)
+    zero = W.new_zeros(B, R, n_groups)
+    static = col_params is not None
+    if not static and group_size <= 0:
+        scale[..., 0], zero[..., 0] = fit_weighted(W, spec, H)
+    for i1 in range(0, C, bs):
+        i2 = min(i1 + bs, C)
+        W1 = W[..., i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if static:
+                s, z = col_params[0][..., j], col_params[1][..., j]
+            else:
+                g = j // G
+                if group_size > 0 and j % G == 0:
+                    current = torch.cat([W1[..., i:], W[..., i2:]], dim=-1)[..., :G]
+                    Hb = None if H is None else H[:, j : j + G, j : j + G]
+                    scale[..., g], zero[..., g] = fit_weighted(current, spec, Hb)
+                s, z = scale[..., g], zero[..., g]
+            w = W1[..., i]
+            c = quantize_codes(w, s, z, spec.maxq)
+            q = dequantize(c, s, z)
+            codes[..., j] = c
+            Q[..., j] = q
+            err = (w - q) / U1[:, i, i].unsqueeze(-1)
+            W1[..., i:] -= err.unsqueeze(-1) * U1[:, i, i:].unsqueeze(1)
+            Err1[..., i] = err
+        if i2 < C:
+            W[..., i2:] -= Err1 @ U[:, i1:i2, i2:]
+    return ColumnResult(Q, codes, scale, zero)
+
+
+def permute_square(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``H[b][perm[b]][:, perm[b]]`` for batched ``H`` (``(B, C, C)``) and ``perm`` (``(B, C)``)."""
+    rows = torch.gather(H, 1, perm.unsqueeze(-1).expand_as(H))
+    return torch.gather(rows, 2, perm.unsqueeze(1).expand_as(H))
+
+
+class ColumnSolver:
+    """GPTQ over the columns of many row sets that share one Hessian per batch entry.
+
+    Built once per layer: damping, dead inputs, the act-order permutation and ``U = chol(H^-1)^T``; then
+    :meth:`solve` runs on any ``(B, R, C)`` weights (all rows of a layer, or one block of rows of every head).
+    """
+
+    def __init__(self, H: torch.Tensor, spec: GridSpec, group_size: int, *, act_order: bool = False,
+                 percdamp: float = 0.01, block_size: int = 128):
+        if H.dim() == 2:
+            H = H.unsqueeze(0)
+        self.spec = spec
+        self.group_size = group_size
+        self.block_size = block_size
+        self.dead = dead_columns(H)  # (B|1, C)
+        self.act_order = act_order
+        C = H.shape[-1]
+        if act_order:
+            self.perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+            self.invperm = torch.argsort(self.perm, dim=-1)
+            Hp = permute_square(H, self.perm)
+        else:
+            self.perm = None
+            Hp = H
+        self.U, self.H = cholesky_inverse_upper(Hp, percdamp)  # both in solve order
+        self.H_natural = self.H if self.perm is None else permute_square(self.H, self.invperm)
+        self.columns = C
+
+    def zero_dead(self, W: torch.Tensor) -> torch.Tensor:
+        """Weights of dead inputs set to 0 (they never meet a non-zero activation)."""
+        return W.masked_fill(self.dead.unsqueeze(1), 0.0)
+
+    def static_params(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-(row, group) grids of ``W`` in natural column order, from the weights as given."""
+        return fit_groups(W, self.spec, self.group_size, self.H_natural)
+
+    def solve(self, W: torch.Tensor, static: tuple[torch.Tensor, torch.Tensor] | None = None) -> ColumnResult:
+        """Quantize ``W`` (``(B, R, C)``, natural column order) and return the result in natural order.
+
+        ``static`` (scale, zero per group, ``(B, R, n_groups)``) fixes the grids; act-order with groups always
+        uses static grids (fit here from ``W`` when not given) so that groups stay contiguous columns.
+        """
+        W = self.zero_dead(W.to(self.H.dtype))
+        if static is None and self.act_order and self.group_size > 0:
+            static = self.static_params(W)
+        col_params = None
+        if static is not None:
+            col_params = (expand_groups(static[0], self.group_size, self.columns),
+                          expand_groups(static[1], self.group_size, self.columns))
+        if self.perm is not None:
+            idx = self.perm.unsqueeze(1).expand(W.shape[0], W.shape[1], -1)
+            W = torch.gather(W, -1, idx)
+            if col_params is not None:
+                col_params = (torch.gather(col_params[0], -1, idx), torch.gather(col_params[1], -1, idx))
+        res = gptq_columns(W, self.U, self.spec, self.group_size, self.H, col_params, self.block_size)
+        if self.perm is not None:
+            inv = self.invperm.unsqueeze(1).expand_as(res.Q)
+            res.Q = torch.gather(res.Q, -1, inv)
+            res.codes = torch.gather(res.codes, -1, inv)
+        if static is not None:
+            res.scale, res.zero = static[0].clone(), static[1].clone()
+        return res
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: GridSpec, group_size: int, *, act_order: bool = False,
+                  static_groups: bool = False, percdamp: float = 0.01, block_size: int = 128) -> ColumnResult:
+    """GPTQ of one layer ``W`` (``(R, C)`` or batched ``(B, R, C)``) with Hessian ``H`` (``(C, C)`` or ``(B, C, C)``)."""
+    squeeze = W.dim() == 2
+    if squeeze:
+        W = W.unsqueeze(0)
+    solver = ColumnSolver(H, spec, group_size, act_order=act_order, percdamp=percdamp, block_size=block_size)
+    static = solver.static_params(solver.zero_dead(as_float(W))) if static_groups and group_size > 0 else None
+    res = solver.solve(W, static)
+    if squeeze:
+        res = ColumnResult(res.Q[0], res.codes[0], res.scale[0], res.zero[0])
+    return res
