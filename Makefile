@@ -17,12 +17,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The main job on the default model (SmolLM2-135M): TurboBoA 4-bit, group 128, then perplexity of the float
+# model and of the quantized one on the same WikiText-2 windows. Small calibration so it runs on a laptop CPU.
+DEMO_OUT   ?= out/demo-turboboa-w4g128
+DEMO_CALIB ?= --nsamples 16 --seqlen 512
+DEMO_EVAL  ?= --seqlen 512 --max-windows 16
+
 demo: venv
-	$(VENV)/bin/turboboa quantize --method gptq --bits 4 --group-size 128 --nsamples 16 --seqlen 512 -o out/demo-gptq-w4g128
-	$(VENV)/bin/turboboa eval out/demo-gptq-w4g128 --seqlen 512 --max-windows 8
+	$(VENV)/bin/turboboa quantize smollm2-135m --method turboboa --bits 4 --group-size 128 $(DEMO_CALIB) -o $(DEMO_OUT)
+	$(VENV)/bin/turboboa eval smollm2-135m $(DEMO_EVAL)
+	$(VENV)/bin/turboboa eval $(DEMO_OUT) $(DEMO_EVAL)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 lint: venv
 	$(VENV)/bin/ruff check .

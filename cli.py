@@ -27,6 +27,8 @@ def app() -> None:
               help="minmax | search (Hessian-weighted range search) | auto (search for boa/turboboa)")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal (static groups)")
 @click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids from the original weights")
+@click.option("--true-sequential", is_flag=True,
+              help="calibrate each group of layers on the outputs of the already quantized groups before it")
 @click.option("--damp", "percdamp", type=float, default=0.01, show_default=True, help="damping, share of mean diag")
 @click.option("--rows", type=int, default=16, show_default=True, help="TurboBoA: rows quantized jointly (N)")
 @click.option("--alpha", type=float, default=0.25, show_default=True, help="TurboBoA F2 strength")
@@ -44,7 +46,7 @@ def app() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
 def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, grid: str, act_order: bool,
-             static_groups: bool, percdamp: float, rows: int, alpha: float, no_dx: bool, no_adaptive_grid: bool,
+             static_groups: bool, true_sequential: bool, percdamp: float, rows: int, alpha: float, no_dx: bool, no_adaptive_grid: bool,
              refine_iters: int, act_order_col: bool, act_order_row: bool, calib: str, nsamples: int, seqlen: int,
              seed: int, device: str, output: str, quiet: bool, as_json: bool) -> None:
     """Quantize MODEL (default smollm2-135m) into the quantized checkpoint folder -o QDIR."""
@@ -52,7 +54,8 @@ def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, gri
     from turboboa.config import QuantConfig
 
     cfg = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, grid=grid, act_order=act_order,
-                      static_groups=static_groups, percdamp=percdamp, rows=rows, alpha=alpha, use_dx=not no_dx,
+                      static_groups=static_groups, true_sequential=true_sequential,
+                      percdamp=percdamp, rows=rows, alpha=alpha, use_dx=not no_dx,
                       adaptive_grid=not no_adaptive_grid, refine_iters=refine_iters, act_order_col=act_order_col,
                       act_order_row=act_order_row, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
     summary = api.quantize(model, cfg, output, device=device, progress=not quiet)

@@ -28,6 +28,7 @@ class QuantConfig:
     static_groups: bool = False
     percdamp: float = 0.01
     block_size: int = 128
+    true_sequential: bool = False
     # BoA / TurboBoA
     rows: int = 16
     alpha: float = 0.25

@@ -15,6 +15,7 @@ Only one block is on the device at a time.
 
 from __future__ import annotations
 
+import copy
 import resource
 import time
 from collections.abc import Callable
@@ -145,7 +146,6 @@ def quantize_model(
             X_fp = X.clone() if use_dx else None
         else:
             X, X_fp = state["X"].to(device), None if state.get("X_fp") is None else state["X_fp"].to(device)
-        group_heads = [g[0] for g in adapter.LINEAR_GROUPS]
         layers: dict[str, QuantizedLinear] = {}
         block_seconds: list[float] = []
         bar = tqdm(range(start_block, len(blocks)), desc=f"{cfg.method} w{cfg.bits}", unit="block",
@@ -153,43 +153,32 @@ def quantize_model(
         step = chunk_size(n, L, shape.n_heads)
         prefix = module_name(model, blocks) + "."
         need_stats = cfg.method != "rtn" or cfg.grid_spec().search
+        # true-sequential: each group of layers sees the inputs produced by the already-quantized groups before it
+        stages = [[g] for g in adapter.LINEAR_GROUPS] if cfg.true_sequential else [adapter.LINEAR_GROUPS]
         for i in bar:
             tb = time.time()
             block = blocks[i]
             block.to(device=device, dtype=torch.float32)
-            covs = {g: CovarianceAccumulator() for g in group_heads}
-            attn = AttentionStatistics() if cfg.is_row_method else None
-            capture = _InputCapture(block, group_heads)
-            try:
-                for c0 in range(0, n if need_stats else 0, step):
-                    sl = slice(c0, c0 + step)
-                    rec_fp = None
-                    inputs_fp = None
-                    if use_dx:
-                        rec_fp = {}
-                        X_fp[sl] = adapter.block_forward(block, X_fp[sl], cos, sin,
-                                                         rec_fp.__setitem__ if attn is not None else None)
-                        inputs_fp = dict(capture.inputs)
-                    rec: dict[str, torch.Tensor] = {}
-                    adapter.block_forward(block, X[sl], cos, sin, rec.__setitem__ if attn is not None else None)
-                    for g in group_heads:
-                        x = capture.inputs[g]
-                        covs[g].add(x)
-                        if inputs_fp is not None:
-                            covs[g].add_cross(inputs_fp[g], x)
-                    if attn is not None:
-                        attn.add(rec, rec_fp if use_dx else None)
-                    del rec, rec_fp, inputs_fp
-            finally:
-                capture.remove()
-            block_layers = _solve_block(block, adapter, cfg, covs, attn, cos, sin, use_dx, f"{prefix}{i}.")
+            fp_block = copy.deepcopy(block) if use_dx else None
+            block_layers: dict[str, QuantizedLinear] = {}
+            for si, stage in enumerate(stages):
+                heads = [g[0] for g in stage]
+                covs = {g: CovarianceAccumulator() for g in heads}
+                attn = AttentionStatistics() if cfg.is_row_method and si == 0 else None
+                if need_stats:
+                    _collect(adapter, block, fp_block, X, X_fp, cos, sin, step, covs, attn)
+                block_layers.update(_solve_groups(block, adapter, stage, cfg, covs, attn, cos, sin, use_dx,
+                                                  f"{prefix}{i}."))
             layers.update(block_layers)
             for c0 in range(0, n, step):
                 sl = slice(c0, c0 + step)
                 X[sl] = adapter.block_forward(block, X[sl], cos, sin)
+                if fp_block is not None:
+                    X_fp[sl] = adapter.block_forward(fp_block, X_fp[sl], cos, sin)
             if not torch.isfinite(X).all():
                 raise UserError(f"block {i}: the quantized block's output holds NaN or Inf; try more bits or damping")
             block.to("cpu")
+            del fp_block
             block_seconds.append(time.time() - tb)
             if on_block_done is not None:
                 on_block_done(i, block_layers, {"X": X, "X_fp": X_fp})
@@ -198,9 +187,52 @@ def quantize_model(
     return PipelineResult(layers, time.time() - t0, peak_memory_bytes(device), block_seconds)
 
 
-def _solve_block(
+def _collect(
+    adapter: ArchAdapter,
+    block: nn.Module,
+    fp_block: nn.Module | None,
+    X: torch.Tensor,
+    X_fp: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    step: int,
+    covs: dict[str, CovarianceAccumulator],
+    attn: AttentionStatistics | None,
+) -> None:
+    """One pass over the calibration set: the block on ``X`` (and the full-precision block on ``X_fp``).
+
+    Accumulates ``H = 2 X X^T / n`` of each layer named in ``covs`` (inputs caught by forward pre-hooks), the
+    F2 cross terms ``C = 2 (X_fp - X) X^T / n`` when ``fp_block`` is given, and the attention statistics.
+    """
+    names = list(covs)
+    capture = _InputCapture(block, names)
+    capture_fp = _InputCapture(fp_block, names) if fp_block is not None else None
+    try:
+        for c0 in range(0, X.shape[0], step):
+            sl = slice(c0, c0 + step)
+            rec_fp: dict[str, torch.Tensor] | None = None
+            if capture_fp is not None:
+                rec_fp = {}
+                adapter.block_forward(fp_block, X_fp[sl], cos, sin, rec_fp.__setitem__ if attn is not None else None)
+            rec: dict[str, torch.Tensor] = {}
+            adapter.block_forward(block, X[sl], cos, sin, rec.__setitem__ if attn is not None else None)
+            for name in names:
+                x = capture.inputs[name]
+                covs[name].add(x)
+                if capture_fp is not None:
+                    covs[name].add_cross(capture_fp.inputs[name], x)
+            if attn is not None:
+                attn.add(rec, rec_fp)
+    finally:
+        capture.remove()
+        if capture_fp is not None:
+            capture_fp.remove()
+
+
+def _solve_groups(
     block: nn.Module,
     adapter: ArchAdapter,
+    groups: list[list[str]],
     cfg: QuantConfig,
     covs: dict[str, CovarianceAccumulator],
     attn: AttentionStatistics | None,
@@ -209,14 +241,14 @@ def _solve_block(
     use_dx: bool,
     prefix: str,
 ) -> dict[str, QuantizedLinear]:
-    """Build each layer's problem from the block's statistics, solve it, and load the fake-quant weight."""
-    roles = dict(zip("qkv", adapter.LINEAR_GROUPS[0]))  # by convention the first group is q, k, v
+    """Build each layer's problem from the statistics, solve it, and load the fake-quant weight into ``block``."""
+    roles = dict(zip("qkv", adapter.LINEAR_GROUPS[0], strict=True))  # by convention the first group is q, k, v
     out = {}
     row_q = row_k = col_v = cross_v = None
     if attn is not None:
         row_q, row_k = attn.row_hessian_q(cos, sin), attn.row_hessian_k(cos, sin)
         col_v, cross_v = attn.col_hessian_v(), attn.cross_v() if use_dx else None
-    for group in adapter.LINEAR_GROUPS:
+    for group in groups:
         acc = covs[group[0]]
         for name in group:
             module = block.get_submodule(name)

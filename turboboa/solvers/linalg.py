@@ -41,7 +41,9 @@ def cholesky_inverse_upper(H: torch.Tensor, percdamp: float = 0.01, retries: int
         Hd, _ = damp(H, percdamp * (10**attempt))
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info.max()) == 0:
-            Hinv = torch.cholesky_inverse(L)
+            # cholesky_solve(I) rather than cholesky_inverse: the latter is ~50x slower on some CPU builds
+            eye = torch.eye(Hd.shape[-1], dtype=Hd.dtype, device=Hd.device).expand_as(Hd)
+            Hinv = torch.cholesky_solve(eye, L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info.max()) == 0 and torch.isfinite(U).all():
                 return U, Hd

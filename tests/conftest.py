@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random Llama folders (with the default model's tokenizer) for fast end-to-end runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_tiny_llama(path: Path, tokenizer, *, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                    layers: int = 2, intermediate: int = 128, seed: int = 0, model_type: str = "llama") -> Path:
+    """A random Llama-family model saved as a Hugging Face folder, with a real tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    cls = Qwen2Config if model_type == "qwen2" else LlamaConfig
+    config = cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                 max_position_embeddings=2048, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    from turboboa.models import load_float_model
+
+    return load_float_model().tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, default_tokenizer) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", default_tokenizer)
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the ``turboboa`` command in a fresh process (as a user would)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd or ROOT, env=env, capture_output=True,
+                          text=True, timeout=1800)
