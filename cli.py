@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
 
 import click
 
@@ -24,7 +26,7 @@ def app() -> None:
 @click.option("--group-size", type=int, default=128, show_default=True, help="-1 = per output channel")
 @click.option("--sym", is_flag=True, help="symmetric grids (zero point 2^(bits-1))")
 @click.option("--grid", default="auto", show_default=True,
-              help="minmax | search (Hessian-weighted range search) | auto (search for boa/turboboa)")
+              help="minmax | search (Hessian-weighted range search) | auto (search except for rtn)")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal (static groups)")
 @click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids from the original weights")
 @click.option("--true-sequential", is_flag=True,
@@ -89,8 +91,24 @@ def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, devic
                    f"({res.windows} windows of {res.seqlen}) in {res.seconds:.1f} s")
 
 
+def quiet_libraries() -> None:
+    """Keep stderr for our own lines: no transformers warnings or weight-loading progress bars."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    quiet_libraries()
     try:
         rv = app.main(args=argv, prog_name="turboboa", standalone_mode=False)
     except click.exceptions.Exit as e:

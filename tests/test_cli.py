@@ -54,7 +54,8 @@ def test_group_wider_than_layer(tmp_path, tiny_llama_dir):
 
 def test_missing_calibration_data(tmp_path, tiny_llama_dir):
     out = tmp_path / "Q"
-    proc = run_cli("quantize", str(tiny_llama_dir), "--calib", str(tmp_path / "missing.jsonl"), "-o", str(out))
+    proc = run_cli("quantize", str(tiny_llama_dir), "--group-size", "32", "--calib", str(tmp_path / "missing.jsonl"),
+                   "-o", str(out))
     assert_one_line_error(proc, "missing.jsonl")
     assert not out.exists()
 

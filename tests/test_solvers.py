@@ -216,3 +216,14 @@ def test_f2_reduces_error_against_full_precision_outputs():
         return (X @ Q.T - (X + dX) @ W.T).pow(2).sum().item()
 
     assert err(with_dx) < err(without)
+
+
+def test_failed_cholesky_retries_with_more_damping():
+    X = correlated_inputs(16, 8, 12)  # fewer tokens than inputs: H is singular
+    H = hessian(X) - 1e-3 * torch.eye(16, dtype=torch.float64)  # and slightly indefinite
+    assert torch.linalg.cholesky_ex(H).info > 0
+    U, Hd = cholesky_inverse_upper(H.unsqueeze(0), 0.0)
+    assert torch.isfinite(U).all()
+    lam = (Hd[0] - H).diagonal()
+    assert torch.all(lam > 0) and torch.allclose(lam, lam[0].expand(16))
+    assert torch.allclose(U[0].T @ U[0], torch.linalg.inv(Hd[0]), atol=1e-6)

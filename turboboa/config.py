@@ -21,7 +21,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = False
-    grid: str = "auto"  # auto: Hessian-weighted range search for boa/turboboa, min-max for rtn/gptq
+    grid: str = "auto"  # auto: Hessian-weighted range search for gptq/boa/turboboa, min-max for rtn
     format: str = "int"
     # GPTQ
     act_order: bool = False
@@ -68,7 +68,7 @@ class QuantConfig:
         return self.method == "turboboa"
 
     def grid_spec(self) -> GridSpec:
-        search = self.grid == "search" or (self.grid == "auto" and self.is_row_method)
+        search = self.grid == "search" or (self.grid == "auto" and self.method != "rtn")
         return GridSpec(bits=self.bits, sym=self.sym, search=search)
 
     def to_dict(self) -> dict[str, Any]:

@@ -159,22 +159,23 @@ def quantize_model(
             tb = time.time()
             block = blocks[i]
             block.to(device=device, dtype=torch.float32)
-            fp_block = copy.deepcopy(block) if use_dx else None
+            # the fp stream needs the block's original weights: a copy when groups are quantized between passes
+            fp_block = (copy.deepcopy(block) if cfg.true_sequential else block) if use_dx else None
             block_layers: dict[str, QuantizedLinear] = {}
             for si, stage in enumerate(stages):
                 heads = [g[0] for g in stage]
                 covs = {g: CovarianceAccumulator() for g in heads}
                 attn = AttentionStatistics() if cfg.is_row_method and si == 0 else None
                 if need_stats:
-                    _collect(adapter, block, fp_block, X, X_fp, cos, sin, step, covs, attn)
+                    # the last pass also advances the fp stream to the next block's input
+                    _collect(adapter, block, fp_block, X, X_fp, cos, sin, step, covs, attn,
+                             advance_fp=si == len(stages) - 1)
                 block_layers.update(_solve_groups(block, adapter, stage, cfg, covs, attn, cos, sin, use_dx,
                                                   f"{prefix}{i}."))
             layers.update(block_layers)
             for c0 in range(0, n, step):
                 sl = slice(c0, c0 + step)
                 X[sl] = adapter.block_forward(block, X[sl], cos, sin)
-                if fp_block is not None:
-                    X_fp[sl] = adapter.block_forward(fp_block, X_fp[sl], cos, sin)
             if not torch.isfinite(X).all():
                 raise UserError(f"block {i}: the quantized block's output holds NaN or Inf; try more bits or damping")
             block.to("cpu")
@@ -198,34 +199,43 @@ def _collect(
     step: int,
     covs: dict[str, CovarianceAccumulator],
     attn: AttentionStatistics | None,
+    advance_fp: bool = False,
 ) -> None:
     """One pass over the calibration set: the block on ``X`` (and the full-precision block on ``X_fp``).
+
+    With ``advance_fp`` the full-precision block's outputs replace ``X_fp`` (the next block's fp input).
 
     Accumulates ``H = 2 X X^T / n`` of each layer named in ``covs`` (inputs caught by forward pre-hooks), the
     F2 cross terms ``C = 2 (X_fp - X) X^T / n`` when ``fp_block`` is given, and the attention statistics.
     """
     names = list(covs)
     capture = _InputCapture(block, names)
-    capture_fp = _InputCapture(fp_block, names) if fp_block is not None else None
+    # the fp block may be the block itself (one-pass mode): then one set of hooks serves both streams
+    capture_fp = None if fp_block is None else capture if fp_block is block else _InputCapture(fp_block, names)
     try:
         for c0 in range(0, X.shape[0], step):
             sl = slice(c0, c0 + step)
             rec_fp: dict[str, torch.Tensor] | None = None
+            inputs_fp: dict[str, torch.Tensor] = {}
             if capture_fp is not None:
                 rec_fp = {}
-                adapter.block_forward(fp_block, X_fp[sl], cos, sin, rec_fp.__setitem__ if attn is not None else None)
+                out_fp = adapter.block_forward(fp_block, X_fp[sl], cos, sin,
+                                               rec_fp.__setitem__ if attn is not None else None)
+                inputs_fp = dict(capture_fp.inputs)  # snapshot before the quantized stream overwrites it
             rec: dict[str, torch.Tensor] = {}
             adapter.block_forward(block, X[sl], cos, sin, rec.__setitem__ if attn is not None else None)
             for name in names:
                 x = capture.inputs[name]
                 covs[name].add(x)
-                if capture_fp is not None:
-                    covs[name].add_cross(capture_fp.inputs[name], x)
+                if inputs_fp:
+                    covs[name].add_cross(inputs_fp[name], x)
             if attn is not None:
                 attn.add(rec, rec_fp)
+            if capture_fp is not None and advance_fp:
+                X_fp[sl] = out_fp
     finally:
         capture.remove()
-        if capture_fp is not None:
+        if capture_fp is not None and capture_fp is not capture:
             capture_fp.remove()
 
 

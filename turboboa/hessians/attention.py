@@ -125,28 +125,25 @@ class AttentionStatistics:
         """Y_h = A_h X for the query heads of a chunk of groups: (B, g, r, L, D). Cost L^2 D per head."""
         return torch.matmul(a, x[:, None, None])
 
-    def _value_gram(self, a: Tensor, x: Tensor) -> Tensor:
-        """sum_b sum_{h in g} Y_h^T Y_h with Y_h = A_h X, (G, D, D); cost L^2 D + L D^2 per head."""
+    def _value_stats(self, a: Tensor, x: Tensor, a_fp: Tensor | None = None,
+                     x_fp: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Per KV group g: sum_b sum_{h in g} Y_h^T Y_h with Y_h = A_h X, and (with the fp stream)
+        sum_b sum_{h in g} (Y_fp,h - Y_h)^T Y_h with Y_fp,h = A_fp,h X_fp; both (G, D, D).
+
+        Y_h is formed once per head and serves both sums; cost L^2 D + L D^2 per head and stream.
+        """
         batch, seqlen, hidden = x.shape
         a = self._grouped(a)
+        a_fp = None if a_fp is None else self._grouped(a_fp)
         step = self._group_chunk(batch, seqlen, hidden)
-        parts = []
+        grams, crosses = [], []
         for g0 in range(0, a.shape[1], step):
             y = self._weighted_inputs(a[:, g0 : g0 + step], x)
-            parts.append(torch.einsum("bgrld,bgrle->gde", y, y))
-        return torch.cat(parts, dim=0)
-
-    def _value_cross(self, a_fp: Tensor, x_fp: Tensor, a: Tensor, x: Tensor) -> Tensor:
-        """sum_b sum_{h in g} (A_fp,h X_fp - A_h X)^T (A_h X), (G, D, D)."""
-        batch, seqlen, hidden = x.shape
-        a, a_fp = self._grouped(a), self._grouped(a_fp)
-        step = self._group_chunk(batch, seqlen, hidden)
-        parts = []
-        for g0 in range(0, a.shape[1], step):
-            y = self._weighted_inputs(a[:, g0 : g0 + step], x)
-            y_fp = self._weighted_inputs(a_fp[:, g0 : g0 + step], x_fp)
-            parts.append(torch.einsum("bgrld,bgrle->gde", y_fp - y, y))
-        return torch.cat(parts, dim=0)
+            grams.append(torch.einsum("bgrld,bgrle->gde", y, y))
+            if a_fp is not None:
+                y_fp = self._weighted_inputs(a_fp[:, g0 : g0 + step], x_fp)
+                crosses.append(torch.einsum("bgrld,bgrle->gde", y_fp - y, y))
+        return torch.cat(grams, dim=0), (torch.cat(crosses, dim=0) if crosses else None)
 
     def add(self, rec: dict[str, Tensor], rec_fp: dict[str, Tensor] | None = None) -> None:
         """Accumulate one batch: ``rec`` from the quantized stream, ``rec_fp`` (same tokens) from the fp stream."""
@@ -156,19 +153,21 @@ class AttentionStatistics:
         n = x.shape[0] * x.shape[1]
         self._qq.update(torch.einsum("bhld,bhle->hde", q, q), n)
         self._kk.update(torch.einsum("bgld,bgle->gde", k, k), n)
-        self._vv.update(self._value_gram(a, x), n)
         self.qkv.add(x)
-        if rec_fp is None:
-            return
-        x_fp, a_fp = self._check(rec_fp, "full-precision")
-        if x_fp.shape != x.shape:
-            raise UserError(
-                f"full-precision attn_input {tuple(x_fp.shape)} differs from quantized {tuple(x.shape)}; "
-                "run both streams on the same calibration tokens"
-            )
-        x_fp, a_fp = x_fp.to(x.device), a_fp.to(x.device)
-        self._cross.update(self._value_cross(a_fp, x_fp, a, x), n)
-        self.qkv.add_cross(x_fp, x)
+        x_fp = a_fp = None
+        if rec_fp is not None:
+            x_fp, a_fp = self._check(rec_fp, "full-precision")
+            if x_fp.shape != x.shape:
+                raise UserError(
+                    f"full-precision attn_input {tuple(x_fp.shape)} differs from quantized {tuple(x.shape)}; "
+                    "run both streams on the same calibration tokens"
+                )
+            x_fp, a_fp = x_fp.to(x.device), a_fp.to(x.device)
+            self.qkv.add_cross(x_fp, x)
+        gram, cross = self._value_stats(a, x, a_fp, x_fp)
+        self._vv.update(gram, n)
+        if cross is not None:
+            self._cross.update(cross, n)
 
     def _require(self, stat: RunningMean) -> Tensor:
         """The accumulated mean, or an error if nothing was added."""

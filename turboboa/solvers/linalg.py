@@ -38,7 +38,9 @@ def cholesky_inverse_upper(H: torch.Tensor, percdamp: float = 0.01, retries: int
     Damping starts at ``percdamp`` of the mean diagonal and grows tenfold on each failed Cholesky.
     """
     for attempt in range(retries):
-        Hd, _ = damp(H, percdamp * (10**attempt))
+        # a failed factorization retries with tenfold damping (starting from 1e-4 when none was asked for)
+        lam = percdamp * 10**attempt if percdamp > 0 else (0.0 if attempt == 0 else 1e-4 * 10 ** (attempt - 1))
+        Hd, _ = damp(H, lam)
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info.max()) == 0:
             # cholesky_solve(I) rather than cholesky_inverse: the latter is ~50x slower on some CPU builds

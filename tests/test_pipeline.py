@@ -1,0 +1,52 @@
+"""The block pipeline's statistics against hand computations on a tiny random Llama."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from turboboa.arch import get_adapter
+from turboboa.config import QuantConfig
+from turboboa.hessians import CovarianceAccumulator
+from turboboa.hessians.attention import AttentionStatistics
+from turboboa.models import load_float_model
+from turboboa.pipeline import _collect, quantize_model
+
+
+def test_collect_accumulates_hessians_and_f2_cross_terms(tiny_llama_dir):
+    model = load_float_model(str(tiny_llama_dir)).model
+    adapter = get_adapter(model)
+    block = adapter.blocks(model)[0]
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 16, 64, generator=g)
+    X_fp = X + 0.1 * torch.randn(3, 16, 64, generator=g)
+    X_fp_in = X_fp.clone()
+    cos, sin = adapter.rotary_cos_sin(model, 16, "cpu")
+    covs = {"self_attn.q_proj": CovarianceAccumulator(), "mlp.down_proj": CovarianceAccumulator()}
+    attn = AttentionStatistics()
+    with torch.no_grad():
+        _collect(adapter, block, block, X, X_fp, cos, sin, 2, covs, attn, advance_fp=True)
+        x = block.input_layernorm(X).reshape(-1, 64)
+        x_fp = block.input_layernorm(X_fp_in).reshape(-1, 64)
+        n = x.shape[0]
+        assert torch.allclose(covs["self_attn.q_proj"].H, 2 * x.T @ x / n, atol=1e-5)
+        assert torch.allclose(covs["self_attn.q_proj"].C, 2 * (x_fp - x).T @ x / n, atol=1e-5)
+        assert covs["self_attn.q_proj"].C.abs().max() > 1e-3
+        assert covs["mlp.down_proj"].C.abs().max() > 1e-3 * covs["mlp.down_proj"].H.abs().max()
+        # the fp stream was advanced through the full-precision block
+        assert torch.allclose(X_fp, adapter.block_forward(block, X_fp_in, cos, sin), atol=1e-6)
+        assert attn.cross_v() is not None and attn.cross_v().abs().max() > 0
+
+
+def test_f2_changes_the_result_and_true_sequential_runs(tiny_llama_dir):
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(1))
+    base = QuantConfig(method="turboboa", bits=3, group_size=32, rows=4)
+    results = {}
+    for name, cfg in {"dx": base, "no_dx": dataclasses.replace(base, use_dx=False),
+                      "seq": dataclasses.replace(base, true_sequential=True)}.items():
+        model = load_float_model(str(tiny_llama_dir)).model
+        results[name] = quantize_model(model, ids, cfg, torch.device("cpu"), progress=False).layers
+    down = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(results["dx"][down].scale, results["no_dx"][down].scale)
+    assert set(results["seq"]) == set(results["dx"])
