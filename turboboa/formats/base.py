@@ -1,0 +1,343 @@
+"""The abstract ggml storage format, the stored grid of a row-block-quantized tensor, and the format registry.
+
+A 2-D weight ``W[rows, cols]`` (PyTorch ``[out, in]``) is cut, row by row, into blocks of ``block_size``
+consecutive input columns (32, or 256 for the k-quants); a block holds ``block_size / group_size`` groups of
+contiguous columns (reference ``gguf-format.md`` §1). A block stores fp16 super-scales (``d``, ``dmin``),
+integer sub-scales (``sc``, ``m``; k-quants only) and one integer code per weight. Every type dequantizes as
+
+    w = scale_g * levels[code] - offset_g                                   (one fp32 rounding, at the "-")
+
+with the per-group ``scale_g`` and ``offset_g`` given by :meth:`GgmlFormat.group_scale_offset` as exact fp32
+products of the stored values (§1: ``fp32(d*sc)`` and ``fp32(dmin*m)`` are exact), so :meth:`dequantize`
+equals ggml's own dequantizer bit for bit.
+
+Each concrete format in :mod:`turboboa.formats.ggml` subclasses :class:`GgmlFormat` with a ``name=`` keyword
+and is registered at definition time; :func:`get_format` looks a name up. Formats are used as classes (all
+methods are class methods; there is no instance state).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from turboboa.errors import UserError
+
+FP16_MAX = 65504.0
+
+_REGISTRY: dict[str, type[GgmlFormat]] = {}
+
+
+def round_fp16(x: torch.Tensor) -> torch.Tensor:
+    """``fp32(fp16(x))``: round to the nearest fp16 (ties to even), clamped to +-65504 so it stays finite.
+
+    A negative zero becomes +0, so an all-zero block stores ``d = 0`` bytes ``00 00``.
+    """
+    y = x.float().clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(torch.float32)
+    return torch.where(y == 0, torch.zeros_like(y), y)
+
+
+def is_fp16_representable(x: torch.Tensor) -> bool:
+    """True when every value of ``x`` is finite and ``fp32(fp16(x)) == x``."""
+    x = x.float()
+    return bool(torch.isfinite(x).all()) and torch.equal(x.to(torch.float16).to(torch.float32), x)
+
+
+@dataclass(frozen=True)
+class GgmlGrid:
+    """The values a row of ggml blocks stores, apart from the codes (a separate ``(rows, cols)`` tensor).
+
+    * ``d``: ``(rows, n_blocks)`` float32, fp16-representable: the block scale (simple types) or super-scale
+      (k-quants). Signed where the type allows (every type; llama.cpp makes it negative only for Q3_K/Q6_K).
+    * ``dmin``: ``(rows, n_blocks)`` float32, fp16-representable, or ``None`` for symmetric types. For
+      Q2_K/Q4_K/Q5_K it is the super-min (``offset_g = dmin * m_g``); for Q4_1 it is the block's stored fp16
+      min ``m`` (``w = d*q + m``, so ``offset = -dmin``).
+    * ``sc``: ``(rows, n_groups)`` int32 sub-scales of the k-quants (Q2_K 0..15, Q3_K -32..31 = stored 6-bit
+      value minus 32, Q4_K/Q5_K 0..63, Q6_K -128..127), ``None`` for the 32-blocks.
+    * ``m``: ``(rows, n_groups)`` int32 sub-mins of Q2_K (0..15) and Q4_K/Q5_K (0..63), else ``None``.
+    """
+
+    d: torch.Tensor
+    dmin: torch.Tensor | None = None
+    sc: torch.Tensor | None = None
+    m: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> GgmlGrid:
+        """The same grid with every tensor moved to ``device``."""
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return GgmlGrid(d=self.d.to(device), dmin=mv(self.dmin), sc=mv(self.sc), m=mv(self.m))
+
+    def equal(self, other: GgmlGrid) -> bool:
+        """Field-by-field exact equality (``None`` equals only ``None``; ``-0.0 == 0.0``)."""
+        for a, b in ((self.d, other.d), (self.dmin, other.dmin), (self.sc, other.sc), (self.m, other.m)):
+            if (a is None) != (b is None):
+                return False
+            if a is not None and not torch.equal(a.cpu(), b.cpu()):
+                return False
+        return True
+
+
+@dataclass
+class BlockFields:
+    """One ggml block per row of every array: the unit :meth:`GgmlFormat._pack_blocks` works on.
+
+    ``q``: ``(N, block_size)`` uint8 codes; ``d``/``dmin``: ``(N,)`` float32; ``sc``/``m``: ``(N, G)`` int32
+    with ``G = block_size / group_size`` (``None`` where the type has no such field).
+    """
+
+    q: np.ndarray
+    d: np.ndarray
+    dmin: np.ndarray | None = None
+    sc: np.ndarray | None = None
+    m: np.ndarray | None = None
+
+
+class GgmlFormat(ABC):
+    """A ggml quantization type: block layout, grid and byte packing. Subclass with ``name=`` to register.
+
+    Class constants (set by the subclass or derived in ``__init_subclass__`` from the gguf package):
+    ``name``, ``ggml_type``, ``block_size`` and ``type_size`` (``gguf.GGML_QUANT_SIZES``), ``group_size``,
+    ``bits``, ``levels`` (float32, code -> level, increasing), ``asymmetric``, ``sc_range``/``m_range``
+    (inclusive integer ranges of the k-quant sub-scales/sub-mins), ``bpw = 8 * type_size / block_size``.
+    """
+
+    name: ClassVar[str]
+    ggml_type: ClassVar[GGMLQuantizationType]
+    block_size: ClassVar[int]
+    type_size: ClassVar[int]
+    group_size: ClassVar[int]
+    bits: ClassVar[int]
+    levels: ClassVar[torch.Tensor]
+    asymmetric: ClassVar[bool]
+    sc_range: ClassVar[tuple[int, int] | None] = None
+    m_range: ClassVar[tuple[int, int] | None] = None
+    bpw: ClassVar[float]
+    groups_per_block: ClassVar[int]
+    _levels_cache: ClassVar[dict[torch.device, torch.Tensor]]
+
+    def __init__(self) -> None:
+        raise TypeError("ggml formats are used as classes (get_format(name).pack(...)), not instances")
+
+    def __init_subclass__(cls, *, name: str | None = None, ggml_type: GGMLQuantizationType | None = None,
+                          **kwargs: object) -> None:
+        """Fill the derived constants and register ``cls`` under ``name`` (abstract helpers pass no name)."""
+        super().__init_subclass__(**kwargs)
+        if name is None:
+            return
+        if ggml_type is None:
+            raise TypeError(f"format {name!r} needs ggml_type=")
+        if name in _REGISTRY:
+            raise TypeError(f"ggml format {name!r} is registered twice")
+        cls.name = name
+        cls.ggml_type = ggml_type
+        cls.block_size, cls.type_size = GGML_QUANT_SIZES[ggml_type]
+        cls.bpw = 8 * cls.type_size / cls.block_size
+        cls.groups_per_block = cls.block_size // cls.group_size
+        cls.levels = cls.levels.to(torch.float32)
+        cls._levels_cache = {}
+        assert cls.levels.numel() == 2**cls.bits, name
+        assert bool((cls.levels[1:] > cls.levels[:-1]).all()), f"{name}: levels must increase with the code"
+        _REGISTRY[name] = cls
+
+    # ----------------------------------------------------------------------------------------- geometry
+    @classmethod
+    def supports_width(cls, cols: int) -> bool:
+        """True when a row of ``cols`` columns is a whole number of blocks (``cols % block_size == 0``)."""
+        return cols > 0 and cols % cls.block_size == 0
+
+    @classmethod
+    def check_width(cls, cols: int) -> None:
+        """Raise :class:`UserError` unless ``cols`` is a multiple of ``block_size``."""
+        if not cls.supports_width(cols):
+            raise UserError(
+                f"{cls.name}: a layer with {cols} input columns cannot be stored, the width must be a "
+                f"multiple of the {cls.block_size}-column block; choose a format with "
+                f"{min(32, cls.block_size)}-column blocks or keep this layer in float")
+
+    @classmethod
+    def row_bytes(cls, cols: int) -> int:
+        """Bytes of one row: ``(cols / block_size) * type_size``."""
+        cls.check_width(cols)
+        return cols // cls.block_size * cls.type_size
+
+    @classmethod
+    def code_max(cls) -> int:
+        """The largest code, ``2^bits - 1`` (codes run over ``0..code_max``)."""
+        return 2**cls.bits - 1
+
+    @classmethod
+    def levels_on(cls, device: torch.device | str) -> torch.Tensor:
+        """``levels`` on ``device`` (cached, so per-column solver calls do not copy it every time)."""
+        device = torch.device(device)
+        if device not in cls._levels_cache:
+            cls._levels_cache[device] = cls.levels.to(device)
+        return cls._levels_cache[device]
+
+    # ------------------------------------------------------------------------------------------ grid
+    @classmethod
+    @abstractmethod
+    def group_scale_offset(cls, grid: GgmlGrid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (row, group) float32 ``(scale_g, offset_g)`` with ``w = scale_g * levels[code] - offset_g``.
+
+        Both are exact fp32 products of the stored values, so evaluating the formula in fp32 (products
+        exact, one rounding at the subtraction) is what ggml computes.
+        """
+
+    @classmethod
+    @abstractmethod
+    def snap(cls, scale: torch.Tensor, offset: torch.Tensor | None = None) -> GgmlGrid:
+        """The stored grid nearest (the llama.cpp way) to continuous per (row, group) scales and offsets."""
+
+    @classmethod
+    def dequantize(cls, codes: torch.Tensor, grid: GgmlGrid) -> torch.Tensor:
+        """``w[r, c] = fp32(scale_g * levels[code]) - offset_g`` with ``g = c // group_size``, float32.
+
+        Equal bit for bit to ``gguf.quants.dequantize(pack(codes, grid), ggml_type)``.
+        """
+        scale, offset = cls.group_scale_offset(grid)
+        rows, cols = codes.shape
+        n_groups = scale.shape[-1]
+        if cols != n_groups * cls.group_size:
+            raise ValueError(f"{cls.name}: {cols} code columns do not match {n_groups} groups")
+        lv = cls.levels_on(codes.device)[codes.long()].reshape(rows, n_groups, cls.group_size)
+        w = scale.to(codes.device).unsqueeze(-1) * lv
+        w = w - offset.to(codes.device).unsqueeze(-1)
+        return w.reshape(rows, cols)
+
+    @classmethod
+    def quantize_codes(cls, w: torch.Tensor, scale: torch.Tensor,
+                       offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes of the representable values nearest to ``w``: ``argmin_q |scale*levels[q] - offset - w|``.
+
+        ``scale``/``offset`` either have the shape of ``w`` (e.g. one GPTQ column: ``w``, ``scale``,
+        ``offset`` all ``(rows,)``) or hold one value per group of ``group_size`` columns along the last axis
+        (``w``: ``(..., cols)``, ``scale``: ``(..., cols / group_size)``). ``offset=None`` means 0.
+        Returns uint8 codes in ``0..code_max``; out-of-range weights are clamped to the end levels, and a
+        group with ``scale = 0`` (every code decodes to ``-offset``) gets any code. The nearest level is
+        chosen by comparing the two fp32-dequantized levels bracketing ``(w + offset) / scale``, so it is
+        exact for the values :meth:`dequantize` produces (ties go to the lower code).
+        """
+        if offset is None:
+            offset = torch.zeros_like(scale)
+        shape = w.shape
+        if scale.shape != shape:
+            if scale.shape[:-1] != shape[:-1] or shape[-1] != scale.shape[-1] * cls.group_size:
+                raise ValueError(f"{cls.name}: scale of shape {tuple(scale.shape)} matches neither w "
+                                 f"{tuple(shape)} nor its groups of {cls.group_size} columns")
+            w = w.reshape(*shape[:-1], scale.shape[-1], cls.group_size)
+            scale = scale.unsqueeze(-1)
+            offset = offset.unsqueeze(-1)
+        scale = scale.to(torch.float32)
+        offset = offset.to(torch.float32)
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        w = w.to(dtype)
+        levels = cls.levels_on(w.device)
+        nonzero = scale != 0
+        t = torch.where(nonzero, (w + offset) / torch.where(nonzero, scale, torch.ones_like(scale)),
+                        torch.zeros_like(w))
+        hi = torch.searchsorted(levels, t.to(torch.float32).contiguous()).clamp(1, levels.numel() - 1)
+        lo = hi - 1
+        v_lo = (scale * levels[lo] - offset).to(dtype)
+        v_hi = (scale * levels[hi] - offset).to(dtype)
+        codes = torch.where((w - v_hi).abs() < (w - v_lo).abs(), hi, lo)
+        return codes.reshape(shape).to(torch.uint8)
+
+    # ------------------------------------------------------------------------------------------ bytes
+    @classmethod
+    @abstractmethod
+    def _pack_blocks(cls, blocks: BlockFields) -> np.ndarray:
+        """``(N, type_size)`` uint8: the bytes of N blocks, in the layout of reference §2."""
+
+    @classmethod
+    @abstractmethod
+    def _unpack_blocks(cls, raw: np.ndarray) -> BlockFields:
+        """Inverse of :meth:`_pack_blocks` on ``(N, type_size)`` uint8."""
+
+    @classmethod
+    def check_grid(cls, codes: torch.Tensor, grid: GgmlGrid) -> None:
+        """Raise ``ValueError`` unless codes and grid have this format's shapes, ranges and fp16 values."""
+        rows, cols = codes.shape
+        n_blocks, n_groups = cols // cls.block_size, cols // cls.group_size
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > cls.code_max()):
+            raise ValueError(f"{cls.name}: codes must lie in 0..{cls.code_max()}")
+        if tuple(grid.d.shape) != (rows, n_blocks) or not is_fp16_representable(grid.d):
+            raise ValueError(f"{cls.name}: d must be ({rows}, {n_blocks}) finite fp16 values")
+        if cls.asymmetric != (grid.dmin is not None):
+            raise ValueError(f"{cls.name}: dmin must be {'given' if cls.asymmetric else 'None'}")
+        if grid.dmin is not None and (tuple(grid.dmin.shape) != (rows, n_blocks)
+                                      or not is_fp16_representable(grid.dmin)):
+            raise ValueError(f"{cls.name}: dmin must be ({rows}, {n_blocks}) finite fp16 values")
+        for label, field, rng in (("sc", grid.sc, cls.sc_range), ("m", grid.m, cls.m_range)):
+            if (field is None) != (rng is None):
+                raise ValueError(f"{cls.name}: {label} must be {'None' if rng is None else 'given'}")
+            if field is not None and rng is not None:
+                if tuple(field.shape) != (rows, n_groups):
+                    raise ValueError(f"{cls.name}: {label} must have shape ({rows}, {n_groups})")
+                if field.numel() and (int(field.min()) < rng[0] or int(field.max()) > rng[1]):
+                    raise ValueError(f"{cls.name}: {label} must lie in {rng[0]}..{rng[1]}")
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, grid: GgmlGrid) -> np.ndarray:
+        """The exact ggml bytes of a (rows, cols) tensor: uint8 ``(rows, (cols / block_size) * type_size)``.
+
+        Raises :class:`UserError` when ``cols`` is not a multiple of ``block_size`` and ``ValueError`` when
+        the codes or the grid are outside the type's ranges (see :meth:`check_grid`).
+        """
+        rows, cols = codes.shape
+        cls.check_width(cols)
+        cls.check_grid(codes, grid)
+        n = rows * (cols // cls.block_size)
+        g = cls.groups_per_block
+
+        def ints(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.detach().cpu().to(torch.int32).numpy().reshape(n, g)
+
+        def floats(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.detach().cpu().to(torch.float32).numpy().reshape(n)
+
+        blocks = BlockFields(q=codes.detach().cpu().to(torch.uint8).numpy().reshape(n, cls.block_size),
+                             d=floats(grid.d), dmin=floats(grid.dmin), sc=ints(grid.sc), m=ints(grid.m))
+        raw = cls._pack_blocks(blocks)
+        assert raw.shape == (n, cls.type_size) and raw.dtype == np.uint8
+        return raw.reshape(rows, -1)
+
+    @classmethod
+    def unpack(cls, raw: np.ndarray) -> tuple[torch.Tensor, GgmlGrid]:
+        """Inverse of :meth:`pack`: uint8 ``raw (rows, row_bytes)`` -> (uint8 codes (rows, cols), grid)."""
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        rows, nbytes = raw.shape
+        if nbytes % cls.type_size:
+            raise ValueError(f"{cls.name}: {nbytes} bytes per row is not a whole number of "
+                             f"{cls.type_size}-byte blocks")
+        n_blocks = nbytes // cls.type_size
+        b = cls._unpack_blocks(raw.reshape(rows * n_blocks, cls.type_size))
+
+        def ints(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(a.astype(np.int32).reshape(rows, -1))
+
+        def floats(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(a.astype(np.float32).reshape(rows, n_blocks))
+
+        codes = torch.from_numpy(b.q.astype(np.uint8).reshape(rows, n_blocks * cls.block_size))
+        grid = GgmlGrid(d=floats(b.d), dmin=floats(b.dmin), sc=ints(b.sc), m=ints(b.m))
+        return codes, grid
+
+
+def get_format(name: str) -> type[GgmlFormat]:
+    """The registered format called ``name`` (case-insensitive); :class:`UserError` listing the known ones."""
+    fmt = _REGISTRY.get(name.lower())
+    if fmt is None:
+        raise UserError(f"unknown ggml format {name!r}; choose one of {', '.join(format_names())}")
+    return fmt
+
+
+def format_names() -> tuple[str, ...]:
+    """Names of all registered formats, in registration order."""
+    return tuple(_REGISTRY)
