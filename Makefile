@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,llamacpp]"
 	touch $(STAMP)
 
 # The main job on the default model (SmolLM2-135M): TurboBoA 4-bit, group 128, then perplexity of the float

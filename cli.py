@@ -27,6 +27,11 @@ def app() -> None:
 @click.option("--sym", is_flag=True, help="symmetric grids (zero point 2^(bits-1))")
 @click.option("--grid", default="auto", show_default=True,
               help="minmax | search (Hessian-weighted range search) | auto (search except for rtn)")
+@click.option("--format", "fmt", default="int", show_default=True,
+              help="int (uniform grid of --bits/--group-size) or a ggml type the GGUF file stores: "
+                   "q2_k q3_k q4_k q5_k q6_k q4_0 q4_1 q5_0 q8_0 iq4_nl")
+@click.option("--tensor-format", "tensor_formats", multiple=True, metavar="PATTERN=TYPE",
+              help="per-layer format override by module-name pattern, e.g. '*.down_proj=q6_k' (repeatable)")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal (static groups)")
 @click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids from the original weights")
 @click.option("--true-sequential", is_flag=True,
@@ -47,7 +52,8 @@ def app() -> None:
 @click.option("-o", "--output", required=True, help="QDIR folder to write")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
-def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, grid: str, act_order: bool,
+def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, grid: str, fmt: str,
+             tensor_formats: tuple[str, ...], act_order: bool,
              static_groups: bool, true_sequential: bool, percdamp: float, rows: int, alpha: float, no_dx: bool, no_adaptive_grid: bool,
              refine_iters: int, act_order_col: bool, act_order_row: bool, calib: str, nsamples: int, seqlen: int,
              seed: int, device: str, output: str, quiet: bool, as_json: bool) -> None:
@@ -55,7 +61,8 @@ def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, gri
     from turboboa import api
     from turboboa.config import QuantConfig
 
-    cfg = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, grid=grid, act_order=act_order,
+    cfg = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, grid=grid, format=fmt,
+                      tensor_formats=tensor_formats, act_order=act_order,
                       static_groups=static_groups, true_sequential=true_sequential,
                       percdamp=percdamp, rows=rows, alpha=alpha, use_dx=not no_dx,
                       adaptive_grid=not no_adaptive_grid, refine_iters=refine_iters, act_order_col=act_order_col,
@@ -75,20 +82,43 @@ def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, gri
 @click.option("--seqlen", type=int, default=2048, show_default=True)
 @click.option("--max-windows", type=int, default=None, help="only the first K windows")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--backend", default="auto", show_default=True,
+              help="auto | torch | llama.cpp (auto: llama.cpp for a .gguf file, torch otherwise)")
+@click.option("--tokenizer", default=None, help="HF tokenizer folder (or QDIR) for the tokens; default: the model's")
+@click.option("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, device: str, quiet: bool,
-             as_json: bool) -> None:
-    """Perplexity of TARGET: a model (default smollm2-135m) or a QDIR (its fake-quant model)."""
+def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, device: str, backend: str,
+             tokenizer: str | None, threads: int | None, quiet: bool, as_json: bool) -> None:
+    """Perplexity of TARGET: a model (default smollm2-135m), a QDIR (its fake-quant model) or a .gguf file
+    (run in llama.cpp)."""
     from turboboa import api
 
     res = api.evaluate(target, data=data, seqlen=seqlen, max_windows=max_windows, device=device,
-                       progress=not quiet and not as_json)
+                       progress=not quiet and not as_json, backend=backend, tokenizer=tokenizer, threads=threads)
     if as_json:
         click.echo(json.dumps(res.to_dict()))
     else:
         click.echo(f"{res.backend}: ppl {res.ppl:.4f} over {res.tokens} tokens "
                    f"({res.windows} windows of {res.seqlen}) in {res.seconds:.1f} s")
+
+
+@app.command(name="export")
+@click.argument("qdir")
+@click.option("--to", "to", required=True, help="exporter name: gguf (or one registered by a plugin)")
+@click.option("-o", "--output", required=True, help="file to write")
+def export_cmd(qdir: str, to: str, output: str) -> None:
+    """Pack the quantized checkpoint QDIR into a runtime file (-o), e.g. a llama.cpp GGUF."""
+    from exporters import export
+    from turboboa.checkpoint import load_qdir
+
+    ckpt = load_qdir(qdir)
+    path = export(ckpt, to, output)
+    size = path.stat().st_size
+    n_params = sum(q.codes.numel() for q in ckpt.layers.values())
+    n_params += sum(t.numel() for t in ckpt.float_tensors.values())
+    click.echo(f"wrote {path}: {size / 2**20:.1f} MiB, {8 * size / n_params:.3f} bits per weight of the file "
+               f"({n_params} parameters)", err=True)
 
 
 def quiet_libraries() -> None:

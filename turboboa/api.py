@@ -29,7 +29,8 @@ class QuantizeSummary:
 
     def line(self, cfg: QuantConfig) -> str:
         g = "per-channel" if cfg.group_size <= 0 else f"g{cfg.group_size}"
-        return (f"quantized {self.layers} layers with {cfg.method} w{cfg.bits} {g} in {self.seconds:.1f} s, "
+        grid = f"w{cfg.bits} {g}" if cfg.format == "int" else f"format {cfg.format}"
+        return (f"quantized {self.layers} layers with {cfg.method} {grid} in {self.seconds:.1f} s, "
                 f"peak memory {self.peak_memory / 2**30:.2f} GiB -> {self.output}")
 
 
@@ -55,7 +56,7 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     loaded = load_float_model(model)
     from .arch import get_adapter
 
-    check_group_size(loaded.model, get_adapter(loaded.model), cfg.group_size)
+    check_group_size(loaded.model, get_adapter(loaded.model), cfg)
     calib = calibration_batch(loaded.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     torch.manual_seed(cfg.seed)
     result = quantize_model(loaded.model, calib, cfg, dev, progress=progress)
@@ -84,13 +85,66 @@ def load_for_eval(target: str) -> tuple[torch.nn.Module, Any, str]:
     return loaded.model, loaded.tokenizer, "torch-float"
 
 
+def is_gguf_file(target: str) -> bool:
+    return str(target).endswith(".gguf") and Path(target).is_file()
+
+
+def gguf_tokenizer(path: Path) -> Any:
+    """The Hugging Face tokenizer that transformers builds from a GGUF file's tokenizer metadata."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
 def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
-             device: str = "auto", progress: bool = True) -> PerplexityResult:
-    """Perplexity of ``target`` on ``data``'s evaluation text, non-overlapping windows of ``seqlen`` tokens."""
+             device: str = "auto", progress: bool = True, backend: str = "auto",
+             tokenizer: str | None = None, threads: int | None = None) -> PerplexityResult:
+    """Perplexity of ``target`` on ``data``'s evaluation text, non-overlapping windows of ``seqlen`` tokens.
+
+    ``target``: a model spec (float torch model), a QDIR (fake-quant torch model) or a ``.gguf`` file, which
+    ``backend`` "auto" runs in llama.cpp ("torch" reads it with transformers instead). The tokens always
+    come from a Hugging Face tokenizer: ``tokenizer`` (a folder or QDIR), else the model's own (for a GGUF
+    file, the one transformers builds from its metadata), so every backend scores the same windows.
+    """
     if seqlen < 2:
         raise UserError("--seqlen must be >= 2")
+    if backend not in ("auto", "torch", "llama.cpp"):
+        raise UserError(f"unknown --backend {backend!r}; choose auto, torch or llama.cpp")
+    if backend == "llama.cpp" and not is_gguf_file(target):
+        raise UserError(f"--backend llama.cpp runs a .gguf file; {target} is not one")
+    if is_gguf_file(target) and backend != "torch":
+        return evaluate_gguf(Path(target), data, seqlen, max_windows, progress, tokenizer, threads)
     dev = select_device(device)
-    model, tokenizer, backend = load_for_eval(target)
-    windows = make_windows(eval_tokens(tokenizer, data), seqlen, max_windows)
+    model, tok, name = load_for_eval(target)
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    windows = make_windows(eval_tokens(tok, data), seqlen, max_windows)
     model.to(dev)
-    return perplexity(torch_logits_fn(model, dev), windows, backend, progress=progress)
+    return perplexity(torch_logits_fn(model, dev), windows, name, progress=progress)
+
+
+def evaluate_gguf(path: Path, data: str, seqlen: int, max_windows: int | None, progress: bool,
+                  tokenizer: str | None = None, threads: int | None = None) -> PerplexityResult:
+    """Perplexity of a GGUF file in llama.cpp on the HF tokenizer's windows, plus how many of the evaluation
+    tokens llama.cpp's own tokenizer would split differently (``extra["tokenizer_mismatch"]``)."""
+    from runtime_check.llamacpp import gguf_logits_fn, gguf_tokenizer_mismatch
+
+    from .data import resolve_text
+
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    else:
+        tok = gguf_tokenizer(path)
+    ids = eval_tokens(tok, data)
+    windows = make_windows(ids, seqlen, max_windows)
+    with gguf_logits_fn(path, n_ctx=seqlen, threads=threads) as fn:
+        result = perplexity(fn, windows, "llama.cpp", progress=progress)
+    text, _ = resolve_text(data, "eval")
+    mismatch = gguf_tokenizer_mismatch(path, text, ids)
+    result.extra["tokenizer_mismatch"] = {"hf_tokens": mismatch.hf_tokens, "gguf_tokens": mismatch.gguf_tokens,
+                                          "differing": mismatch.differing, "share": round(mismatch.share, 6)}
+    return result

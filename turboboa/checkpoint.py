@@ -5,12 +5,13 @@ Layout of a QDIR folder:
 * ``quant_config.json``: format version, the :class:`QuantConfig`, calibration, source model, package
   versions, timings, and one entry per quantized layer (shape, bits, group size).
 * ``quantized.safetensors``: per quantized linear layer ``<name>.codes`` (uint8), ``<name>.scale`` and
-  ``<name>.zero`` (float32, ``(d_out, n_groups)``).
+  ``<name>.zero`` (float32, ``(d_out, n_groups)``); for a ggml format also its stored block fields
+  ``<name>.d`` / ``.dmin`` (float32 holding fp16 values) and ``.sc`` / ``.m`` (int32).
 * ``float.safetensors``: every other tensor of the model (embeddings, norms, head) in float32.
 * ``config.json`` and the tokenizer files, so the QDIR loads without the source model.
 
-:func:`load_fakequant_model` rebuilds the torch model with ``W_hat = scale * (codes - zero)`` from
-:func:`turboboa.grids.dequantize`, the one dequantizer every consumer uses.
+:func:`load_fakequant_model` rebuilds the torch model with :meth:`QuantizedLinear.dequantize`, the one
+dequantizer every consumer uses.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from safetensors.torch import load_file, save_file
 
 from .config import QuantConfig
 from .errors import UserError
-from .quantized import QuantizedLinear
+from .formats.base import GgmlGrid
+from .quantized import UNIFORM, QuantizedLinear
 
 QDIR_FORMAT = "turboboa-qdir"
 QDIR_VERSION = 1
 CONFIG_FILE = "quant_config.json"
 QUANT_FILE = "quantized.safetensors"
 FLOAT_FILE = "float.safetensors"
+GRID_INT_FIELDS = ("sc", "m")
 
 
 @dataclass
@@ -93,9 +96,15 @@ def save_qdir(
         entries = {}
         for name, q in layers.items():
             tensors[f"{name}.codes"] = q.codes.to(torch.uint8).contiguous()
-            tensors[f"{name}.scale"] = q.scale.float().contiguous()
-            tensors[f"{name}.zero"] = q.zero.float().contiguous()
-            entries[name] = {"shape": list(q.shape), "bits": q.bits, "group_size": q.group_size, "sym": q.sym}
+            tensors[f"{name}.scale"] = q.scale.float().clone().contiguous()  # clones: safetensors refuses
+            tensors[f"{name}.zero"] = q.zero.float().clone().contiguous()  # tensors that share memory
+            entries[name] = {"shape": list(q.shape), "bits": q.bits, "group_size": q.group_size, "sym": q.sym,
+                             "format": q.fmt}
+            if q.grid is not None:
+                for key, value in vars(q.grid).items():
+                    if value is not None:
+                        dtype = torch.int32 if key in GRID_INT_FIELDS else torch.float32
+                        tensors[f"{name}.{key}"] = value.to(dtype).clone().contiguous().cpu()
         save_file(tensors, str(tmp / QUANT_FILE), metadata={"format": QDIR_FORMAT})
         save_file(float_state(model, set(layers)), str(tmp / FLOAT_FILE), metadata={"format": QDIR_FORMAT})
         model.config.save_pretrained(tmp)
@@ -154,9 +163,13 @@ def load_qdir(path: str | os.PathLike) -> QuantizedCheckpoint:
         raise UserError(f"{path} is a damaged QDIR ({e}); quantize again") from None
     layers = {}
     for name, e in doc["layers"].items():
+        fmt = e.get("format", UNIFORM)
+        grid = None
+        if fmt != UNIFORM:
+            grid = GgmlGrid(**{k: qt.get(f"{name}.{k}") for k in ("d", "dmin", "sc", "m")})
         layers[name] = QuantizedLinear(
             codes=qt[f"{name}.codes"], scale=qt[f"{name}.scale"], zero=qt[f"{name}.zero"],
-            bits=e["bits"], group_size=e["group_size"], sym=e["sym"],
+            bits=e["bits"], group_size=e["group_size"], sym=e["sym"], fmt=fmt, grid=grid,
         )
     config = QuantConfig.from_dict(doc["quant_config"])
     return QuantizedCheckpoint(layers, ft, config, doc, path)

@@ -22,7 +22,8 @@ class QuantConfig:
     group_size: int = 128
     sym: bool = False
     grid: str = "auto"  # auto: Hessian-weighted range search for gptq/boa/turboboa, min-max for rtn
-    format: str = "int"
+    format: str = "int"  # "int" (uniform grid of --bits/--group-size) or a ggml type (q4_k, iq4_nl, ...)
+    tensor_formats: tuple[str, ...] = ()  # NAME_PATTERN=TYPE overrides, the last match wins
     # GPTQ
     act_order: bool = False
     static_groups: bool = False
@@ -54,6 +55,14 @@ class QuantConfig:
             raise UserError(f"unknown grid '{self.grid}'; choose one of {', '.join(GRIDS)}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise UserError("--nsamples must be >= 1 and --seqlen >= 2")
+        from .formats.base import format_names
+        from .formats.choice import parse_overrides
+
+        if self.format.lower() not in ("int", *format_names()):
+            raise UserError(f"unknown --format '{self.format}'; choose int or one of {', '.join(format_names())}")
+        object.__setattr__(self, "format", self.format.lower())
+        object.__setattr__(self, "tensor_formats", tuple(self.tensor_formats))
+        parse_overrides(self.tensor_formats)
         if self.rows < 1:
             raise UserError("--rows must be >= 1")
         if self.refine_iters < 0:
@@ -66,6 +75,12 @@ class QuantConfig:
     @property
     def is_turbo(self) -> bool:
         return self.method == "turboboa"
+
+    def layer_format(self, name: str, columns: int) -> str:
+        """The grid layer ``name`` is quantized onto: "int" or a ggml type (after overrides and fallbacks)."""
+        from .formats.choice import layer_format, parse_overrides
+
+        return layer_format(self.format, name, columns, parse_overrides(self.tensor_formats))
 
     def grid_spec(self) -> GridSpec:
         search = self.grid == "search" or (self.grid == "auto" and self.method != "rtn")

@@ -12,6 +12,7 @@ that all of them see bit-identical weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,6 +31,43 @@ class GridSpec:
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
+
+    def fit_width(self, group_size: int, columns: int) -> int:
+        """Columns whose grid is fixed together: one group (the whole row when per channel)."""
+        return group_size if group_size > 0 else columns
+
+    def fit(self, w: torch.Tensor, H_block: torch.Tensor | None = None) -> BlockGrid:
+        """Grid of each row of ``w`` (``(B, R, G)``), the range search weighted by ``H_block`` (``(B|1, G, G)``):
+        the full block up to :data:`FULL_BLOCK_SEARCH_MAX` columns, its diagonal beyond."""
+        if not self.search or H_block is None:
+            s, z = fit_grid(w, self)
+        elif w.shape[-1] <= FULL_BLOCK_SEARCH_MAX:
+            s, z = fit_grid(w, self, h_full=H_block)
+        else:
+            s, z = fit_grid(w, self, h_diag=torch.diagonal(H_block, dim1=-2, dim2=-1)[:, None, :])
+        return BlockGrid(s.unsqueeze(-1), z.unsqueeze(-1))
+
+    def round(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Codes ``clamp(round(w / s) + z0, 0, maxq)`` (float)."""
+        return quantize_codes(w, scale, zero, self.maxq)
+
+    def value(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """``s * (z - z0)``: :func:`dequantize`."""
+        return dequantize(codes, scale, zero)
+
+
+# Range search weights errors by the full diagonal block H_gg up to this group width, by diag(H) beyond.
+FULL_BLOCK_SEARCH_MAX = 256
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """Grids fixed together: per-(row, group) ``scale`` and ``offset`` (``(B, R, n_groups)``; the zero point
+    for :class:`GridSpec`) and, for a storage format, the fields it stores (``stored``; None otherwise)."""
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+    stored: Any = None
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -67,22 +67,26 @@ class PipelineResult:
     block_seconds: list[float] = field(default_factory=list)
 
 
-def check_group_size(model: nn.Module, adapter: ArchAdapter, group_size: int) -> None:
-    """Every quantized layer must hold at least one whole group.
+def check_group_size(model: nn.Module, adapter: ArchAdapter, cfg: QuantConfig) -> dict[str, str]:
+    """Every layer's grid, checked before any work: returns the format of each layer by full name.
 
-    A width that is not a multiple of the group size ends in a narrower last group (576 = 4 x 128 + 64 for
-    SmolLM2's hidden size), as GPTQ does; a group wider than a layer is an error.
+    A uniform grid must hold at least one whole group: a width that is not a multiple of the group size ends
+    in a narrower last group (576 = 4 x 128 + 64 for SmolLM2's hidden size), as GPTQ does; a group wider than
+    a layer is an error. A ggml format must fit the width (after the documented fallbacks).
     """
-    if group_size <= 0:
-        return
+    group_size = cfg.group_size
+    formats = {}
     for i, block in enumerate(adapter.blocks(model)):
+        prefix = module_name(model, block) + "."
         for name in adapter.linear_names():
             width = block.get_submodule(name).in_features
-            if group_size > width:
+            fmt = formats[prefix + name] = cfg.layer_format(prefix + name, width)
+            if fmt == "int" and 0 < group_size and group_size > width:
                 raise UserError(
                     f"--group-size {group_size} is wider than the input width {width} of layer {i}.{name}; "
                     "choose a group size of at most the smallest layer width, or -1 for per-channel grids"
                 )
+    return formats
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
@@ -134,7 +138,7 @@ def quantize_model(
     """
     t0 = time.time()
     adapter = get_adapter(model)
-    check_group_size(model, adapter, cfg.group_size)
+    check_group_size(model, adapter, cfg)
     blocks = adapter.blocks(model)
     shape = adapter.attention_shape(model)
     n, L = calib_ids.shape
@@ -268,6 +272,7 @@ def _solve_groups(
                 problem = LayerProblem(prefix + name, W, H)
             else:
                 problem = LayerProblem(prefix + name, W, acc.H, cross=acc.C if use_dx else None)
+            problem.fmt = cfg.layer_format(prefix + name, W.shape[1])
             if attn is not None:
                 if name == roles["q"]:
                     problem.H_row, problem.heads = row_q, row_q.shape[0]

@@ -1,4 +1,13 @@
-"""The quantized form of one linear layer: integer codes, per-(row, group) scales and zero points."""
+"""The quantized form of one linear layer: integer codes and the grid they decode on.
+
+Two kinds of grid, one dequantizer each, used by every consumer (fake-quant model, exporters, checker):
+
+* ``fmt == "int"``: the uniform grid ``W_hat[r, c] = scale[r, g] * (codes[r, c] - zero[r, g])``,
+  ``g = c // group_size`` (:func:`turboboa.grids.dequantize_weight`);
+* ``fmt`` a ggml type (``q4_k``, ``iq4_nl``, ...): the stored block fields in ``grid`` (fp16 ``d``/``dmin``,
+  integer ``sc``/``m``) decoded by that format's ``dequantize``, bit-identical to ggml's dequantizer;
+  ``scale``/``zero`` then hold the exact per-group ``scale_g``/``offset_g`` (``w = scale_g * level - offset_g``).
+"""
 
 from __future__ import annotations
 
@@ -6,22 +15,32 @@ from dataclasses import dataclass
 
 import torch
 
+from .formats.base import GgmlGrid, get_format
 from .grids import dequantize_weight
+
+UNIFORM = "int"
 
 
 @dataclass
 class QuantizedLinear:
-    """``W_hat[r, c] = scale[r, c // G] * (codes[r, c] - zero[r, c // G])``; ``G = group_size`` (-1: per row)."""
+    """Codes ``(d_out, d_in)`` uint8, per-(row, group) ``scale``/``zero`` float32, and a ggml ``grid`` when
+    ``fmt`` names a ggml type."""
 
-    codes: torch.Tensor  # (d_out, d_in) uint8
-    scale: torch.Tensor  # (d_out, n_groups) float32
-    zero: torch.Tensor  # (d_out, n_groups) float32, integer-valued for integer grids
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
     bits: int
     group_size: int
     sym: bool
+    fmt: str = UNIFORM
+    grid: GgmlGrid | None = None
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_weight(self.codes, self.scale, self.zero, self.group_size)
+        """The fake-quant weight ``W_hat`` (float32)."""
+        if self.fmt == UNIFORM:
+            return dequantize_weight(self.codes, self.scale, self.zero, self.group_size)
+        assert self.grid is not None
+        return get_format(self.fmt).dequantize(self.codes, self.grid)
 
     @property
     def shape(self) -> tuple[int, int]:

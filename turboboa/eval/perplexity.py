@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -33,10 +33,13 @@ class PerplexityResult:
     seqlen: int
     backend: str
     seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific facts (e.g. tokenizer mismatch)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the result as a JSON-serializable dict."""
-        return asdict(self)
+        """Return the result as a JSON-serializable dict (``extra``'s keys at the top level)."""
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
 
 
 def make_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

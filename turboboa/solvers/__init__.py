@@ -7,11 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import QuantConfig
-from ..quantized import QuantizedLinear
+from ..formats.base import GgmlGrid, get_format
+from ..formats.spec import FormatSpec
+from ..quantized import UNIFORM, QuantizedLinear
 from .boa import RowOptions, boa_quantize
-from .gptq import ColumnResult, ColumnSolver, fit_groups
+from .gptq import ColumnResult, ColumnSolver, Grid, fit_groups
 from .linalg import HessianError, as_float, damp
-from .refine import refine_scales
+from .refine import refine_format_scales, refine_scales
 from .rtn import rtn_quantize
 
 __all__ = ["LayerProblem", "solve_layer", "HessianError"]
@@ -25,6 +27,7 @@ class LayerProblem:
     ``H_row``: the attention row Hessian per head (``(heads, d_h, d_h)``) for q_proj/k_proj under BoA, else None.
     ``heads``: how many consecutive row groups (heads) ``W`` splits into for the per-head problems.
     ``cross``: TurboBoA's F2 term ``C = 2 (X_fp - X) X^T / n`` (same shape as ``H``), or None.
+    ``fmt``: the grid: "int" (the config's uniform grid) or a ggml type, whose grid every solver quantizes onto.
     """
 
     name: str
@@ -33,6 +36,7 @@ class LayerProblem:
     H_row: torch.Tensor | None = None
     heads: int = 1
     cross: torch.Tensor | None = None
+    fmt: str = UNIFORM
 
 
 def shifted_target(W: torch.Tensor, cross: torch.Tensor, H: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -46,17 +50,32 @@ def shifted_target(W: torch.Tensor, cross: torch.Tensor, H: torch.Tensor, alpha:
     return W + alpha * torch.linalg.solve(H, WC.transpose(-1, -2)).transpose(-1, -2)
 
 
-def _to_linear(res: ColumnResult, d_out: int, cfg: QuantConfig, scale: torch.Tensor | None = None) -> QuantizedLinear:
+def _to_linear(res: ColumnResult, d_out: int, cfg: QuantConfig, fmt: str,
+               scale: torch.Tensor | None = None) -> QuantizedLinear:
     C = res.codes.shape[-1]
     s = res.scale if scale is None else scale
-    return QuantizedLinear(
-        codes=res.codes.reshape(d_out, C).to(torch.uint8).cpu(),
-        scale=s.reshape(d_out, -1).float().cpu().contiguous(),
-        zero=res.zero.reshape(d_out, -1).float().cpu().contiguous(),
-        bits=cfg.bits,
-        group_size=cfg.group_size,
-        sym=cfg.sym,
-    )
+    codes = res.codes.reshape(d_out, C).to(torch.uint8).cpu()
+    if fmt == UNIFORM:
+        return QuantizedLinear(codes=codes, scale=s.reshape(d_out, -1).float().cpu().contiguous(),
+                               zero=res.zero.reshape(d_out, -1).float().cpu().contiguous(),
+                               bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym)
+    format_ = get_format(fmt)
+    grid = GgmlGrid(**{k: None if v is None else v.reshape(d_out, -1).cpu().contiguous()
+                       for k, v in vars(res.stored).items()})
+    grid = GgmlGrid(d=grid.d.float(), dmin=None if grid.dmin is None else grid.dmin.float(),
+                    sc=None if grid.sc is None else grid.sc.to(torch.int32),
+                    m=None if grid.m is None else grid.m.to(torch.int32))
+    scale_g, offset_g = format_.group_scale_offset(grid)
+    return QuantizedLinear(codes=codes, scale=scale_g, zero=offset_g, bits=format_.bits,
+                           group_size=format_.group_size, sym=not format_.asymmetric, fmt=fmt, grid=grid)
+
+
+def layer_grid(problem: LayerProblem, cfg: QuantConfig) -> tuple[Grid, int]:
+    """The solver's grid for ``problem`` and its group size: the config's uniform grid or the layer's format."""
+    if problem.fmt == UNIFORM:
+        return cfg.grid_spec(), cfg.group_size
+    spec = FormatSpec(problem.fmt, search=cfg.grid_spec().search)
+    return spec, spec.fmt.group_size
 
 
 def solve_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
@@ -65,20 +84,20 @@ def solve_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
         raise HessianError(f"{problem.name}: weight holds NaN or Inf")
     if not torch.isfinite(problem.H).all():
         raise HessianError(f"{problem.name}: Hessian holds NaN or Inf (activations overflowed?)")
-    spec = cfg.grid_spec()
+    spec, G = layer_grid(problem, cfg)
+    fmt = problem.fmt
     W = as_float(problem.W)
     d_out, C = W.shape
-    G = cfg.group_size
     if cfg.method == "rtn":
         Hd, _ = damp(problem.H if problem.H.dim() == 3 else problem.H.unsqueeze(0), cfg.percdamp)
-        return _to_linear(rtn_quantize(W.unsqueeze(0), spec, G, Hd), d_out, cfg)
+        return _to_linear(rtn_quantize(W.unsqueeze(0), spec, G, Hd), d_out, cfg, fmt)
     try:
         if cfg.method == "gptq":
             solver = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order, percdamp=cfg.percdamp,
                                   block_size=cfg.block_size)
             Wb = W.unsqueeze(0)
             static = fit_groups(solver.zero_dead(Wb), spec, G, solver.H_natural) if cfg.static_groups and G > 0 else None
-            return _to_linear(solver.solve(Wb, static), d_out, cfg)
+            return _to_linear(solver.solve(Wb, static), d_out, cfg, fmt)
         heads = problem.heads
         Wh = W.reshape(heads, d_out // heads, C)
         columns = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order_col, percdamp=cfg.percdamp,
@@ -95,8 +114,12 @@ def solve_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
         res = boa_quantize(target, columns, problem.H_row, options, cfg.percdamp)
         scale = None
         if cfg.is_turbo and cfg.refine_iters > 0:
-            scale, _ = refine_scales(target, res.codes, res.scale, res.zero, columns.H_natural, problem.H_row, G,
-                                     cfg.refine_iters)
-        return _to_linear(res, d_out, cfg, scale)
+            if fmt == UNIFORM:
+                scale, _ = refine_scales(target, res.codes, res.scale, res.zero, columns.H_natural, problem.H_row,
+                                         G, cfg.refine_iters)
+            else:
+                res.stored, res.Q = refine_format_scales(get_format(fmt), target, res.codes, res.stored,
+                                                         columns.H_natural, problem.H_row, cfg.refine_iters)
+        return _to_linear(res, d_out, cfg, fmt, scale)
     except HessianError as e:
         raise HessianError(f"{problem.name}: {e}") from None

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..formats.base import GgmlGrid
+from ..formats.spec import gather_grid_rows
+from ..grids import BlockGrid
 from .gptq import ColumnResult, ColumnSolver, permute_square
 from .linalg import cholesky_inverse_upper
 
@@ -76,16 +79,35 @@ def boa_quantize(
     n_groups = (C + columns.group_size - 1) // columns.group_size if columns.group_size > 0 else 1
     scale = W.new_empty(B, d, n_groups)
     zero = W.new_empty(B, d, n_groups)
+    stored_parts = []
     for b0 in range(0, d, N):
         blk = slice(b0, min(b0 + N, d))
         Wb = W[:, blk]
-        static = None if static_all is None else (static_all[0][:, blk], static_all[1][:, blk])
+        static = None if static_all is None else row_slice(static_all, blk)
         res = columns.solve(Wb, static)
         Q[:, blk], codes[:, blk], scale[:, blk], zero[:, blk] = res.Q, res.codes, res.scale, res.zero
+        stored_parts.append(res.stored)
         if U_row is not None and blk.stop < d:
             rest = slice(blk.stop, d)
             W[:, rest] -= row_compensation(U_row, blk, rest, Wb - res.Q)
+    stored = None if stored_parts[0] is None else cat_grid_rows(stored_parts)
     if perm is not None:
         inv = torch.argsort(perm, dim=-1)
         Q, codes, scale, zero = (gather_rows(t, inv) for t in (Q, codes, scale, zero))
-    return ColumnResult(Q, codes, scale, zero)
+        stored = None if stored is None else gather_grid_rows(stored, inv)
+    return ColumnResult(Q, codes, scale, zero, stored)
+
+
+def row_slice(grid: BlockGrid, rows: slice) -> BlockGrid:
+    """The grids of rows ``rows`` (dim 1) of every field."""
+    stored = None
+    if grid.stored is not None:
+        stored = GgmlGrid(**{k: None if v is None else v[:, rows]
+                             for k, v in vars(grid.stored).items()})
+    return BlockGrid(grid.scale[:, rows], grid.offset[:, rows], stored)
+
+
+def cat_grid_rows(parts: list[GgmlGrid]) -> GgmlGrid:
+    """Stored grids of consecutive row blocks joined along dim 1."""
+    keys = [k for k, v in vars(parts[0]).items() if v is not None]
+    return GgmlGrid(**{k: torch.cat([getattr(p, k) for p in parts], dim=1) for k in keys})

@@ -11,46 +11,48 @@ C columns) and the Hessian factor ``U`` is ``(B, C, C)`` or ``(1, C, C)`` when s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..grids import GridSpec, dequantize, expand_groups, fit_grid, quantize_codes
+from ..formats.spec import cat_grids
+from ..grids import BlockGrid, expand_groups
 from .linalg import as_float, cholesky_inverse_upper, dead_columns
 
-# Range search weights errors by the full diagonal block H_gg up to this group width, by diag(H) beyond.
-FULL_BLOCK_SEARCH_MAX = 256
+# A solver's grid: the uniform integer grid or a ggml storage format (``turboboa.formats.spec.FormatSpec``);
+# both offer ``fit_width``, ``fit``, ``round`` and ``value``.
+Grid = Any
 
 
 @dataclass
 class ColumnResult:
-    """Quantized weights ``Q`` (float), integer ``codes`` and per-(row, group) ``scale`` and ``zero``."""
+    """Quantized weights ``Q`` (float), integer ``codes``, per-(row, group) ``scale`` and ``zero`` (the offset
+    of a storage format) and, for a storage format, the stored grid fields (``stored``, a ``GgmlGrid`` with
+    ``(B, R, .)`` fields)."""
 
     Q: torch.Tensor  # (B, R, C)
     codes: torch.Tensor  # (B, R, C)
     scale: torch.Tensor  # (B, R, n_groups)
     zero: torch.Tensor  # (B, R, n_groups)
+    stored: Any = None
 
 
-def fit_weighted(w: torch.Tensor, spec: GridSpec, H_block: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid of each row of ``w`` (``(B, R, G)``), the range search weighted by ``H_block`` (``(B|1, G, G)``)."""
-    if not spec.search or H_block is None:
-        return fit_grid(w, spec)
-    if w.shape[-1] <= FULL_BLOCK_SEARCH_MAX:
-        return fit_grid(w, spec, h_full=H_block)
-    return fit_grid(w, spec, h_diag=torch.diagonal(H_block, dim1=-2, dim2=-1)[:, None, :])
-
-
-def fit_groups(W: torch.Tensor, spec: GridSpec, group_size: int, H: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grids of every (row, group) of ``W`` (``(B, R, C)``) at once: returns scale, zero of shape ``(B, R, n_groups)``."""
+def fit_groups(W: torch.Tensor, spec: Grid, group_size: int, H: torch.Tensor | None) -> BlockGrid:
+    """Grids of every (row, group) of ``W`` (``(B, R, C)``) from the weights as given, one fit per
+    ``spec.fit_width`` columns: scale and offset ``(B, R, n_groups)``, plus the stored fields of a format."""
     C = W.shape[-1]
-    G = group_size if group_size > 0 else C
-    scales, zeros = [], []
-    for g0 in range(0, C, G):
-        Hb = None if H is None else H[:, g0 : g0 + G, g0 : g0 + G]
-        s, z = fit_weighted(W[..., g0 : g0 + G], spec, Hb)
-        scales.append(s)
-        zeros.append(z)
-    return torch.stack(scales, -1), torch.stack(zeros, -1)
+    fw = spec.fit_width(group_size, C)
+    parts = []
+    for g0 in range(0, C, fw):
+        Hb = None if H is None else H[:, g0 : g0 + fw, g0 : g0 + fw]
+        parts.append(spec.fit(W[..., g0 : g0 + fw], Hb))
+    return join_block_grids(parts)
+
+
+def join_block_grids(parts: list[BlockGrid]) -> BlockGrid:
+    """Block grids of consecutive column ranges as one."""
+    stored = None if parts[0].stored is None else cat_grids([p.stored for p in parts])
+    return BlockGrid(torch.cat([p.scale for p in parts], -1), torch.cat([p.offset for p in parts], -1), stored)
 
 
 def aligned_block_size(block_size: int, group_size: int) -> int:
@@ -65,7 +67,7 @@ def aligned_block_size(block_size: int, group_size: int) -> int:
 def gptq_columns(
     W: torch.Tensor,
     U: torch.Tensor,
-    spec: GridSpec,
+    spec: Grid,
     group_size: int,
     H: torch.Tensor | None = None,
     col_params: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -73,23 +75,23 @@ def gptq_columns(
 ) -> ColumnResult:
     """GPTQ's column loop with lazy batch updates on ``W`` (``(B, R, C)``), columns in the given order.
 
-    ``U`` is ``chol(H^-1)^T`` for the same column order. Grids: with ``col_params`` (per-column scale and zero,
-    ``(B, R, C)``) they are fixed ("static"); otherwise a per-row grid is fit from ``W`` before the first column
-    (``group_size <= 0``) or each group's grid from the current, already compensated weights when its first
-    column is reached. ``H`` (same order as ``U``) weights the range search.
+    ``U`` is ``chol(H^-1)^T`` for the same column order. Grids: with ``col_params`` (per-column scale and
+    offset, ``(B, R, C)``) they are fixed ("static"); otherwise the grid of each ``spec.fit_width`` columns (a
+    group, the whole row per channel, or a ggml block) is fit from the current, already compensated weights
+    when its first column is reached. ``H`` (same order as ``U``) weights the range search.
     """
     W = W.clone()
     B, R, C = W.shape
     G = group_size if group_size > 0 else C
     n_groups = (C + G - 1) // G
-    bs = aligned_block_size(block_size, group_size)
+    fw = spec.fit_width(group_size, C)
+    bs = aligned_block_size(block_size, fw if fw < C else group_size)
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     scale = W.new_zeros(B, R, n_groups)
     zero = W.new_zeros(B, R, n_groups)
+    stored_parts = []
     static = col_params is not None
-    if not static and group_size <= 0:
-        scale[..., 0], zero[..., 0] = fit_weighted(W, spec, H)
     for i1 in range(0, C, bs):
         i2 = min(i1 + bs, C)
         W1 = W[..., i1:i2].clone()
@@ -100,15 +102,19 @@ def gptq_columns(
             if static:
                 s, z = col_params[0][..., j], col_params[1][..., j]
             else:
-                g = j // G
-                if group_size > 0 and j % G == 0:
-                    current = torch.cat([W1[..., i:], W[..., i2:]], dim=-1)[..., :G]
-                    Hb = None if H is None else H[:, j : j + G, j : j + G]
-                    scale[..., g], zero[..., g] = fit_weighted(current, spec, Hb)
-                s, z = scale[..., g], zero[..., g]
+                if j % fw == 0:
+                    current = torch.cat([W1[..., i:], W[..., i2:]], dim=-1)[..., :fw]
+                    Hb = None if H is None else H[:, j : j + fw, j : j + fw]
+                    bg = spec.fit(current, Hb)
+                    g0 = j // G
+                    scale[..., g0 : g0 + bg.scale.shape[-1]] = bg.scale
+                    zero[..., g0 : g0 + bg.scale.shape[-1]] = bg.offset
+                    if bg.stored is not None:
+                        stored_parts.append(bg.stored)
+                s, z = scale[..., j // G], zero[..., j // G]
             w = W1[..., i]
-            c = quantize_codes(w, s, z, spec.maxq)
-            q = dequantize(c, s, z)
+            c = spec.round(w, s, z)
+            q = spec.value(c, s, z)
             codes[..., j] = c
             Q[..., j] = q
             err = (w - q) / U1[:, i, i].unsqueeze(-1)
@@ -116,7 +122,10 @@ def gptq_columns(
             Err1[..., i] = err
         if i2 < C:
             W[..., i2:] -= Err1 @ U[:, i1:i2, i2:]
-    return ColumnResult(Q, codes, scale, zero)
+    stored = None
+    if stored_parts:
+        stored = cat_grids(stored_parts)
+    return ColumnResult(Q, codes, scale, zero, stored)
 
 
 def permute_square(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -132,7 +141,7 @@ class ColumnSolver:
     :meth:`solve` runs on any ``(B, R, C)`` weights (all rows of a layer, or one block of rows of every head).
     """
 
-    def __init__(self, H: torch.Tensor, spec: GridSpec, group_size: int, *, act_order: bool = False,
+    def __init__(self, H: torch.Tensor, spec: Grid, group_size: int, *, act_order: bool = False,
                  percdamp: float = 0.01, block_size: int = 128):
         if H.dim() == 2:
             H = H.unsqueeze(0)
@@ -157,14 +166,14 @@ class ColumnSolver:
         """Weights of dead inputs set to 0 (they never meet a non-zero activation)."""
         return W.masked_fill(self.dead.unsqueeze(1), 0.0)
 
-    def static_params(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def static_params(self, W: torch.Tensor) -> BlockGrid:
         """Per-(row, group) grids of ``W`` in natural column order, from the weights as given."""
         return fit_groups(W, self.spec, self.group_size, self.H_natural)
 
-    def solve(self, W: torch.Tensor, static: tuple[torch.Tensor, torch.Tensor] | None = None) -> ColumnResult:
+    def solve(self, W: torch.Tensor, static: BlockGrid | None = None) -> ColumnResult:
         """Quantize ``W`` (``(B, R, C)``, natural column order) and return the result in natural order.
 
-        ``static`` (scale, zero per group, ``(B, R, n_groups)``) fixes the grids; act-order with groups always
+        ``static`` (the grids of every group, e.g. from :meth:`static_params`) fixes the grids; act-order with groups always
         uses static grids (fit here from ``W`` when not given) so that groups stay contiguous columns.
         """
         W = self.zero_dead(W.to(self.H.dtype))
@@ -172,8 +181,8 @@ class ColumnSolver:
             static = self.static_params(W)
         col_params = None
         if static is not None:
-            col_params = (expand_groups(static[0], self.group_size, self.columns),
-                          expand_groups(static[1], self.group_size, self.columns))
+            col_params = (expand_groups(static.scale, self.group_size, self.columns),
+                          expand_groups(static.offset, self.group_size, self.columns))
         if self.perm is not None:
             idx = self.perm.unsqueeze(1).expand(W.shape[0], W.shape[1], -1)
             W = torch.gather(W, -1, idx)
@@ -185,11 +194,11 @@ class ColumnSolver:
             res.Q = torch.gather(res.Q, -1, inv)
             res.codes = torch.gather(res.codes, -1, inv)
         if static is not None:
-            res.scale, res.zero = static[0].clone(), static[1].clone()
+            res.scale, res.zero, res.stored = static.scale.clone(), static.offset.clone(), static.stored
         return res
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: GridSpec, group_size: int, *, act_order: bool = False,
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: Grid, group_size: int, *, act_order: bool = False,
                   static_groups: bool = False, percdamp: float = 0.01, block_size: int = 128) -> ColumnResult:
     """GPTQ of one layer ``W`` (``(R, C)`` or batched ``(B, R, C)``) with Hessian ``H`` (``(C, C)`` or ``(B, C, C)``)."""
     squeeze = W.dim() == 2
@@ -199,5 +208,5 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: GridSpec, group_size: 
     static = solver.static_params(solver.zero_dead(as_float(W))) if static_groups and group_size > 0 else None
     res = solver.solve(W, static)
     if squeeze:
-        res = ColumnResult(res.Q[0], res.codes[0], res.scale[0], res.zero[0])
+        res = ColumnResult(res.Q[0], res.codes[0], res.scale[0], res.zero[0], res.stored)
     return res

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.base import GgmlFormat, GgmlGrid, round_fp16
 from ..grids import expand_groups
 
 
@@ -102,3 +103,91 @@ def kron_objective(W_target: torch.Tensor, Q: torch.Tensor, H_col: torch.Tensor,
     if H_row is None:
         return (DH * D).sum()
     return (H_row * (DH @ D.transpose(-1, -2))).sum()
+
+
+def format_bases(fmt: type[GgmlFormat], codes: torch.Tensor, grid: GgmlGrid) -> torch.Tensor:
+    """The bases ``Phi`` of a ggml block's continuous parameters: ``W_hat = sum_t theta_t,k Phi_t`` on block k.
+
+    ``t = 0`` is the super-scale ``d`` (``Phi_0 = sc_g * levels[code]``), ``t = 1`` the super-min ``dmin`` of the
+    asymmetric types (``Phi_1 = -m_g``; Q4_1's stored min gives ``+1``). Found from ``group_scale_offset`` at
+    unit parameters, so it holds for every format. ``codes``: ``(N, C)``; returns ``(N, T, C)``.
+    """
+    C = codes.shape[-1]
+    G = fmt.group_size
+    lv = fmt.levels_on(codes.device)[codes.long()]
+    ones, zeros = torch.ones_like(grid.d), torch.zeros_like(grid.d)
+    s1, _ = fmt.group_scale_offset(GgmlGrid(d=ones, dmin=None if grid.dmin is None else zeros, sc=grid.sc, m=grid.m))
+    bases = [s1.repeat_interleave(G, -1)[:, :C] * lv]
+    if grid.dmin is not None:
+        _, o1 = fmt.group_scale_offset(GgmlGrid(d=zeros, dmin=ones, sc=grid.sc, m=grid.m))
+        bases.append(-o1.repeat_interleave(G, -1)[:, :C])
+    return torch.stack(bases, 1)
+
+
+def _grid_with(grid: GgmlGrid, theta: torch.Tensor) -> GgmlGrid:
+    """``grid`` with ``d`` (and ``dmin``) replaced by ``theta`` (``(N, T, n_blocks)``) snapped to fp16."""
+    d = round_fp16(theta[:, 0])
+    dmin = None if grid.dmin is None else round_fp16(theta[:, 1])
+    return GgmlGrid(d=d, dmin=dmin, sc=grid.sc, m=grid.m)
+
+
+def refine_format_scales(
+    fmt: type[GgmlFormat],
+    W_target: torch.Tensor,
+    codes: torch.Tensor,
+    grid: GgmlGrid,
+    H_col: torch.Tensor,
+    H_row: torch.Tensor | None,
+    iters: int = 1,
+) -> tuple[GgmlGrid, torch.Tensor]:
+    """TurboBoA's scale refinement for a ggml format: with the codes and integer sub-scales fixed, ``W_hat``
+    is linear in each block's ``d`` (and ``dmin``), so the optimum of ``tr(H_row (W_hat - W') H_col (.)^T)``
+    over them is a small linear solve per row (coordinate descent over rows when ``H_row`` couples them).
+    The result is snapped to fp16 and kept only where it lowers the objective; returns (grid, ``W_hat``).
+
+    ``W_target``/``codes``: ``(B, R, C)``; ``grid`` fields ``(B, R, .)``; ``H_col``: ``(B|1, C, C)``.
+    """
+    B, R, C = codes.shape
+    nb = C // fmt.block_size
+    flat = GgmlGrid(**{k: None if v is None else v.reshape(B * R, -1) for k, v in vars(grid).items()})
+    Phi = format_bases(fmt, codes.reshape(B * R, C), flat).reshape(B, R, -1, C)  # (B, R, T, C)
+    T = Phi.shape[2]
+    theta = torch.stack([flat.d] + ([flat.dmin] if flat.dmin is not None else []), 1).reshape(B, R, T, nb)
+    H = H_col.expand(B, C, C)
+    # Y[b, r, t, k, :] = Phi_t[block k] @ H[block k, :]
+    Phi_blocks = Phi.reshape(B, R, T, nb, fmt.block_size)
+    Y = torch.einsum("brtks,bksc->brtkc", Phi_blocks, H.reshape(B, nb, fmt.block_size, C))
+    M = torch.einsum("brtkls,bruls->brtkul", Y.reshape(B, R, T, nb, nb, fmt.block_size), Phi_blocks)
+    M = M.reshape(B, R, T * nb, T * nb)
+    Q = fmt.dequantize(codes.reshape(B * R, C), flat).reshape(B, R, C)
+    for _ in range(iters if H_row is not None else min(iters, 1)):
+        rows = [slice(None)] if H_row is None else [slice(r, r + 1) for r in range(R)]
+        for rs in rows:
+            D = W_target - Q
+            if H_row is None:
+                v, Mr = D, M
+            else:
+                v = torch.einsum("bi,bic->bc", H_row[:, :, rs.start], D).unsqueeze(1)
+                Mr = H_row[:, rs.start, rs.start].reshape(B, 1, 1, 1) * M[:, rs]
+            b = torch.einsum("brtkc,brc->brtk", Y[:, rs], v).reshape(B, -1, T * nb)
+            step = _solve_steps(Mr, b).reshape(B, -1, T, nb)
+            new_theta = theta[:, rs] + step
+            n = new_theta.shape[1]
+            sub = GgmlGrid(**{k: None if t is None else t.reshape(B, R, -1)[:, rs].reshape(B * n, -1)
+                              for k, t in vars(flat).items()})
+            cand = _grid_with(sub, new_theta.reshape(B * n, T, nb))
+            Qn = fmt.dequantize(codes[:, rs].reshape(B * n, C), cand).reshape(B, n, C)
+            dQ = Qn - Q[:, rs]
+            # change of the objective when only these rows move (exact for the quadratic)
+            dQH = dQ @ H
+            if H_row is None:
+                change = (dQH * dQ).sum(-1) - 2 * (dQH * v).sum(-1)
+            else:
+                change = H_row[:, rs.start, rs.start, None] * (dQH * dQ).sum(-1) - 2 * (dQH * v).sum(-1)
+            keep = change < 0  # (B, n)
+            Q[:, rs] = torch.where(keep.unsqueeze(-1), Qn, Q[:, rs])
+            snapped = torch.stack([cand.d] + ([cand.dmin] if cand.dmin is not None else []), 1).reshape(B, n, T, nb)
+            theta[:, rs] = torch.where(keep[..., None, None], snapped, theta[:, rs])
+    d = theta[:, :, 0]
+    dmin = theta[:, :, 1] if T > 1 else None
+    return GgmlGrid(d=d, dmin=dmin, sc=grid.sc, m=grid.m), Q

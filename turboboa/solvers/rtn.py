@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ..grids import GridSpec, dequantize, expand_groups, quantize_codes
-from .gptq import ColumnResult, fit_groups
+from ..grids import expand_groups
+from .gptq import ColumnResult, Grid, fit_groups
 from .linalg import as_float
 
 
-def rtn_quantize(W: torch.Tensor, spec: GridSpec, group_size: int, H: torch.Tensor | None = None) -> ColumnResult:
-    """``Z = clamp(round(W / s) + z0)`` per (row, group) of ``W`` (``(B, R, C)``); ``H`` weights the range search."""
+def rtn_quantize(W: torch.Tensor, spec: Grid, group_size: int, H: torch.Tensor | None = None) -> ColumnResult:
+    """``Z = round-to-nearest(W)`` on the grid of each (row, group) of ``W`` (``(B, R, C)``); ``H`` weights the
+    range search."""
     W = as_float(W)
-    scale, zero = fit_groups(W, spec, group_size, H)
+    grid = fit_groups(W, spec, group_size, H)
     C = W.shape[-1]
-    s, z = expand_groups(scale, group_size, C), expand_groups(zero, group_size, C)
-    codes = quantize_codes(W, s, z, spec.maxq)
-    return ColumnResult(dequantize(codes, s, z), codes, scale, zero)
+    s, z = expand_groups(grid.scale, group_size, C), expand_groups(grid.offset, group_size, C)
+    codes = spec.round(W, s, z)
+    return ColumnResult(spec.value(codes, s, z), codes, grid.scale, grid.offset, grid.stored)

@@ -1,0 +1,118 @@
+"""A QDIR as a llama.cpp GGUF file: every quantized layer's codes and stored grid packed as its ggml type.
+
+The solver already quantized each layer onto the grid its ggml type stores (``turboboa quantize --format``),
+so this only packs: ``fmt.pack(codes, grid)`` gives the block bytes, and ``gguf.quants.dequantize`` of them
+equals the QDIR's fake-quant weight exactly (:func:`check_gguf_weights`). Float tensors (embeddings, norms,
+a separate head) are written as F32, so they too are what the fake-quant model holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize as gguf_dequantize
+
+from turboboa.checkpoint import QuantizedCheckpoint
+from turboboa.errors import UserError
+from turboboa.formats import get_format
+from turboboa.quantized import UNIFORM
+
+from .tensors import GgufTensor, permute_qk_rows
+from .writer import write_gguf
+
+
+def source_gguf_of(ckpt: QuantizedCheckpoint) -> Path | None:
+    """The GGUF file the checkpoint's model came from, when it is one and still present (its tokenizer
+    metadata is then copied as is)."""
+    spec = str(ckpt.meta.get("model", ""))
+    try:
+        from turboboa.models.loader import ALIASES, alias_gguf_path
+
+        if spec in ALIASES:
+            return alias_gguf_path(spec)
+    except UserError:
+        return None
+    path = Path(spec)
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def gguf_tensors(ckpt: QuantizedCheckpoint) -> dict[str, GgufTensor]:
+    """Every tensor of the checkpoint for the GGUF writer: packed ggml rows or F32 values, by HF name."""
+    tensors = {name: GgufTensor.from_float(t) for name, t in ckpt.float_tensors.items()}
+    uniform = [name for name, q in ckpt.layers.items() if q.fmt == UNIFORM]
+    if uniform:
+        raise UserError(f"{ckpt.path} holds layers on turboboa's uniform grid (e.g. {uniform[0]}), which no ggml "
+                        f"type stores; quantize with --format (q4_k, q4_0, iq4_nl, ...) to export GGUF")
+    for name, q in ckpt.layers.items():
+        fmt = get_format(q.fmt)
+        assert q.grid is not None
+        tensors[f"{name}.weight"] = GgufTensor.from_packed(fmt.ggml_type, fmt.pack(q.codes, q.grid), q.shape)
+    return tensors
+
+
+def _extra_kv(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
+    """The quantization settings as ``turboboa.*`` keys."""
+    cfg = ckpt.config
+    calib = ckpt.meta.get("calibration", {})
+    formats = sorted({q.fmt for q in ckpt.layers.values()})
+    return {
+        "method": cfg.method, "format": cfg.format, "layer_formats": ",".join(formats),
+        "calib": str(calib.get("data", cfg.calib)), "nsamples": int(calib.get("nsamples", cfg.nsamples)),
+        "seqlen": int(calib.get("seqlen", cfg.seqlen)), "seed": int(cfg.seed),
+        "version": str(ckpt.meta.get("versions", {}).get("turboboa", "")),
+    }
+
+
+def export_gguf(ckpt: QuantizedCheckpoint, output: Path, **options: Any) -> Path:
+    """Write ``ckpt`` as the GGUF file ``output`` (atomically) and return its path."""
+    if options:
+        raise UserError(f"the gguf exporter takes no options {sorted(options)}")
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert ckpt.path is not None
+    hf_config = AutoConfig.from_pretrained(ckpt.path)
+    tensors = gguf_tensors(ckpt)
+    source = source_gguf_of(ckpt)
+    tokenizer = None if source is not None else AutoTokenizer.from_pretrained(ckpt.path)
+    return write_gguf(output, hf_config, tokenizer, tensors, source_gguf=source, extra_kv=_extra_kv(ckpt))
+
+
+def check_gguf_weights(path: str | Path, ckpt: QuantizedCheckpoint) -> dict[str, float]:
+    """For every quantized layer: max |gguf.quants.dequantize(file bytes) - fake-quant weight| (after undoing
+    llama's q/k row permutation). All zeros mean the file holds exactly the checkpoint's weights."""
+    from gguf import get_tensor_name_map
+    from transformers import AutoConfig
+
+    from .metadata import arch_spec, hyperparameters
+
+    hf_config = AutoConfig.from_pretrained(ckpt.path)
+    spec, hp = arch_spec(hf_config), hyperparameters(hf_config)
+    name_map = get_tensor_name_map(spec.arch, hp.n_layer)
+    by_name = {t.name: t for t in GGUFReader(path).tensors}
+    out = {}
+    for name, q in ckpt.layers.items():
+        gguf_name = name_map.get_name(f"{name}.weight", try_suffixes=(".weight",))
+        t = by_name[gguf_name]
+        w = gguf_dequantize(np.asarray(t.data), t.tensor_type).reshape(q.shape)
+        if spec.permute_qk and name.endswith(("q_proj", "k_proj")):
+            heads = hp.n_head if name.endswith("q_proj") else hp.n_head_kv
+            w = _unpermute(w, heads)
+        out[name] = float(np.abs(w - q.dequantize().numpy()).max())
+    return out
+
+
+def _unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of :func:`permute_qk_rows`."""
+    n = rows.shape[0]
+    perm = permute_qk_rows(np.arange(n), n_head)
+    out = np.empty_like(rows)
+    out[perm] = rows
+    return out
+
+
+def torch_weight(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))

@@ -1,0 +1,200 @@
+"""``write_gguf``: a llama.cpp-loadable GGUF file from an HF config, a tokenizer and HF-named tensors.
+
+File layout: ``general.*`` keys, the model hyperparameters, file type and quantization version, the
+``tokenizer.*`` keys, then ``turboboa.*`` keys; tensors are named with ``gguf.get_tensor_name_map`` and written
+in a fixed order (model-level tensors, then layer by layer, alphabetically within each). For ``llama`` the q/k
+rows (weights and biases, float or packed) are permuted to ggml's rope order. The file is written under a
+temporary name in the target folder and renamed into place when complete. There are no timestamps, so equal
+inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gguf import (
+    MODEL_TENSOR,
+    MODEL_TENSORS,
+    TENSOR_NAMES,
+    GGUFValueType,
+    GGUFWriter,
+    LlamaFileType,
+    get_tensor_name_map,
+)
+
+from turboboa.errors import UserError
+
+from .metadata import (
+    ArchSpec,
+    Hyperparameters,
+    add_file_info,
+    add_hyperparameters,
+    arch_spec,
+    file_type,
+    hyperparameters,
+)
+from .source import KeyValue, read_kv
+from .tensors import GgufTensor
+from .tokenizer import add_hf_tokenizer, copy_tokenizer
+
+# general.* keys this writer sets itself; the other general.* keys of a source GGUF are carried over
+OWN_GENERAL_KEYS = ("general.architecture", "general.type", "general.name", "general.file_type",
+                    "general.quantization_version", "general.alignment")
+LAYER_TENSORS = (MODEL_TENSOR.ATTN_NORM, MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V,
+                 MODEL_TENSOR.ATTN_OUT, MODEL_TENSOR.FFN_NORM, MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_UP,
+                 MODEL_TENSOR.FFN_DOWN)
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def _gguf_tensors(spec: ArchSpec, hp: Hyperparameters,
+                  tensors: Mapping[str, GgufTensor]) -> dict[str, GgufTensor]:
+    """Map HF names to GGUF names, drop a tied ``lm_head``, permute llama's q/k rows, and check completeness.
+
+    Returns the tensors by GGUF name in file order: model-level tensors first, then by layer, by name.
+    """
+    name_map = get_tensor_name_map(spec.arch, hp.n_layer)
+    allowed = set(MODEL_TENSORS[spec.arch])
+    heads = {MODEL_TENSOR.ATTN_Q: hp.n_head, MODEL_TENSOR.ATTN_K: hp.n_head_kv}
+    out: dict[str, GgufTensor] = {}
+    for hf_name, tensor in tensors.items():
+        found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None or found[0] not in allowed:
+            raise UserError(f"tensor {hf_name!r} has no place in a {spec.name} GGUF file; pass only the "
+                            f"model's weights, norms and biases")
+        kind, name = found
+        if kind == MODEL_TENSOR.OUTPUT and hp.tied_embeddings:
+            continue  # llama.cpp uses token_embd as the output matrix
+        if spec.permute_qk and kind in heads:
+            tensor = tensor.with_rows_permuted(heads[kind])
+        out[name] = tensor
+    missing = [name for name in _required_names(spec, hp) if name not in out]
+    if missing:
+        raise UserError(f"the tensors for the GGUF file lack {', '.join(missing[:4])}"
+                        f"{' ...' if len(missing) > 4 else ''}")
+    return dict(sorted(out.items(), key=lambda item: _order_key(item[0])))
+
+
+def _required_names(spec: ArchSpec, hp: Hyperparameters) -> list[str]:
+    """GGUF names of the tensors llama.cpp needs for this architecture and config."""
+    top = [MODEL_TENSOR.TOKEN_EMBD, MODEL_TENSOR.OUTPUT_NORM] + ([] if hp.tied_embeddings else [MODEL_TENSOR.OUTPUT])
+    names = [f"{TENSOR_NAMES[t]}.weight" for t in top]
+    for bid in range(hp.n_layer):
+        names += [f"{TENSOR_NAMES[t].format(bid=bid)}.weight" for t in LAYER_TENSORS]
+        if spec.qkv_bias:
+            names += [f"{TENSOR_NAMES[t].format(bid=bid)}.bias"
+                      for t in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V)]
+    return names
+
+
+def _order_key(name: str) -> tuple[int, str]:
+    """Sort key: model-level tensors (layer -1) first, then layer index, then name."""
+    match = _LAYER.match(name)
+    return (int(match.group(1)) if match else -1, name)
+
+
+def _add_extra_kv(writer: GGUFWriter, extra_kv: Mapping[str, Any]) -> None:
+    """Write ``extra_kv`` as ``turboboa.*`` keys (prefix added when missing), in sorted key order.
+
+    bool -> BOOL, int -> INT64, float -> FLOAT64, str -> STRING; anything else is a TypeError.
+    """
+    for key in sorted(extra_kv):
+        value = extra_kv[key]
+        full = key if key.startswith("turboboa.") else f"turboboa.{key}"
+        if isinstance(value, bool):
+            writer.add_bool(full, value)
+        elif isinstance(value, int):
+            writer.add_int64(full, value)
+        elif isinstance(value, float):
+            writer.add_float64(full, value)
+        elif isinstance(value, str):
+            writer.add_key_value(full, value, GGUFValueType.STRING)  # add_string drops ""
+        else:
+            raise TypeError(f"extra_kv[{key!r}] must be a str, int, float or bool, not {type(value).__name__}")
+
+
+def _model_name(hf_config: Any, source_general: list[KeyValue]) -> str:
+    """``general.name``: the source GGUF's, else the config's ``name_or_path`` folder name, else ``model``."""
+    for kv in source_general:
+        if kv.key == "general.name":
+            return kv.value.decode("utf-8")
+    name_or_path = str(getattr(hf_config, "name_or_path", "") or "")
+    return Path(name_or_path).name or "model"
+
+
+@contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a temporary file beside ``path``; rename it to ``path`` if the block succeeds, else delete it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _add_metadata(writer: GGUFWriter, hf_config: Any, hp: Hyperparameters, tokenizer_dir_or_tokenizer: Any,
+                  source_gguf: Path | None, extra_kv: Mapping[str, Any], name: str | None, ftype: LlamaFileType,
+                  embd_rows: int) -> None:
+    """Add every key: ``general.*``, hyperparameters, file type, ``tokenizer.*``, then ``turboboa.*``."""
+    source_general = read_kv(source_gguf, ("general.",)) if source_gguf is not None else []
+    writer.add_type("model")
+    writer.add_name(name or _model_name(hf_config, source_general))
+    for kv in source_general:
+        if kv.key not in OWN_GENERAL_KEYS:
+            kv.add_to(writer)
+    add_hyperparameters(writer, hp)
+    add_file_info(writer, ftype)
+    if source_gguf is not None:
+        n_tokens = copy_tokenizer(writer, source_gguf)
+    else:
+        n_tokens = add_hf_tokenizer(writer, tokenizer_dir_or_tokenizer, hp.vocab_size)
+    if n_tokens != embd_rows:
+        raise UserError(f"the tokenizer has {n_tokens} tokens but token_embd has {embd_rows} rows; "
+                        f"llama.cpp needs one row per token")
+    _add_extra_kv(writer, extra_kv)
+
+
+def write_gguf(path: str | os.PathLike[str], hf_config: Any, tokenizer_dir_or_tokenizer: Any,
+               tensors: Mapping[str, GgufTensor], *, source_gguf: Path | None = None,
+               extra_kv: Mapping[str, Any] | None = None, name: str | None = None,
+               ftype: LlamaFileType | None = None) -> Path:
+    """Write a GGUF file for llama.cpp and return its path.
+
+    ``hf_config``: the model's ``PretrainedConfig`` (llama, mistral or qwen2). ``tensors``: every weight, norm
+    and bias by HF name (a tied ``lm_head.weight`` may be included; it is dropped). Tokenizer: with
+    ``source_gguf`` every ``tokenizer.*`` key (and the descriptive ``general.*`` keys) of that file are copied;
+    otherwise they are built from ``tokenizer_dir_or_tokenizer`` (an HF tokenizer folder or object).
+    ``extra_kv``: quantization settings stored as ``turboboa.*`` keys. ``name`` overrides ``general.name``;
+    ``ftype`` overrides the ``general.file_type`` derived from the matrices' types.
+    """
+    path = Path(path)
+    spec = arch_spec(hf_config)
+    hp = hyperparameters(hf_config)
+    ordered = _gguf_tensors(spec, hp, tensors)
+    embd_rows = ordered[f"{TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD]}.weight"].shape[0]
+    if ftype is None:
+        ftype = file_type((t.stored_type, t.n_elements) for t in ordered.values() if len(t.shape) == 2)
+    with _atomic_target(path) as tmp:
+        writer = GGUFWriter(tmp, spec.name)
+        try:
+            _add_metadata(writer, hf_config, hp, tokenizer_dir_or_tokenizer, source_gguf, extra_kv or {}, name,
+                          ftype, embd_rows)
+            for gguf_name, tensor in ordered.items():
+                writer.add_tensor(gguf_name, tensor.payload(),
+                                  raw_dtype=tensor.stored_type if tensor.is_packed else None)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    return path

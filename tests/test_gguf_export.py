@@ -1,0 +1,109 @@
+"""``turboboa export --to gguf``: the file holds exactly the QDIR's weights and llama.cpp computes the same model.
+
+Tiny random Llamas with input widths 256 and 512 (so every k-quant applies) are quantized at every format,
+exported, read back with ``gguf.quants.dequantize`` (must equal the fake-quant weights bit for bit) and run
+in llama.cpp next to the torch fake-quant model on the same windows.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from exporters import exporter_names, get_exporter
+from exporters.gguf.export import check_gguf_weights
+from turboboa import api
+from turboboa.checkpoint import load_fakequant_model, load_qdir
+from turboboa.config import QuantConfig
+from turboboa.data import eval_tokens
+from turboboa.errors import UserError
+from turboboa.eval.perplexity import make_windows
+from turboboa.formats import format_names
+
+from .conftest import make_tiny_llama, run_cli
+
+# llama.cpp vs torch fake-quant, max |logit difference| / std of the torch logits. llama.cpp quantizes the
+# activations of quantized matmuls (to q8_0 / q8_K), so the gap is that rounding, not a weight difference.
+BOUND = 0.3
+
+
+@pytest.fixture(scope="module")
+def tiny_wide(tmp_path_factory, default_tokenizer):
+    """A tiny Llama with hidden 256 and MLP 512: every layer width is a multiple of 256."""
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_llama(tmp_path_factory.mktemp("wide") / "tiny-wide", default_tokenizer, hidden=256,
+                             heads=4, kv_heads=2, layers=2, intermediate=512)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights of a realistic scale: std 0.05, norms near 1
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.1 * noise if p.dim() == 1 else 0.05 * noise)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def windows(default_tokenizer) -> torch.Tensor:
+    return make_windows(eval_tokens(default_tokenizer, "wikitext2"), 64, 2)
+
+
+def test_exporters_are_looked_up_by_name() -> None:
+    assert "gguf" in exporter_names()
+    assert callable(get_exporter("gguf"))
+    with pytest.raises(UserError, match="unknown export target 'tflite'; choose one of .*gguf"):
+        get_exporter("tflite")
+
+
+@pytest.mark.parametrize("fmt", format_names())
+def test_every_format_exports_exactly_and_runs_in_llama_cpp(tmp_path, tiny_wide, windows, fmt) -> None:
+    cfg = QuantConfig(method="gptq", format=fmt, nsamples=4, seqlen=64)
+    api.quantize(str(tiny_wide), cfg, tmp_path / "q", device="cpu", progress=False)
+    ckpt = load_qdir(tmp_path / "q")
+    assert {q.fmt for q in ckpt.layers.values()} == {fmt}  # 256 and 512 take every format, no fallback
+    path = get_exporter("gguf")(ckpt, tmp_path / "m.gguf")
+    gaps = check_gguf_weights(path, ckpt)
+    assert len(gaps) == len(ckpt.layers) and max(gaps.values()) == 0.0
+    pytest.importorskip("llama_cpp")
+    from runtime_check.llamacpp import gguf_logits_fn
+
+    model = load_fakequant_model(ckpt)
+    worst = 0.0
+    with gguf_logits_fn(path, n_ctx=64, threads=2, kv_cache_f32=True) as fn:
+        for window in windows:
+            with torch.no_grad():
+                ref = model(input_ids=window[None]).logits
+            worst = max(worst, float((fn(window[None]) - ref).abs().max() / ref.std()))
+    print(f"{fmt}: max |llama.cpp - torch| / std = {worst:.3g}")
+    assert worst < BOUND
+
+
+def test_uniform_grid_checkpoints_are_refused_in_one_line(tmp_path, tiny_llama_dir) -> None:
+    api.quantize(str(tiny_llama_dir), QuantConfig(method="rtn", nsamples=2, seqlen=32, group_size=32),
+                 tmp_path / "q", device="cpu", progress=False)
+    r = run_cli("export", str(tmp_path / "q"), "--to", "gguf", "-o", str(tmp_path / "m.gguf"))
+    assert r.returncode == 2 and "--format" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_cli_export_and_eval_in_llama_cpp(tmp_path, tiny_llama_dir) -> None:
+    pytest.importorskip("llama_cpp")
+    q = tmp_path / "q"
+    r = run_cli("quantize", str(tiny_llama_dir), "--method", "rtn", "--format", "q8_0", "--nsamples", "2",
+                "--seqlen", "32", "-q", "-o", str(q))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("export", str(q), "--to", "gguf", "-o", str(tmp_path / "m.gguf"))
+    assert r.returncode == 0, r.stderr
+    assert "bits per weight" in r.stderr
+    r = run_cli("eval", str(tmp_path / "m.gguf"), "--seqlen", "64", "--max-windows", "2", "--json",
+                "--tokenizer", str(q))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["backend"] == "llama.cpp" and got["windows"] == 2 and got["tokens"] == 2 * 63
+    assert got["tokenizer_mismatch"]["hf_tokens"] > 0
+    r = run_cli("eval", str(q), "--seqlen", "64", "--max-windows", "2", "--json")
+    ref = json.loads(r.stdout)
+    assert abs(got["ppl"] / ref["ppl"] - 1) < 0.01

@@ -1,0 +1,60 @@
+"""Which storage format each layer gets: the requested one, a per-tensor override, or a documented fallback.
+
+ggml's k-quants store 256-column super-blocks, so a layer whose input width is not a multiple of 256 (576 in
+SmolLM2-135M) cannot hold them. As llama-quantize does, such a layer falls back to a 32-column type chosen
+before quantization, so the solver still quantizes onto the grid that is written:
+
+======  ========  ==========================================================
+asked   fallback  why
+======  ========  ==========================================================
+q2_k    iq4_nl    llama.cpp's choice (no 2/3-bit 32-block type is as good)
+q3_k    iq4_nl    llama.cpp's choice
+q4_k    q5_0      llama.cpp's choice
+q5_k    q8_0      llama.cpp uses q5_1, which turboboa does not implement yet
+q6_k    q8_0      llama.cpp's choice
+======  ========  ==========================================================
+
+``--pad-to 256`` (padding the model's widths) is the alternative that keeps k-quants everywhere.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from turboboa.errors import UserError
+from turboboa.formats.base import format_names, get_format
+
+UNIFORM = "int"
+FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q8_0", "q6_k": "q8_0"}
+
+
+def parse_overrides(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:
+    """``NAME_PATTERN=TYPE`` strings -> ((pattern, type), ...), checked; the last matching pattern wins."""
+    out = []
+    for item in items:
+        pattern, sep, fmt = item.partition("=")
+        if not sep or not pattern or fmt.lower() not in (UNIFORM, *format_names()):
+            raise UserError(f"--tensor-format {item!r} must be NAME_PATTERN=TYPE with TYPE one of "
+                            f"{', '.join(format_names())} (e.g. '*.down_proj=q6_k')")
+        out.append((pattern, fmt.lower()))
+    return tuple(out)
+
+
+def requested_format(default: str, name: str, overrides: tuple[tuple[str, str], ...]) -> str:
+    """The format asked for layer ``name``: the last override whose pattern matches it, else ``default``."""
+    fmt = default
+    for pattern, value in overrides:
+        if fnmatchcase(name, pattern):
+            fmt = value
+    return fmt
+
+
+def layer_format(default: str, name: str, columns: int, overrides: tuple[tuple[str, str], ...] = ()) -> str:
+    """The format layer ``name`` (``columns`` inputs) is quantized onto, after overrides and fallbacks."""
+    fmt = requested_format(default, name, overrides)
+    if fmt == UNIFORM:
+        return fmt
+    if not get_format(fmt).supports_width(columns) and fmt in FALLBACK:
+        fmt = FALLBACK[fmt]
+    get_format(fmt).check_width(columns)
+    return fmt

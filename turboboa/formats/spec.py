@@ -1,0 +1,174 @@
+"""``FormatSpec``: a ggml type as the grid a solver quantizes onto (fit, snap, round, decode).
+
+The solvers see every grid through the same four operations (``turboboa.grids.GridSpec`` is the uniform
+integer grid, this is the ggml one):
+
+* ``fit_width(group_size, C)``: how many columns are fixed together when the solver reaches their first column.
+  For a ggml type that is its block (32 columns, or the 256-column super-block of the k-quants): the block's
+  fp16 super-scale ``d`` (and ``dmin``) bounds every sub-scale of the block, so it must exist before the codes
+  of the block's first group are chosen.
+* ``fit(w, H_block)``: the stored grid of those columns, chosen from the weights as they are at that moment
+  (under GPTQ, the weights already compensated for every earlier column), and the exact per-group
+  ``(scale_g, offset_g)`` it implies.
+* ``round(w, s, o)``: the code of the nearest representable value; ``value(c, s, o) = s * levels[c] - o``
+  in float32, the same expression and order as ggml's dequantizer, so the solver's ``Q`` is bit-identical to
+  what llama.cpp decodes from the packed file.
+
+How the block grid is chosen. Per group ``g`` of the block, a continuous scale and offset are searched:
+symmetric types map the group's signed largest-magnitude weight ``a`` to the most negative level ``l_0``
+(``s = p a / l_0``), asymmetric ones cover ``[p min, p max]`` (``s = p (max - min) / (L - 1)``, ``o = -p min``),
+with the shrink factor ``p`` in ``(0, 1]`` minimising the error ``sum_c h_c (q_c - w_c)^2`` weighted by the
+diagonal of the layer Hessian (coarse-to-fine, as :func:`turboboa.grids.fit_grid`). The format then snaps the
+continuous values onto what the block stores (:meth:`GgmlFormat.snap`: fp16 super-scale, integer sub-scales).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from turboboa.formats.base import GgmlFormat, GgmlGrid, get_format
+from turboboa.grids import BlockGrid
+
+COARSE = 20
+FINE_STEPS = 100
+_ELEMENTS_PER_BATCH = 1 << 25
+
+
+def _grid_fields(grid: GgmlGrid) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in (("d", grid.d), ("dmin", grid.dmin), ("sc", grid.sc), ("m", grid.m)) if v is not None}
+
+
+def reshape_grid(grid: GgmlGrid, *shape: int) -> GgmlGrid:
+    """Every field of ``grid`` reshaped to ``(*shape, -1)``."""
+    return GgmlGrid(**{k: v.reshape(*shape, -1) for k, v in _grid_fields(grid).items()})
+
+
+def cat_grids(grids: list[GgmlGrid]) -> GgmlGrid:
+    """Grids of consecutive column ranges joined along the last axis."""
+    keys = _grid_fields(grids[0]).keys()
+    return GgmlGrid(**{k: torch.cat([getattr(g, k) for g in grids], dim=-1) for k in keys})
+
+
+def gather_grid_rows(grid: GgmlGrid, index: torch.Tensor) -> GgmlGrid:
+    """Rows of every field reordered along dim 1: ``field[b, index[b], :]`` (``index``: ``(B, R)``)."""
+    def g(t: torch.Tensor) -> torch.Tensor:
+        return torch.gather(t, 1, index.unsqueeze(-1).expand(*index.shape, t.shape[-1]))
+
+    return GgmlGrid(**{k: g(v) for k, v in _grid_fields(grid).items()})
+
+
+def assign_grid_rows(dst: GgmlGrid, rows: slice, src: GgmlGrid) -> None:
+    """``dst.field[:, rows] = src.field`` for every field (in place)."""
+    for k, v in _grid_fields(src).items():
+        getattr(dst, k)[:, rows] = v
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """A ggml type as a solver's grid; ``search`` picks the weighted range search over the plain range."""
+
+    fmt_name: str
+    search: bool = True
+
+    @property
+    def fmt(self) -> type[GgmlFormat]:
+        return get_format(self.fmt_name)
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+    def fit_width(self, group_size: int, columns: int) -> int:
+        """Columns fixed together: one ggml block."""
+        return self.fmt.block_size
+
+    def groups(self, columns: int) -> int:
+        """Groups of a row of ``columns`` columns."""
+        return columns // self.fmt.group_size
+
+    # ------------------------------------------------------------------------------------------ fit
+    def candidates(self, w: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continuous per-group (scale, offset) for shrink factors ``p`` (``(P, 1, ...)``) of groups ``w``
+        (``(..., G)``): returns tensors ``(P, ...)``."""
+        fmt = self.fmt
+        levels = fmt.levels
+        if fmt.asymmetric:
+            xmin = w.amin(-1).clamp(max=0)
+            xmax = w.amax(-1).clamp(min=0)
+            scale = p * (xmax - xmin) / float(levels[-1] - levels[0])
+            offset = -p * xmin + scale * float(levels[0])
+            return scale, offset
+        idx = w.abs().argmax(-1, keepdim=True)
+        anchor = w.gather(-1, idx).squeeze(-1)
+        return p * anchor / float(levels[0]), torch.zeros_like(p * anchor)
+
+    def _group_error(self, w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor,
+                     offset: torch.Tensor) -> torch.Tensor:
+        """``sum_c h_c (q_c - w_c)^2`` per group for candidate grids (``(P, ...)``) of groups ``w``."""
+        s = scale.unsqueeze(-1).expand(*scale.shape, w.shape[-1])
+        o = offset.unsqueeze(-1).expand_as(s)
+        wp = w.unsqueeze(0).expand_as(s)
+        codes = self.fmt.quantize_codes(wp, s, o)
+        q = s * self.fmt.levels_on(w.device)[codes.long()] - o
+        return ((q - wp) ** 2 * h).sum(-1)
+
+    def continuous(self, wg: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best continuous (scale, offset) of each group of ``wg`` (``(..., G)``), weights ``h`` (broadcastable)."""
+        one = torch.ones(wg.shape[:-1], dtype=wg.dtype, device=wg.device)
+        if not self.search:
+            s, o = self.candidates(wg, one.unsqueeze(0))
+            return s[0], o[0]
+        chunk = max(1, _ELEMENTS_PER_BATCH // max(1, wg.numel()))
+
+        def best(ps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            best_p = best_e = None
+            for c0 in range(0, len(ps), chunk):
+                p = torch.stack(ps[c0 : c0 + chunk])
+                s, o = self.candidates(wg, p)
+                e = self._group_error(wg, h, s, o)
+                i = e.argmin(0, keepdim=True)
+                p1, e1 = p.gather(0, i)[0], e.gather(0, i)[0]
+                if best_p is None:
+                    best_p, best_e = p1, e1
+                else:
+                    better = e1 < best_e
+                    best_p, best_e = torch.where(better, p1, best_p), torch.where(better, e1, best_e)
+            return best_p, best_e
+
+        p1, e1 = best([one * (1.0 - i / COARSE) for i in range(COARSE)])
+        step = 1.0 / FINE_STEPS
+        span = FINE_STEPS // COARSE - 1
+        p2, e2 = best([torch.clamp(p1 + j * step, step, 1.0) for j in range(-span, span + 1) if j != 0])
+        p = torch.where(e2 < e1, p2, p1)
+        s, o = self.candidates(wg, p.unsqueeze(0))
+        return s[0], o[0]
+
+    def fit(self, w: torch.Tensor, H_block: torch.Tensor | None = None) -> BlockGrid:
+        """Stored grid of ``w`` (``(B, R, W)``, ``W`` whole blocks); ``H_block`` (``(B|1, W, W)``) weights the
+        search by its diagonal."""
+        fmt = self.fmt
+        B, R, W = w.shape
+        G = fmt.group_size
+        ng = W // G
+        wg = w.to(torch.float32).reshape(B, R, ng, G)
+        if H_block is None:
+            h = torch.ones(1, 1, 1, G, dtype=wg.dtype, device=w.device)
+        else:
+            h = torch.diagonal(H_block, dim1=-2, dim2=-1).to(wg.dtype).reshape(-1, 1, ng, G)
+        scale, offset = self.continuous(wg, h)
+        offset = offset if fmt.asymmetric else None
+        stored = fmt.snap(scale.reshape(B * R, ng), None if offset is None else offset.reshape(B * R, ng))
+        s, o = fmt.group_scale_offset(stored)
+        return BlockGrid(s.reshape(B, R, ng), o.reshape(B, R, ng), reshape_grid(stored, B, R))
+
+    # ------------------------------------------------------------------------------------------ use
+    def round(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Codes (float) of the values nearest to ``w``; ``scale``/``offset`` have ``w``'s shape."""
+        return self.fmt.quantize_codes(w, scale, offset).to(w.dtype)
+
+    def value(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """``fp32(scale * levels[code]) - offset``: ggml's dequantizer (float32)."""
+        lv = self.fmt.levels_on(codes.device)[codes.long()]
+        return scale.to(torch.float32) * lv - offset.to(torch.float32)
