@@ -32,6 +32,11 @@ def app() -> None:
                    "q2_k q3_k q4_k q5_k q6_k q4_0 q4_1 q5_0 q8_0 iq4_nl")
 @click.option("--tensor-format", "tensor_formats", multiple=True, metavar="PATTERN=TYPE",
               help="per-layer format override by module-name pattern, e.g. '*.down_proj=q6_k' (repeatable)")
+@click.option("--preset", default="", help="llama-quantize-like file type: Q2_K, Q3_K_S, Q3_K_M or Q4_K_M "
+              "(a ggml type per tensor, embedding included; see the README)")
+@click.option("--embed-format", default="", help="ggml type of the token embedding (default: float, or the preset's)")
+@click.option("--pad-to", type=int, default=0, show_default=True,
+              help="pad every layer width to a multiple of this (function-preserving), e.g. 256 for k-quants")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal (static groups)")
 @click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids from the original weights")
 @click.option("--true-sequential", is_flag=True,
@@ -53,7 +58,7 @@ def app() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
 def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, grid: str, fmt: str,
-             tensor_formats: tuple[str, ...], act_order: bool,
+             tensor_formats: tuple[str, ...], preset: str, embed_format: str, pad_to: int, act_order: bool,
              static_groups: bool, true_sequential: bool, percdamp: float, rows: int, alpha: float, no_dx: bool, no_adaptive_grid: bool,
              refine_iters: int, act_order_col: bool, act_order_row: bool, calib: str, nsamples: int, seqlen: int,
              seed: int, device: str, output: str, quiet: bool, as_json: bool) -> None:
@@ -62,7 +67,8 @@ def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, gri
     from turboboa.config import QuantConfig
 
     cfg = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, grid=grid, format=fmt,
-                      tensor_formats=tensor_formats, act_order=act_order,
+                      tensor_formats=tensor_formats, preset=preset, embed_format=embed_format, pad_to=pad_to,
+                      act_order=act_order,
                       static_groups=static_groups, true_sequential=true_sequential,
                       percdamp=percdamp, rows=rows, alpha=alpha, use_dx=not no_dx,
                       adaptive_grid=not no_adaptive_grid, refine_iters=refine_iters, act_order_col=act_order_col,

@@ -111,8 +111,9 @@ def test_refinement_finds_the_optimal_super_scale_of_a_per_row_problem() -> None
 def test_k_quant_widths_fall_back_as_documented() -> None:
     assert layer_format("q4_k", "model.layers.0.mlp.down_proj", 1536) == "q4_k"
     assert layer_format("q4_k", "model.layers.0.self_attn.q_proj", 576) == "q5_0"
-    assert layer_format("q2_k", "x", 576) == "iq4_nl"
-    assert layer_format("q3_k", "x", 576) == "iq4_nl"
+    assert layer_format("q2_k", "x", 576) == "q4_0"
+    assert layer_format("q3_k", "x", 576) == "q4_0"
+    assert layer_format("q5_k", "x", 576) == "q5_1"
     assert layer_format("q6_k", "x", 576) == "q8_0"
     overrides = (("*.down_proj", "q6_k"), ("*.layers.0.*", "q8_0"))
     assert layer_format("q4_k", "model.layers.1.mlp.down_proj", 1536, overrides) == "q6_k"

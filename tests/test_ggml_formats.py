@@ -17,8 +17,8 @@ from gguf.quants import quantize as gguf_quantize
 from turboboa.errors import UserError
 from turboboa.formats import GgmlFormat, GgmlGrid, format_names, get_format
 
-ALL = ["q4_0", "q4_1", "q5_0", "q8_0", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
-GGUF_QUANTIZABLE = ["q4_0", "q4_1", "q5_0", "q8_0"]
+ALL = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+GGUF_QUANTIZABLE = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 FP16_EPS = 2.0**-11  # relative rounding error of a normal fp16
 
 

@@ -107,3 +107,23 @@ def test_cli_export_and_eval_in_llama_cpp(tmp_path, tiny_llama_dir) -> None:
     r = run_cli("eval", str(q), "--seqlen", "64", "--max-windows", "2", "--json")
     ref = json.loads(r.stdout)
     assert abs(got["ppl"] / ref["ppl"] - 1) < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,pad", [("q4_0", 0), ("q3_k", 256)])
+def test_default_model_gguf_matches_its_fake_quant_model(tmp_path, fmt, pad) -> None:
+    """SmolLM2-135M as Q4_0, and padded to 256 as Q3_K (every tensor a k-quant): the file decodes to the
+    fake-quant weights exactly and llama.cpp's PPL is within 1% of the fake-quant model's (4 windows of 512)."""
+    pytest.importorskip("llama_cpp")
+    cfg = QuantConfig(method="rtn", grid="search", format=fmt, pad_to=pad, embed_format="q8_0", nsamples=4,
+                      seqlen=128)
+    api.quantize("smollm2-135m", cfg, tmp_path / "q", device="cpu", progress=False)
+    ckpt = load_qdir(tmp_path / "q")
+    if pad:
+        assert {q.fmt for q in ckpt.layers.values()} == {fmt, "q8_0"}  # no fallback left
+    path = get_exporter("gguf")(ckpt, tmp_path / "m.gguf")
+    assert max(check_gguf_weights(path, ckpt).values()) == 0.0
+    ref = api.evaluate(str(tmp_path / "q"), seqlen=512, max_windows=4, device="cpu", progress=False)
+    got = api.evaluate(str(path), seqlen=512, max_windows=4, progress=False, tokenizer=str(tmp_path / "q"))
+    print(f"{fmt} pad {pad}: fake-quant {ref.ppl:.4f}, llama.cpp {got.ppl:.4f}")
+    assert abs(got.ppl / ref.ppl - 1) < 0.01

@@ -30,6 +30,8 @@ class QuantizeSummary:
     def line(self, cfg: QuantConfig) -> str:
         g = "per-channel" if cfg.group_size <= 0 else f"g{cfg.group_size}"
         grid = f"w{cfg.bits} {g}" if cfg.format == "int" else f"format {cfg.format}"
+        if cfg.preset:
+            grid = f"preset {cfg.preset}"
         return (f"quantized {self.layers} layers with {cfg.method} {grid} in {self.seconds:.1f} s, "
                 f"peak memory {self.peak_memory / 2**30:.2f} GiB -> {self.output}")
 
@@ -56,6 +58,11 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     loaded = load_float_model(model)
     from .arch import get_adapter
 
+    padding = None
+    if cfg.pad_to:
+        from .models.padding import pad_model
+
+        padding = pad_model(loaded.model, cfg.pad_to)
     check_group_size(loaded.model, get_adapter(loaded.model), cfg)
     calib = calibration_batch(loaded.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -66,6 +73,7 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
         "calibration": {"data": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed,
                         "tokens": int(calib.numel())},
         "device": str(dev),
+        "padding": padding,
         "timings": {"quantize_seconds": round(result.seconds, 3),
                     "block_seconds": [round(s, 3) for s in result.block_seconds],
                     "peak_memory_bytes": result.peak_memory},

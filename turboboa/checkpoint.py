@@ -65,16 +65,17 @@ def package_versions() -> dict[str, str]:
 
 
 def float_state(model: torch.nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
-    """Every tensor of ``model`` except quantized layers' weights; a tied head is stored once (as the embedding)."""
+    """Every tensor of ``model`` except quantized layers' weights; a tied head is stored once (as the embedding),
+    or not at all when the embedding is quantized."""
     state = {}
-    seen: dict[int, str] = {}
+    seen: set[int] = set()
     for name, t in model.state_dict(keep_vars=False).items():
-        if name.endswith(".weight") and name[: -len(".weight")] in quantized:
-            continue
         key = t.data_ptr()
         if key in seen and t.numel() > 0:
-            continue  # tied weight (lm_head == embed_tokens): stored once
-        seen[key] = name
+            continue  # tied weight (lm_head == embed_tokens): stored once, or quantized
+        seen.add(key)
+        if name.endswith(".weight") and name[: -len(".weight")] in quantized:
+            continue
         state[name] = t.detach().to(torch.float32).contiguous().cpu()
     return state
 

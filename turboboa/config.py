@@ -24,6 +24,9 @@ class QuantConfig:
     grid: str = "auto"  # auto: Hessian-weighted range search for gptq/boa/turboboa, min-max for rtn
     format: str = "int"  # "int" (uniform grid of --bits/--group-size) or a ggml type (q4_k, iq4_nl, ...)
     tensor_formats: tuple[str, ...] = ()  # NAME_PATTERN=TYPE overrides, the last match wins
+    preset: str = ""  # llama-quantize-like file type (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M): a ggml type per tensor
+    embed_format: str = ""  # ggml type of the token embedding (RTN); "" keeps it in float (presets set it)
+    pad_to: int = 0  # pad every linear input width to a multiple of this (function-preserving); 0 = off
     # GPTQ
     act_order: bool = False
     static_groups: bool = False
@@ -63,6 +66,14 @@ class QuantConfig:
         object.__setattr__(self, "format", self.format.lower())
         object.__setattr__(self, "tensor_formats", tuple(self.tensor_formats))
         parse_overrides(self.tensor_formats)
+        if self.preset:
+            from .formats.presets import check_preset
+
+            object.__setattr__(self, "preset", check_preset(self.preset))
+        if self.embed_format and self.embed_format.lower() not in format_names():
+            raise UserError(f"unknown --embed-format '{self.embed_format}'; choose one of {', '.join(format_names())}")
+        if self.pad_to < 0 or (self.pad_to and self.pad_to % 32):
+            raise UserError(f"--pad-to {self.pad_to} must be a positive multiple of 32 (256 for k-quants)")
         if self.rows < 1:
             raise UserError("--rows must be >= 1")
         if self.refine_iters < 0:
@@ -76,11 +87,23 @@ class QuantConfig:
     def is_turbo(self) -> bool:
         return self.method == "turboboa"
 
-    def layer_format(self, name: str, columns: int) -> str:
-        """The grid layer ``name`` is quantized onto: "int" or a ggml type (after overrides and fallbacks)."""
+    def layer_format(self, name: str, columns: int, shape: Any = None) -> str:
+        """The grid layer ``name`` is quantized onto: "int" or a ggml type: the preset's choice (``shape``, a
+        :class:`~turboboa.formats.presets.ModelShape`, is then needed) or ``format``, then the overrides, then
+        the width fallbacks."""
         from .formats.choice import layer_format, parse_overrides
+        from .formats.presets import preset_format
 
-        return layer_format(self.format, name, columns, parse_overrides(self.tensor_formats))
+        default = preset_format(self.preset, name, shape) if self.preset else self.format
+        return layer_format(default, name, columns, parse_overrides(self.tensor_formats))
+
+    def embedding_format(self, columns: int, shape: Any) -> str:
+        """The token embedding's format: ``embed_format``, else the preset's choice, else "" (float)."""
+        from .formats.choice import layer_format, parse_overrides
+        from .formats.presets import EMBEDDING, preset_format
+
+        fmt = self.embed_format.lower() or (preset_format(self.preset, EMBEDDING, shape) if self.preset else "")
+        return layer_format(fmt, EMBEDDING, columns, parse_overrides(self.tensor_formats)) if fmt else ""
 
     def grid_spec(self) -> GridSpec:
         search = self.grid == "search" or (self.grid == "auto" and self.method != "rtn")

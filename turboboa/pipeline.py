@@ -16,6 +16,7 @@ Only one block is on the device at a time.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import resource
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from .arch import get_adapter
 from .arch.base import ArchAdapter
 from .config import QuantConfig
 from .errors import UserError
+from .formats.presets import EMBEDDING, ModelShape
 from .hessians import CovarianceAccumulator
 from .hessians.attention import AttentionStatistics
 from .quantized import QuantizedLinear
@@ -67,6 +69,14 @@ class PipelineResult:
     block_seconds: list[float] = field(default_factory=list)
 
 
+def model_shape(model: nn.Module) -> ModelShape:
+    """Layers, query heads per KV head and tied embeddings of a transformers causal LM (for presets)."""
+    c = model.config
+    return ModelShape(n_layers=c.num_hidden_layers,
+                      n_gqa=c.num_attention_heads // (getattr(c, "num_key_value_heads", None) or c.num_attention_heads),
+                      tied=bool(getattr(c, "tie_word_embeddings", False)))
+
+
 def check_group_size(model: nn.Module, adapter: ArchAdapter, cfg: QuantConfig) -> dict[str, str]:
     """Every layer's grid, checked before any work: returns the format of each layer by full name.
 
@@ -76,11 +86,12 @@ def check_group_size(model: nn.Module, adapter: ArchAdapter, cfg: QuantConfig) -
     """
     group_size = cfg.group_size
     formats = {}
+    shape = model_shape(model)
     for i, block in enumerate(adapter.blocks(model)):
         prefix = module_name(model, block) + "."
         for name in adapter.linear_names():
             width = block.get_submodule(name).in_features
-            fmt = formats[prefix + name] = cfg.layer_format(prefix + name, width)
+            fmt = formats[prefix + name] = cfg.layer_format(prefix + name, width, shape)
             if fmt == "int" and 0 < group_size and group_size > width:
                 raise UserError(
                     f"--group-size {group_size} is wider than the input width {width} of layer {i}.{name}; "
@@ -138,7 +149,7 @@ def quantize_model(
     """
     t0 = time.time()
     adapter = get_adapter(model)
-    check_group_size(model, adapter, cfg)
+    formats = check_group_size(model, adapter, cfg)
     blocks = adapter.blocks(model)
     shape = adapter.attention_shape(model)
     n, L = calib_ids.shape
@@ -175,7 +186,7 @@ def quantize_model(
                     _collect(adapter, block, fp_block, X, X_fp, cos, sin, step, covs, attn,
                              advance_fp=si == len(stages) - 1)
                 block_layers.update(_solve_groups(block, adapter, stage, cfg, covs, attn, cos, sin, use_dx,
-                                                  f"{prefix}{i}."))
+                                                  f"{prefix}{i}.", formats))
             layers.update(block_layers)
             for c0 in range(0, n, step):
                 sl = slice(c0, c0 + step)
@@ -189,7 +200,26 @@ def quantize_model(
                 on_block_done(i, block_layers, {"X": X, "X_fp": X_fp})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        embed = quantize_embedding(model, cfg)
+        if embed is not None:
+            layers[EMBEDDING] = embed
     return PipelineResult(layers, time.time() - t0, peak_memory_bytes(device), block_seconds)
+
+
+def quantize_embedding(model: nn.Module, cfg: QuantConfig) -> QuantizedLinear | None:
+    """The token embedding rounded (RTN, range search) onto ``cfg``'s embedding format, or None to keep it
+    in float. It is a lookup table (and the head when tied), so no layer Hessian applies; the fake-quant
+    model then uses the quantized table (and head) exactly as llama.cpp does."""
+    emb = model.get_input_embeddings()
+    fmt = cfg.embedding_format(emb.weight.shape[1], model_shape(model))
+    if not fmt:
+        return None
+    W = emb.weight.detach().float()
+    q = solve_layer(LayerProblem(EMBEDDING, W, torch.eye(W.shape[1]), fmt=fmt),
+                    dataclasses.replace(cfg, method="rtn", grid="search"))
+    with torch.no_grad():
+        emb.weight.copy_(q.dequantize().to(emb.weight.dtype))
+    return q
 
 
 def _collect(
@@ -254,6 +284,7 @@ def _solve_groups(
     sin: torch.Tensor,
     use_dx: bool,
     prefix: str,
+    formats: dict[str, str],
 ) -> dict[str, QuantizedLinear]:
     """Build each layer's problem from the statistics, solve it, and load the fake-quant weight into ``block``."""
     roles = dict(zip("qkv", adapter.LINEAR_GROUPS[0], strict=True))  # by convention the first group is q, k, v
@@ -272,7 +303,7 @@ def _solve_groups(
                 problem = LayerProblem(prefix + name, W, H)
             else:
                 problem = LayerProblem(prefix + name, W, acc.H, cross=acc.C if use_dx else None)
-            problem.fmt = cfg.layer_format(prefix + name, W.shape[1])
+            problem.fmt = formats[prefix + name]
             if attn is not None:
                 if name == roles["q"]:
                     problem.H_row, problem.heads = row_q, row_q.shape[0]

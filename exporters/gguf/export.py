@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
@@ -76,9 +75,17 @@ def export_gguf(ckpt: QuantizedCheckpoint, output: Path, **options: Any) -> Path
     assert ckpt.path is not None
     hf_config = AutoConfig.from_pretrained(ckpt.path)
     tensors = gguf_tensors(ckpt)
+    extra = _extra_kv(ckpt)
+    extra["bits_per_weight"] = round(bits_per_weight(tensors), 4)
     source = source_gguf_of(ckpt)
     tokenizer = None if source is not None else AutoTokenizer.from_pretrained(ckpt.path)
-    return write_gguf(output, hf_config, tokenizer, tensors, source_gguf=source, extra_kv=_extra_kv(ckpt))
+    return write_gguf(output, hf_config, tokenizer, tensors, source_gguf=source, extra_kv=extra)
+
+
+def bits_per_weight(tensors: dict[str, GgufTensor]) -> float:
+    """Bits per weight of the tensor data: 8 x stored bytes / weights (what llama-quantize reports as BPW)."""
+    stored = sum(t.payload().nbytes for t in tensors.values())
+    return 8 * stored / max(1, sum(t.n_elements for t in tensors.values()))
 
 
 def check_gguf_weights(path: str | Path, ckpt: QuantizedCheckpoint) -> dict[str, float]:
@@ -113,6 +120,3 @@ def _unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
     out[perm] = rows
     return out
 
-
-def torch_weight(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array))

@@ -1,18 +1,19 @@
 """Which storage format each layer gets: the requested one, a per-tensor override, or a documented fallback.
 
 ggml's k-quants store 256-column super-blocks, so a layer whose input width is not a multiple of 256 (576 in
-SmolLM2-135M) cannot hold them. As llama-quantize does, such a layer falls back to a 32-column type chosen
-before quantization, so the solver still quantizes onto the grid that is written:
+SmolLM2-135M) cannot hold them. As llama-quantize does (llama.cpp as vendored in llama-cpp-python 0.3.36,
+``llama-quant.cpp``), such a layer falls back to a 32-column type chosen before quantization, so the solver
+still quantizes onto the grid that is written:
 
-======  ========  ==========================================================
-asked   fallback  why
-======  ========  ==========================================================
-q2_k    iq4_nl    llama.cpp's choice (no 2/3-bit 32-block type is as good)
-q3_k    iq4_nl    llama.cpp's choice
-q4_k    q5_0      llama.cpp's choice
-q5_k    q8_0      llama.cpp uses q5_1, which turboboa does not implement yet
-q6_k    q8_0      llama.cpp's choice
-======  ========  ==========================================================
+======  ========
+asked   fallback
+======  ========
+q2_k    q4_0
+q3_k    q4_0
+q4_k    q5_0
+q5_k    q5_1
+q6_k    q8_0
+======  ========
 
 ``--pad-to 256`` (padding the model's widths) is the alternative that keeps k-quants everywhere.
 """
@@ -25,7 +26,7 @@ from turboboa.errors import UserError
 from turboboa.formats.base import format_names, get_format
 
 UNIFORM = "int"
-FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q8_0", "q6_k": "q8_0"}
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 def parse_overrides(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:

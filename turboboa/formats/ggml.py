@@ -11,6 +11,7 @@ type          block  group  level of code q             w (fp32; exact products,
 q4_0          32     32     q - 8                       d*(q-8)
 q4_1          32     32     q                           d*q + m            (m stored in ``grid.dmin``)
 q5_0          32     32     q - 16                      d*(q-16)
+q5_1          32     32     q                           d*q + m            (m stored in ``grid.dmin``)
 q8_0          32     32     q - 128 (byte = q ^ 0x80)   d*(q-128)          (the stored int8 is q - 128)
 iq4_nl        32     32     K[q], K the 16-entry table  d*K[q]
 q2_k          256    16     q                           d*sc_g*q - dmin*m_g
@@ -337,6 +338,28 @@ class Q5_0(_SymmetricBlock32, name="q5_0", ggml_type=T.Q5_0):
         d, qh, qs = _split(raw, (2, 4, 16))
         high = np.unpackbits(qh, axis=1, bitorder="little")
         return BlockFields(q=_unpack_q4_0_nibbles(qs) | (high << 4), d=_f16_values(d))
+
+
+class Q5_1(Q4_1, name="q5_1", ggml_type=T.Q5_1):
+    """``d:fp16 | m:fp16 | qh[4] | qs[16]`` (24 B); ``w = d*q + m``, q in 0..31 (Q4_1's grid, Q5_0's bits)."""
+
+    bits = 5
+    levels = torch.arange(32, dtype=torch.float32)
+
+    @classmethod
+    def _pack_blocks(cls, blocks: BlockFields) -> np.ndarray:
+        """``[d, m, qh, qs]``: ``qh`` and ``qs`` as in Q5_0."""
+        assert blocks.dmin is not None
+        qh = np.packbits(blocks.q >> 4, axis=1, bitorder="little")
+        return np.concatenate([_f16_bytes(blocks.d), _f16_bytes(blocks.dmin), qh, _pack_q4_0_nibbles(blocks.q & 15)],
+                              axis=1)
+
+    @classmethod
+    def _unpack_blocks(cls, raw: np.ndarray) -> BlockFields:
+        """Inverse of :meth:`_pack_blocks`."""
+        d, m, qh, qs = _split(raw, (2, 2, 4, 16))
+        high = np.unpackbits(qh, axis=1, bitorder="little")
+        return BlockFields(q=_unpack_q4_0_nibbles(qs) | (high << 4), d=_f16_values(d), dmin=_f16_values(m))
 
 
 class Q8_0(_SymmetricBlock32, name="q8_0", ggml_type=T.Q8_0):

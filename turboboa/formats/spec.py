@@ -29,11 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from turboboa.formats.base import GgmlFormat, GgmlGrid, get_format
-from turboboa.grids import BlockGrid
+from turboboa.grids import BlockGrid, shrink_search
 
-COARSE = 20
 FINE_STEPS = 100
-_ELEMENTS_PER_BATCH = 1 << 25
 
 
 def _grid_fields(grid: GgmlGrid) -> dict[str, torch.Tensor]:
@@ -63,6 +61,12 @@ def assign_grid_rows(dst: GgmlGrid, rows: slice, src: GgmlGrid) -> None:
     """``dst.field[:, rows] = src.field`` for every field (in place)."""
     for k, v in _grid_fields(src).items():
         getattr(dst, k)[:, rows] = v
+
+
+def _uniform(fmt: type[GgmlFormat]) -> bool:
+    """True when the levels are consecutive integers (``levels[c] = l_0 + c``)."""
+    lv = fmt.levels
+    return bool(torch.equal(lv, lv[0] + torch.arange(lv.numel(), dtype=lv.dtype)))
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,7 @@ class FormatSpec:
         s = scale.unsqueeze(-1).expand(*scale.shape, w.shape[-1])
         o = offset.unsqueeze(-1).expand_as(s)
         wp = w.unsqueeze(0).expand_as(s)
-        codes = self.fmt.quantize_codes(wp, s, o)
-        q = s * self.fmt.levels_on(w.device)[codes.long()] - o
+        q = self.value(self.round(wp, s, o), s, o)
         return ((q - wp) ** 2 * h).sum(-1)
 
     def continuous(self, wg: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,28 +123,11 @@ class FormatSpec:
         if not self.search:
             s, o = self.candidates(wg, one.unsqueeze(0))
             return s[0], o[0]
-        chunk = max(1, _ELEMENTS_PER_BATCH // max(1, wg.numel()))
+        def error(p: torch.Tensor) -> torch.Tensor:
+            s, o = self.candidates(wg, p)
+            return self._group_error(wg, h, s, o)
 
-        def best(ps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            best_p = best_e = None
-            for c0 in range(0, len(ps), chunk):
-                p = torch.stack(ps[c0 : c0 + chunk])
-                s, o = self.candidates(wg, p)
-                e = self._group_error(wg, h, s, o)
-                i = e.argmin(0, keepdim=True)
-                p1, e1 = p.gather(0, i)[0], e.gather(0, i)[0]
-                if best_p is None:
-                    best_p, best_e = p1, e1
-                else:
-                    better = e1 < best_e
-                    best_p, best_e = torch.where(better, p1, best_p), torch.where(better, e1, best_e)
-            return best_p, best_e
-
-        p1, e1 = best([one * (1.0 - i / COARSE) for i in range(COARSE)])
-        step = 1.0 / FINE_STEPS
-        span = FINE_STEPS // COARSE - 1
-        p2, e2 = best([torch.clamp(p1 + j * step, step, 1.0) for j in range(-span, span + 1) if j != 0])
-        p = torch.where(e2 < e1, p2, p1)
+        p = shrink_search(error, one, FINE_STEPS, wg.numel())
         s, o = self.candidates(wg, p.unsqueeze(0))
         return s[0], o[0]
 
@@ -165,8 +151,18 @@ class FormatSpec:
 
     # ------------------------------------------------------------------------------------------ use
     def round(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Codes (float) of the values nearest to ``w``; ``scale``/``offset`` have ``w``'s shape."""
-        return self.fmt.quantize_codes(w, scale, offset).to(w.dtype)
+        """Codes (float) of the values nearest to ``w``; ``scale``/``offset`` have ``w``'s shape.
+
+        For the uniform level tables (every type but IQ4_NL) this is ``clamp(round((w + o) / s) - l_0)``, a few
+        tensor operations per GPTQ column; the exact bracketing search of :meth:`GgmlFormat.quantize_codes`
+        handles IQ4_NL. (Either way ``Q`` is ``value(codes)``, so the export is exact.)
+        """
+        fmt = self.fmt
+        if not _uniform(fmt):
+            return fmt.quantize_codes(w, scale, offset).to(w.dtype)
+        safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+        t = torch.round((w + offset) / safe) - float(fmt.levels[0])
+        return torch.clamp(torch.where(scale != 0, t, torch.zeros_like(t)), 0, fmt.code_max())
 
     def value(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """``fp32(scale * levels[code]) - offset``: ggml's dequantizer (float32)."""
