@@ -109,11 +109,19 @@ def test_cli_export_and_eval_in_llama_cpp(tmp_path, tiny_llama_dir) -> None:
     assert abs(got["ppl"] / ref["ppl"] - 1) < 0.01
 
 
+# llama.cpp's PPL over the fake-quant model's. The weights are bit-identical; what differs is that llama.cpp
+# quantizes the activations inside its dot products: to q8_0 (blocks of 32) for 32-block types, to q8_K (one
+# scale per 256) for k-quants. Measured (4 windows of 512, RTN): Q4_0 +0.3%, padded Q3_K +1.6%. Checked that it
+# is the kernels: the padded TurboBoA Q4_K_M weights written as F32 give 37.0089 in llama.cpp against 37.0087
+# fake-quant, packed as k-quants 37.70 (+1.9%); see bench/results/gguf-vs-llamacpp.md.
+GGUF_PPL_BOUND = {"q4_0": 0.01, "q3_k": 0.025}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt,pad", [("q4_0", 0), ("q3_k", 256)])
 def test_default_model_gguf_matches_its_fake_quant_model(tmp_path, fmt, pad) -> None:
     """SmolLM2-135M as Q4_0, and padded to 256 as Q3_K (every tensor a k-quant): the file decodes to the
-    fake-quant weights exactly and llama.cpp's PPL is within 1% of the fake-quant model's (4 windows of 512)."""
+    fake-quant weights exactly and llama.cpp's PPL is close to the fake-quant model's (4 windows of 512)."""
     pytest.importorskip("llama_cpp")
     cfg = QuantConfig(method="rtn", grid="search", format=fmt, pad_to=pad, embed_format="q8_0", nsamples=4,
                       seqlen=128)
@@ -126,4 +134,4 @@ def test_default_model_gguf_matches_its_fake_quant_model(tmp_path, fmt, pad) -> 
     ref = api.evaluate(str(tmp_path / "q"), seqlen=512, max_windows=4, device="cpu", progress=False)
     got = api.evaluate(str(path), seqlen=512, max_windows=4, progress=False, tokenizer=str(tmp_path / "q"))
     print(f"{fmt} pad {pad}: fake-quant {ref.ppl:.4f}, llama.cpp {got.ppl:.4f}")
-    assert abs(got.ppl / ref.ppl - 1) < 0.01
+    assert abs(got.ppl / ref.ppl - 1) < GGUF_PPL_BOUND[fmt]
