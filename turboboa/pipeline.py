@@ -33,7 +33,7 @@ from .errors import UserError
 from .formats.presets import EMBEDDING, ModelShape
 from .hessians import CovarianceAccumulator
 from .hessians.attention import AttentionStatistics
-from .quantized import QuantizedLinear
+from .quantized import UNIFORM, QuantizedLinear
 from .solvers import HessianError, LayerProblem, solve_layer
 
 # attention probabilities of one chunk are held as (B, H, L, L) float32: keep that under this many elements
@@ -92,7 +92,7 @@ def check_group_size(model: nn.Module, adapter: ArchAdapter, cfg: QuantConfig) -
         for name in adapter.linear_names():
             width = block.get_submodule(name).in_features
             fmt = formats[prefix + name] = cfg.layer_format(prefix + name, width, shape)
-            if fmt == "int" and 0 < group_size and group_size > width:
+            if fmt == UNIFORM and 0 < group_size and group_size > width:
                 raise UserError(
                     f"--group-size {group_size} is wider than the input width {width} of layer {i}.{name}; "
                     "choose a group size of at most the smallest layer width, or -1 for per-channel grids"

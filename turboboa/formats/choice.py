@@ -24,8 +24,8 @@ from fnmatch import fnmatchcase
 
 from turboboa.errors import UserError
 from turboboa.formats.base import format_names, get_format
+from turboboa.quantized import UNIFORM
 
-UNIFORM = "int"
 FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 

@@ -24,6 +24,7 @@ continuous values onto what the block stores (:meth:`GgmlFormat.snap`: fp16 supe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,33 +35,25 @@ from turboboa.grids import BlockGrid, shrink_search
 FINE_STEPS = 100
 
 
-def _grid_fields(grid: GgmlGrid) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in (("d", grid.d), ("dmin", grid.dmin), ("sc", grid.sc), ("m", grid.m)) if v is not None}
+def map_grid(grid: GgmlGrid, fn: Callable[[torch.Tensor], torch.Tensor]) -> GgmlGrid:
+    """``grid`` with ``fn`` applied to every stored field (absent fields stay None)."""
+    return GgmlGrid(**{k: None if v is None else fn(v) for k, v in vars(grid).items()})
 
 
 def reshape_grid(grid: GgmlGrid, *shape: int) -> GgmlGrid:
     """Every field of ``grid`` reshaped to ``(*shape, -1)``."""
-    return GgmlGrid(**{k: v.reshape(*shape, -1) for k, v in _grid_fields(grid).items()})
+    return map_grid(grid, lambda t: t.reshape(*shape, -1))
 
 
-def cat_grids(grids: list[GgmlGrid]) -> GgmlGrid:
-    """Grids of consecutive column ranges joined along the last axis."""
-    keys = _grid_fields(grids[0]).keys()
-    return GgmlGrid(**{k: torch.cat([getattr(g, k) for g in grids], dim=-1) for k in keys})
+def cat_grids(grids: list[GgmlGrid], dim: int = -1) -> GgmlGrid:
+    """Grids of consecutive column ranges (``dim=-1``) or row blocks (``dim=1``) joined along ``dim``."""
+    keys = [k for k, v in vars(grids[0]).items() if v is not None]
+    return GgmlGrid(**{k: torch.cat([getattr(g, k) for g in grids], dim=dim) for k in keys})
 
 
 def gather_grid_rows(grid: GgmlGrid, index: torch.Tensor) -> GgmlGrid:
     """Rows of every field reordered along dim 1: ``field[b, index[b], :]`` (``index``: ``(B, R)``)."""
-    def g(t: torch.Tensor) -> torch.Tensor:
-        return torch.gather(t, 1, index.unsqueeze(-1).expand(*index.shape, t.shape[-1]))
-
-    return GgmlGrid(**{k: g(v) for k, v in _grid_fields(grid).items()})
-
-
-def assign_grid_rows(dst: GgmlGrid, rows: slice, src: GgmlGrid) -> None:
-    """``dst.field[:, rows] = src.field`` for every field (in place)."""
-    for k, v in _grid_fields(src).items():
-        getattr(dst, k)[:, rows] = v
+    return map_grid(grid, lambda t: torch.gather(t, 1, index.unsqueeze(-1).expand(*index.shape, t.shape[-1])))
 
 
 def _uniform(fmt: type[GgmlFormat]) -> bool:

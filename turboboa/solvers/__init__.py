@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import QuantConfig
-from ..formats.base import GgmlGrid, get_format
-from ..formats.spec import FormatSpec
+from ..formats.base import get_format
+from ..formats.spec import FormatSpec, map_grid
 from ..quantized import UNIFORM, QuantizedLinear
 from .boa import RowOptions, boa_quantize
 from .gptq import ColumnResult, ColumnSolver, Grid, fit_groups
@@ -60,11 +60,7 @@ def _to_linear(res: ColumnResult, d_out: int, cfg: QuantConfig, fmt: str,
                                zero=res.zero.reshape(d_out, -1).float().cpu().contiguous(),
                                bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym)
     format_ = get_format(fmt)
-    grid = GgmlGrid(**{k: None if v is None else v.reshape(d_out, -1).cpu().contiguous()
-                       for k, v in vars(res.stored).items()})
-    grid = GgmlGrid(d=grid.d.float(), dmin=None if grid.dmin is None else grid.dmin.float(),
-                    sc=None if grid.sc is None else grid.sc.to(torch.int32),
-                    m=None if grid.m is None else grid.m.to(torch.int32))
+    grid = map_grid(res.stored, lambda t: t.reshape(d_out, -1).cpu().contiguous())
     scale_g, offset_g = format_.group_scale_offset(grid)
     return QuantizedLinear(codes=codes, scale=scale_g, zero=offset_g, bits=format_.bits,
                            group_size=format_.group_size, sym=not format_.asymmetric, fmt=fmt, grid=grid)

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.base import GgmlGrid
-from ..formats.spec import gather_grid_rows
+from ..formats.spec import cat_grids, gather_grid_rows, map_grid
 from ..grids import BlockGrid
 from .gptq import ColumnResult, ColumnSolver, permute_square
 from .linalg import cholesky_inverse_upper
@@ -90,7 +89,7 @@ def boa_quantize(
         if U_row is not None and blk.stop < d:
             rest = slice(blk.stop, d)
             W[:, rest] -= row_compensation(U_row, blk, rest, Wb - res.Q)
-    stored = None if stored_parts[0] is None else cat_grid_rows(stored_parts)
+    stored = None if stored_parts[0] is None else cat_grids(stored_parts, dim=1)
     if perm is not None:
         inv = torch.argsort(perm, dim=-1)
         Q, codes, scale, zero = (gather_rows(t, inv) for t in (Q, codes, scale, zero))
@@ -100,14 +99,5 @@ def boa_quantize(
 
 def row_slice(grid: BlockGrid, rows: slice) -> BlockGrid:
     """The grids of rows ``rows`` (dim 1) of every field."""
-    stored = None
-    if grid.stored is not None:
-        stored = GgmlGrid(**{k: None if v is None else v[:, rows]
-                             for k, v in vars(grid.stored).items()})
+    stored = None if grid.stored is None else map_grid(grid.stored, lambda t: t[:, rows])
     return BlockGrid(grid.scale[:, rows], grid.offset[:, rows], stored)
-
-
-def cat_grid_rows(parts: list[GgmlGrid]) -> GgmlGrid:
-    """Stored grids of consecutive row blocks joined along dim 1."""
-    keys = [k for k, v in vars(parts[0]).items() if v is not None]
-    return GgmlGrid(**{k: torch.cat([getattr(p, k) for p in parts], dim=1) for k in keys})

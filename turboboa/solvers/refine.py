@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.base import GgmlFormat, GgmlGrid, round_fp16
+from ..formats.spec import map_grid
 from ..grids import expand_groups
 
 
@@ -149,7 +150,7 @@ def refine_format_scales(
     """
     B, R, C = codes.shape
     nb = C // fmt.block_size
-    flat = GgmlGrid(**{k: None if v is None else v.reshape(B * R, -1) for k, v in vars(grid).items()})
+    flat = map_grid(grid, lambda t: t.reshape(B * R, -1))
     Phi = format_bases(fmt, codes.reshape(B * R, C), flat).reshape(B, R, -1, C)  # (B, R, T, C)
     T = Phi.shape[2]
     theta = torch.stack([flat.d] + ([flat.dmin] if flat.dmin is not None else []), 1).reshape(B, R, T, nb)
@@ -173,8 +174,7 @@ def refine_format_scales(
             step = _solve_steps(Mr, b).reshape(B, -1, T, nb)
             new_theta = theta[:, rs] + step
             n = new_theta.shape[1]
-            sub = GgmlGrid(**{k: None if t is None else t.reshape(B, R, -1)[:, rs].reshape(B * n, -1)
-                              for k, t in vars(flat).items()})
+            sub = map_grid(flat, lambda t, rs=rs, n=n: t.reshape(B, R, -1)[:, rs].reshape(B * n, -1))
             cand = _grid_with(sub, new_theta.reshape(B * n, T, nb))
             Qn = fmt.dequantize(codes[:, rs].reshape(B * n, C), cand).reshape(B, n, C)
             dQ = Qn - Q[:, rs]
