@@ -89,15 +89,16 @@ def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, gri
 @click.option("--max-windows", type=int, default=None, help="only the first K windows")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--backend", default="auto", show_default=True,
-              help="auto | torch | llama.cpp (auto: llama.cpp for a .gguf file, torch otherwise)")
+              help="auto | torch | llama.cpp | onnxruntime (auto: llama.cpp for a .gguf file, onnxruntime for "
+                   "an .onnx file, torch otherwise)")
 @click.option("--tokenizer", default=None, help="HF tokenizer folder (or QDIR) for the tokens; default: the model's")
-@click.option("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+@click.option("--threads", type=int, default=None, help="llama.cpp / onnxruntime threads (default: all cores)")
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, device: str, backend: str,
              tokenizer: str | None, threads: int | None, quiet: bool, as_json: bool) -> None:
-    """Perplexity of TARGET: a model (default smollm2-135m), a QDIR (its fake-quant model) or a .gguf file
-    (run in llama.cpp)."""
+    """Perplexity of TARGET: a model (default smollm2-135m), a QDIR (its fake-quant model), a .gguf file
+    (run in llama.cpp) or an .onnx file (run in onnxruntime)."""
     from turboboa import api
 
     res = api.evaluate(target, data=data, seqlen=seqlen, max_windows=max_windows, device=device,
@@ -111,16 +112,22 @@ def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, devic
 
 @app.command(name="export")
 @click.argument("qdir")
-@click.option("--to", "to", required=True, help="exporter name: gguf (or one registered by a plugin)")
+@click.option("--to", "to", required=True, help="exporter name: gguf, onnx (or one registered by a plugin)")
 @click.option("-o", "--output", required=True, help="file to write")
-def export_cmd(qdir: str, to: str, output: str) -> None:
-    """Pack the quantized checkpoint QDIR into a runtime file (-o), e.g. a llama.cpp GGUF."""
+@click.option("--opset", type=int, default=None, help="onnx: opset (default 21; 25 stores 2-bit grids as int2)")
+@click.option("--profile", default=None, help="onnx: generic (default) | npu (symmetric int4/int8, static shapes)")
+@click.option("--seqlen", type=int, default=None,
+              help="onnx: static sequence length (default: dynamic under generic, 512 under npu)")
+def export_cmd(qdir: str, to: str, output: str, opset: int | None, profile: str | None, seqlen: int | None) -> None:
+    """Pack the quantized checkpoint QDIR into a runtime file (-o), e.g. a llama.cpp GGUF or a QDQ ONNX model."""
     from exporters import export
     from turboboa.checkpoint import load_qdir
 
+    options = {k: v for k, v in {"opset": opset, "profile": profile, "seqlen": seqlen}.items() if v is not None}
     ckpt = load_qdir(qdir)
-    path = export(ckpt, to, output)
-    size = path.stat().st_size
+    path = export(ckpt, to, output, **options)
+    data = path.with_name(path.name + ".data")  # an ONNX model's external tensors, when it has them
+    size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
     n_params = sum(q.codes.numel() for q in ckpt.layers.values())
     n_params += sum(t.numel() for t in ckpt.float_tensors.values())
     click.echo(f"wrote {path}: {size / 2**20:.1f} MiB, {8 * size / n_params:.3f} bits per weight of the file "

@@ -19,7 +19,7 @@ from turboboa.errors import UserError
 Exporter = Callable[..., Path]
 ENTRY_POINT_GROUP = "turboboa.exporters"
 # built-in exporters: name -> "module:function", imported on first use
-_BUILTIN = {"gguf": "exporters.gguf.export:export_gguf"}
+_BUILTIN = {"gguf": "exporters.gguf.export:export_gguf", "onnx": "exporters.onnx.export:export_onnx"}
 _REGISTRY: dict[str, Exporter] = {}
 
 

@@ -104,22 +104,36 @@ def gguf_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+def is_onnx_file(target: str) -> bool:
+    return str(target).endswith(".onnx")
+
+
+BACKENDS = ("auto", "torch", "llama.cpp", "onnxruntime")
+
+
 def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
              device: str = "auto", progress: bool = True, backend: str = "auto",
              tokenizer: str | None = None, threads: int | None = None) -> PerplexityResult:
     """Perplexity of ``target`` on ``data``'s evaluation text, non-overlapping windows of ``seqlen`` tokens.
 
-    ``target``: a model spec (float torch model), a QDIR (fake-quant torch model) or a ``.gguf`` file, which
-    ``backend`` "auto" runs in llama.cpp ("torch" reads it with transformers instead). The tokens always
-    come from a Hugging Face tokenizer: ``tokenizer`` (a folder or QDIR), else the model's own (for a GGUF
-    file, the one transformers builds from its metadata), so every backend scores the same windows.
+    ``target``: a model spec (float torch model), a QDIR (fake-quant torch model), a ``.gguf`` file, which
+    ``backend`` "auto" runs in llama.cpp ("torch" reads it with transformers instead), or an ``.onnx`` file,
+    run in onnxruntime. The tokens always come from a Hugging Face tokenizer: ``tokenizer`` (a folder or
+    QDIR), else the model's own (for a GGUF file, the one transformers builds from its metadata; for an ONNX
+    file, the one recorded at export), so every backend scores the same windows.
     """
     if seqlen < 2:
         raise UserError("--seqlen must be >= 2")
-    if backend not in ("auto", "torch", "llama.cpp"):
-        raise UserError(f"unknown --backend {backend!r}; choose auto, torch or llama.cpp")
+    if backend not in BACKENDS:
+        raise UserError(f"unknown --backend {backend!r}; choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
     if backend == "llama.cpp" and not is_gguf_file(target):
         raise UserError(f"--backend llama.cpp runs a .gguf file; {target} is not one")
+    if backend == "onnxruntime" and not is_onnx_file(target):
+        raise UserError(f"--backend onnxruntime runs an .onnx file; {target} is not one")
+    if is_onnx_file(target) and backend not in ("auto", "onnxruntime"):
+        raise UserError(f"{target} is an ONNX file; evaluate it with --backend onnxruntime (or auto)")
+    if is_onnx_file(target):
+        return evaluate_onnx(Path(target), data, seqlen, max_windows, progress, tokenizer, threads)
     if is_gguf_file(target) and backend != "torch":
         return evaluate_gguf(Path(target), data, seqlen, max_windows, progress, tokenizer, threads)
     dev = select_device(device)
@@ -131,6 +145,26 @@ def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windo
     windows = make_windows(eval_tokens(tok, data), seqlen, max_windows)
     model.to(dev)
     return perplexity(torch_logits_fn(model, dev), windows, name, progress=progress)
+
+
+def evaluate_onnx(path: Path, data: str, seqlen: int, max_windows: int | None, progress: bool,
+                  tokenizer: str | None = None, threads: int | None = None) -> PerplexityResult:
+    """Perplexity of an exported ONNX decoder in onnxruntime (CPU, float activations: see
+    :mod:`runtime_check.onnxrt`) on the windows of its recorded tokenizer (or ``tokenizer``); the session
+    settings used are in ``extra["onnxruntime"]``."""
+    from transformers import AutoTokenizer
+
+    from runtime_check.onnxrt import onnx_logits_fn
+
+    with onnx_logits_fn(path, threads=threads) as fn:
+        fn.check_length(seqlen)
+        folder = fn.tokenizer(tokenizer)
+        tok = AutoTokenizer.from_pretrained(folder)
+        windows = make_windows(eval_tokens(tok, data), seqlen, max_windows)
+        result = perplexity(fn, windows, "onnxruntime", progress=progress)
+        result.extra["onnxruntime"] = fn.describe()
+        result.extra["tokenizer"] = folder
+    return result
 
 
 def evaluate_gguf(path: Path, data: str, seqlen: int, max_windows: int | None, progress: bool,

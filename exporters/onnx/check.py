@@ -1,0 +1,64 @@
+"""The exported weights against the QDIR, evaluated by onnxruntime itself.
+
+For every quantized layer the file's DequantizeLinear node is run alone (a one-node model holding its own
+initializers, session level ``ORT_DISABLE_ALL`` so nothing is folded or fused) and its output ``[K, N]`` is
+compared with ``QuantizedLinear.dequantize().T``; a quantized embedding (stored dequantized) is compared
+as its float initializer. All differences zero means the file computes with exactly the QDIR's weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
+from turboboa.checkpoint import QuantizedCheckpoint
+from turboboa.errors import UserError
+
+from .arch import EMBEDDING
+from .weights import WEIGHT_SUFFIX
+
+
+def node_model(model: ModelProto, node: NodeProto, initializers: dict[str, TensorProto]) -> ModelProto:
+    """A model of ``node`` alone with its constant inputs, same opset and IR version as ``model``."""
+    graph = helper.make_graph([node], "weight", [],
+                              [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+                              initializer=[initializers[name] for name in node.input if name])
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def run_alone(single: ModelProto) -> np.ndarray:
+    """The only output of ``single`` computed by onnxruntime (CPU, no graph optimizations, one thread)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(single.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session.run(None, {})[0]
+
+
+def check_onnx_weights(path: str | os.PathLike[str], ckpt: QuantizedCheckpoint) -> dict[str, float]:
+    """For every quantized layer of ``ckpt``: max |onnxruntime's DequantizeLinear output - fake-quant weight|
+    (transposed back to HF layout). All zeros mean the file holds exactly the checkpoint's weights."""
+    model = onnx.load(str(path))
+    initializers = {t.name: t for t in model.graph.initializer}
+    dq = {node.output[0][: -len(WEIGHT_SUFFIX)]: node for node in model.graph.node
+          if node.op_type == "DequantizeLinear" and node.output[0].endswith(WEIGHT_SUFFIX)}
+    out = {}
+    for name, q in ckpt.layers.items():
+        expected = q.dequantize().numpy()
+        if name in dq:
+            got = run_alone(node_model(model, dq[name], initializers)).T
+        elif name == EMBEDDING and f"{name}.weight" in initializers:
+            got = numpy_helper.to_array(initializers[f"{name}.weight"], base_dir=str(Path(path).parent))
+        else:
+            raise UserError(f"{path} has no DequantizeLinear for {name}; it was not exported from this QDIR")
+        if got.shape != expected.shape:
+            raise UserError(f"{path} holds {name} as {got.shape}, the QDIR as {expected.shape}; "
+                            f"it was not exported from this QDIR")
+        out[name] = float(np.abs(got.astype(np.float32) - expected).max()) if expected.size else 0.0
+    return out

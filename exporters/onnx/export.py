@@ -1,0 +1,119 @@
+"""A QDIR as a QDQ ONNX decoder: integer weights feeding DequantizeLinear, float activations, logits out.
+
+:func:`export_onnx` builds the graph (:mod:`.graph`) under an export profile (:mod:`.profiles`), records the
+quantization in ``metadata_props`` (:mod:`.metadata`), runs ``onnx.checker.check_model(full_check=True)`` on
+the written file and renames it into place; a model whose tensors exceed :data:`EXTERNAL_DATA_THRESHOLD`
+bytes keeps them in ``<name>.data`` beside it. :func:`check_onnx_weights` (:mod:`.check`) confirms in
+onnxruntime that every DequantizeLinear output equals the QDIR's fake-quant weight exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import ModelProto, helper
+
+from turboboa.checkpoint import QuantizedCheckpoint
+from turboboa.errors import UserError
+
+from .arch import decoder_spec
+from .check import check_onnx_weights
+from .graph import build_decoder
+from .metadata import has_tokenizer, metadata_props, package_version
+from .profiles import make_profile
+
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "check_onnx_weights", "export_onnx", "external_data_path"]
+
+# protobuf cannot serialize a message of 2 GiB or more; leave room for the graph itself
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+
+def external_data_path(output: Path) -> Path:
+    """Where the tensors of a model written with external data are: ``<output name>.data`` beside it."""
+    return output.with_name(output.name + ".data")
+
+
+def tensor_bytes(model: ModelProto) -> int:
+    """Bytes of all initializers' payloads (what decides whether the proto fits 2 GiB)."""
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def write_model(model: ModelProto, output: Path) -> Path:
+    """Write ``model`` to ``output`` through a temporary folder beside it: save (external data when large),
+    run the full checker on the file, then rename into place. Nothing is left half-written."""
+    if output.is_dir():
+        raise UserError(f"{output} is a folder; pass a file name ending in .onnx")
+    external = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data = external_data_path(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    except OSError as e:
+        raise UserError(f"cannot write {output} ({e.strerror}); choose another -o location") from None
+    try:
+        tmp = tmp_dir / output.name
+        if external:
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+        else:
+            onnx.save_model(model, tmp)
+        onnx.checker.check_model(str(tmp), full_check=True)
+        for f in tmp_dir.iterdir():
+            os.chmod(f, 0o644)
+        if external:
+            os.replace(tmp_dir / data.name, data)
+        os.replace(tmp, output)
+        if not external and data.exists():
+            data.unlink()  # left by an earlier export to the same name
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return output
+
+
+def build_model(ckpt: QuantizedCheckpoint, opset: int | None = None, profile: str = "generic",
+                seqlen: int | None = None, tokenizer: str | os.PathLike[str] | None = None) -> ModelProto:
+    """The ONNX model of ``ckpt`` (see :func:`export_onnx`), in memory."""
+    from transformers import AutoConfig
+
+    if ckpt.path is None:
+        raise UserError("the checkpoint has no folder; load it with load_qdir")
+    rules = make_profile(profile, opset, seqlen)
+    hf_config = AutoConfig.from_pretrained(ckpt.path)
+    spec = decoder_spec(hf_config)
+    graph, built = build_decoder(ckpt, spec, hf_config, rules)
+    tok = Path(tokenizer) if tokenizer is not None else Path(ckpt.path)
+    if tokenizer is not None and not has_tokenizer(tok):
+        raise UserError(f"--tokenizer {tok} holds no Hugging Face tokenizer files; pass a tokenizer folder or QDIR")
+    opset_ids = [helper.make_opsetid("", rules.opset)]
+    model = helper.make_model(graph, opset_imports=opset_ids, producer_name="turboboa",
+                              producer_version=package_version(),
+                              ir_version=helper.find_min_ir_version_for(opset_ids))
+    model.doc_string = (f"turboboa {ckpt.config.method} w{ckpt.config.bits} decoder in QDQ form "
+                        f"(profile {rules.name}, opset {rules.opset})")
+    props = metadata_props(ckpt, spec, rules, built.encoded.values(), built.embedding_note,
+                           tok if has_tokenizer(tok) else None)
+    helper.set_model_props(model, props)
+    return model
+
+
+def export_onnx(ckpt: QuantizedCheckpoint, output: Path, opset: int | None = None, profile: str = "generic",
+                seqlen: int | None = None, tokenizer: str | os.PathLike[str] | None = None,
+                **options: Any) -> Path:
+    """Write ``ckpt`` as the QDQ ONNX file ``output`` and return its path.
+
+    ``profile``: ``generic`` (default opset 21, up to 25; dynamic sequence length unless ``seqlen``) or
+    ``npu`` (symmetric int4/int8, per channel or blocks of 32/64/128, opset 21, static ``seqlen``, 512 by
+    default). ``tokenizer``: the folder recorded for ``turboboa eval`` (default: the QDIR). The same
+    checkpoint and options give a byte-identical file.
+    """
+    if options:
+        raise UserError(f"the onnx exporter takes no options {sorted(options)}; it takes opset, profile, seqlen")
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise UserError(f"the ONNX file name {output.name} must end in .onnx (turboboa eval recognizes it by that)")
+    return write_model(build_model(ckpt, opset, profile, seqlen, tokenizer), output)

@@ -1,0 +1,244 @@
+"""The Llama-family decoder as an ONNX graph: ``input_ids`` int64 ``[1, T]`` -> ``logits`` float32 ``[1, T, V]``.
+
+Equations (``D`` hidden, ``H`` query heads, ``G`` KV heads, ``d`` head size, ``r = H / G``):
+
+* ``h_0 = E[input_ids]`` (Gather);
+* per block ``i``: ``x = RMSNorm(h)``, ``q, k, v = x W_q^T (+ b_q), ...`` split into heads, RoPE
+  ``q~ = q * cos + rotate_half(q) * sin`` (same for ``k``), KV heads repeated so query head ``h`` reads KV head
+  ``h // r``, ``A = softmax(q~ k~^T / sqrt(d) + M)`` with the causal mask ``M`` (0 on and below the diagonal,
+  float32 min above), ``h += concat_h(A v) W_o^T``, then ``y = RMSNorm(h)`` and
+  ``h += (silu(y W_gate^T) * (y W_up^T)) W_down^T`` with ``silu(a) = a * sigmoid(a)``;
+* ``RMSNorm(x) = x * 1 / sqrt(mean(x^2) + eps) * w`` over the last axis, with the config's ``eps``;
+* ``logits = RMSNorm(h_L) W_head^T``, ``W_head = E`` when the embeddings are tied.
+
+Every quantized linear weight comes from its DequantizeLinear (:mod:`.weights`) and feeds the MatMul directly.
+The sequence length ``T`` is either static (RoPE tables and mask are constants) or the dynamic dimension
+``seq`` (a RoPE table for every position the model supports, sliced to ``T`` rows, and a mask built from
+``Range(T)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from onnx import GraphProto, TensorProto, helper
+
+from turboboa.checkpoint import QuantizedCheckpoint
+from turboboa.errors import UserError
+
+from .arch import ATTENTION, EMBEDDING, FINAL_NORM, HEAD, MLP, DecoderSpec
+from .builder import GraphBuilder
+from .profiles import ExportProfile
+from .rope import rope_tables
+from .weights import EncodedWeight, encode_weight
+
+INPUT = "input_ids"
+OUTPUT = "logits"
+DYNAMIC_DIM = "seq"
+MASK_VALUE = np.finfo(np.float32).min
+
+
+class DecoderGraph:
+    """Builds the decoder of ``ckpt`` under ``profile``; :meth:`build` returns the graph."""
+
+    def __init__(self, ckpt: QuantizedCheckpoint, spec: DecoderSpec, hf_config: Any, profile: ExportProfile) -> None:
+        self.ckpt, self.spec, self.hf_config, self.profile = ckpt, spec, hf_config, profile
+        self.b = GraphBuilder()
+        self.encoded: dict[str, EncodedWeight] = {}
+        self.embedding_note = "float32"
+        self._used_floats: set[str] = set()
+        self._used_layers: set[str] = set()
+        self._shapes: dict[tuple[int, ...], str] = {}
+
+    # --- tensors of the checkpoint -------------------------------------------------------------------
+
+    def float_tensor(self, name: str) -> np.ndarray:
+        """The float32 tensor ``name`` of the checkpoint; missing is a UserError (an incomplete QDIR)."""
+        t = self.ckpt.float_tensors.get(name)
+        if t is None:
+            raise UserError(f"{self.ckpt.path} lacks the tensor {name}; the QDIR is incomplete, quantize again")
+        self._used_floats.add(name)
+        return np.ascontiguousarray(t.float().numpy())
+
+    def weight(self, name: str) -> str:
+        """The ``[K, N]`` weight of linear layer ``name``: its DequantizeLinear output when quantized, else a
+        float32 initializer holding the transposed HF weight."""
+        q = self.ckpt.layers.get(name)
+        if q is None:
+            return self.b.const(f"{name}.weight_t", self.float_tensor(f"{name}.weight").T, scoped=False)
+        self._used_layers.add(name)
+        encoded = encode_weight(self.b, name, q, self.profile)
+        self.encoded[name] = encoded
+        return encoded.output
+
+    def embedding(self) -> str:
+        """The token embedding ``[V, D]`` float32; a quantized one (a ggml type) is dequantized into it."""
+        q = self.ckpt.layers.get(EMBEDDING)
+        if q is None:
+            return self.b.const(f"{EMBEDDING}.weight", self.float_tensor(f"{EMBEDDING}.weight"), scoped=False)
+        self._used_layers.add(EMBEDDING)
+        self.embedding_note = f"float32, dequantized from {q.fmt}"
+        return self.b.const(f"{EMBEDDING}.weight", np.ascontiguousarray(q.dequantize().numpy()), scoped=False)
+
+    # --- building blocks ---------------------------------------------------------------------------------
+
+    def shape(self, *dims: int | None) -> str:
+        """An int64 shape constant; ``None`` stands for ``T`` (``-1`` when ``T`` is dynamic)."""
+        t = self.profile.seqlen if self.profile.static else -1
+        key = tuple(int(t if d is None else d) for d in dims)  # type: ignore[arg-type]
+        if key not in self._shapes:
+            name = "shape_" + "x".join(str(v) for v in key)
+            self._shapes[key] = self.b.const(name, np.array(key, dtype=np.int64), scoped=False)
+        return self._shapes[key]
+
+    def activation(self, x: str) -> str:
+        """The input of a linear layer: ``x`` itself while activations stay float (``profile.act_bits`` is
+        None). Static activation quantization inserts its QuantizeLinear/DequantizeLinear pair here."""
+        if self.profile.act_bits is not None:
+            raise UserError("static activation quantization (--act-bits) is not available in this version")
+        return x
+
+    def linear(self, x: str, name: str) -> str:
+        """``x W^T (+ b)`` for linear layer ``name``."""
+        weight = self.weight(name)
+        with self.b.scope(name):
+            y = self.b.op("MatMul", [self.activation(x), weight])
+            if f"{name}.bias" in self.ckpt.float_tensors:
+                bias = self.b.const("bias", self.float_tensor(f"{name}.bias"))
+                y = self.b.op("Add", [y, bias], "BiasAdd")
+        return y
+
+    def rms_norm(self, x: str, name: str) -> str:
+        """``x * 1 / sqrt(mean(x^2, -1) + eps) * w``."""
+        with self.b.scope(name):
+            w = self.b.const("weight", self.float_tensor(f"{name}.weight"))
+            eps = self.b.const("eps", np.array(self.spec.eps, dtype=np.float32))
+            axes = self.b.const("axes", np.array([-1], dtype=np.int64))
+            square = self.b.op("Mul", [x, x], "Square")
+            mean = self.b.op("ReduceMean", [square, axes], keepdims=1)
+            std = self.b.op("Sqrt", [self.b.op("Add", [mean, eps], "AddEps")])
+            normed = self.b.op("Mul", [x, self.b.op("Reciprocal", [std])], "Normalize")
+            return self.b.op("Mul", [normed, w], "Scale")
+
+    def rope(self, x: str, cos: str, sin: str, name: str) -> str:
+        """``x * cos + rotate_half(x) * sin`` with ``rotate_half([x1, x2]) = [-x2, x1]`` on the last axis."""
+        half = self.spec.head_dim // 2
+        with self.b.scope(name):
+            split = self.b.const("split", np.array([half, half], dtype=np.int64))
+            x1, x2 = self.b.op("Split", [x, split], outputs=2, axis=-1)
+            rotated = self.b.op("Concat", [self.b.op("Neg", [x2]), x1], axis=-1)
+            return self.b.op("Add", [self.b.op("Mul", [x, cos], "MulCos"), self.b.op("Mul", [rotated, sin], "MulSin")])
+
+    def heads(self, x: str, n: int, name: str) -> str:
+        """``[1, T, n d]`` -> ``[1, n, T, d]``."""
+        split = self.b.op("Reshape", [x, self.shape(1, None, n, self.spec.head_dim)], f"{name}/Reshape")
+        return self.b.op("Transpose", [split], f"{name}/Transpose", perm=[0, 2, 1, 3])
+
+    def repeat_kv(self, x: str, name: str) -> str:
+        """KV heads ``[1, G, T, d]`` -> ``[1, H, T, d]``: query head ``h`` reads KV head ``h // (H / G)``."""
+        spec = self.spec
+        if spec.heads == spec.kv_heads:
+            return x
+        index = np.arange(spec.heads, dtype=np.int64) // (spec.heads // spec.kv_heads)
+        return self.b.op("Gather", [x, self.b.const(f"{name}/kv_of_head", index)], f"{name}/RepeatKV", axis=1)
+
+    def attention(self, x: str, block: str, cos: str, sin: str, mask: str) -> str:
+        """Causal grouped-query attention of one block, through o_proj."""
+        spec = self.spec
+        q_name, k_name, v_name, o_name = (f"{block}.{n}" for n in ATTENTION)
+        q = self.heads(self.linear(x, q_name), spec.heads, f"{block}.self_attn/q")
+        k = self.heads(self.linear(x, k_name), spec.kv_heads, f"{block}.self_attn/k")
+        v = self.heads(self.linear(x, v_name), spec.kv_heads, f"{block}.self_attn/v")
+        with self.b.scope(f"{block}.self_attn"):
+            q = self.rope(q, cos, sin, "q_rope")
+            k = self.repeat_kv(self.rope(k, cos, sin, "k_rope"), "k")
+            v = self.repeat_kv(v, "v")
+            k_t = self.b.op("Transpose", [k], "k_transposed", perm=[0, 1, 3, 2])
+            scale = self.b.const("scale", np.array(spec.head_dim**-0.5, dtype=np.float32))
+            scores = self.b.op("Mul", [self.b.op("MatMul", [q, k_t], "QK"), scale], "Scaled")
+            probs = self.b.op("Softmax", [self.b.op("Add", [scores, mask], "Masked")], axis=-1)
+            out = self.b.op("Transpose", [self.b.op("MatMul", [probs, v], "AV")], "merge/Transpose", perm=[0, 2, 1, 3])
+            out = self.b.op("Reshape", [out, self.shape(1, None, spec.heads * spec.head_dim)], "merge/Reshape")
+        return self.linear(out, o_name)
+
+    def mlp(self, y: str, block: str) -> str:
+        """``(silu(y W_gate^T) * (y W_up^T)) W_down^T``."""
+        gate_name, up_name, down_name = (f"{block}.{n}" for n in MLP)
+        gate, up = self.linear(y, gate_name), self.linear(y, up_name)
+        with self.b.scope(f"{block}.mlp"):
+            silu = self.b.op("Mul", [gate, self.b.op("Sigmoid", [gate])], "SiLU")
+            gated = self.b.op("Mul", [silu, up], "Gate")
+        return self.linear(gated, down_name)
+
+    def positions(self) -> tuple[str, str, str]:
+        """``(cos, sin, mask)``: RoPE tables ``[T, d]`` and the additive causal mask ``[T, T]``."""
+        spec, b = self.spec, self.b
+        if self.profile.static:
+            t = int(self.profile.seqlen)  # type: ignore[arg-type]
+            cos, sin = rope_tables(self.hf_config, t, spec.head_dim)
+            future = np.triu(np.ones((t, t), dtype=bool), k=1)
+            mask = np.where(future, MASK_VALUE, np.float32(0)).astype(np.float32)
+            return b.const("rope_cos", cos), b.const("rope_sin", sin), b.const("causal_mask", mask)
+        cos_table, sin_table = rope_tables(self.hf_config, spec.max_positions, spec.head_dim)
+        with b.scope("positions"):
+            shape = b.op("Shape", [INPUT])
+            t = b.op("Gather", [shape, b.const("seq_axis", np.array(1, dtype=np.int64))], "SeqLen", axis=0)
+            zero, one = b.const("zero", np.array(0, dtype=np.int64)), b.const("one", np.array(1, dtype=np.int64))
+            pos = b.op("Range", [zero, t, one], "Positions")
+            ends = b.op("Unsqueeze", [t, b.const("axis0", np.array([0], dtype=np.int64))], "SeqLen1d")
+            starts = b.const("starts", np.array([0], dtype=np.int64))
+            cos = b.op("Slice", [b.const("rope_cos_table", cos_table), starts, ends, starts], "rope_cos")
+            sin = b.op("Slice", [b.const("rope_sin_table", sin_table), starts, ends, starts], "rope_sin")
+            query = b.op("Unsqueeze", [pos, b.const("axis1", np.array([1], dtype=np.int64))], "QueryPos")
+            key = b.op("Unsqueeze", [pos, b.const("axis0_key", np.array([0], dtype=np.int64))], "KeyPos")
+            future = b.op("Greater", [key, query], "Future")
+            mask = b.op("Where", [future, b.const("mask_value", np.array(MASK_VALUE, dtype=np.float32)),
+                                  b.const("mask_zero", np.array(0, dtype=np.float32))], "causal_mask")
+        return cos, sin, mask
+
+    # --- the whole graph ---------------------------------------------------------------------------------
+
+    def build(self) -> GraphProto:
+        """Embedding, blocks, final norm, head; checks that every tensor of the checkpoint was used."""
+        spec, b = self.spec, self.b
+        cos, sin, mask = self.positions()
+        embedding = self.embedding()
+        h = b.op("Gather", [embedding, INPUT], f"{EMBEDDING}/Gather", axis=0)
+        for i in range(spec.layers):
+            block = spec.block(i)
+            x = self.rms_norm(h, f"{block}.input_layernorm")
+            h = b.op("Add", [h, self.attention(x, block, cos, sin, mask)], f"{block}/AttentionResidual")
+            y = self.rms_norm(h, f"{block}.post_attention_layernorm")
+            h = b.op("Add", [h, self.mlp(y, block)], f"{block}/MlpResidual")
+        h = self.rms_norm(h, FINAL_NORM)
+        if spec.tied:
+            head = b.op("Transpose", [embedding], f"{HEAD}/TiedEmbedding", perm=[1, 0])
+        else:
+            head = self.weight(HEAD)
+        b.op("MatMul", [h, head], f"{HEAD}/MatMul", output_names=[OUTPUT])
+        self._check_all_used()
+        t: int | str = self.profile.seqlen if self.profile.static else DYNAMIC_DIM  # type: ignore[assignment]
+        inputs = [helper.make_tensor_value_info(INPUT, TensorProto.INT64, [1, t])]
+        outputs = [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [1, t, spec.vocab])]
+        return helper.make_graph(b.nodes, "turboboa_decoder", inputs, outputs, initializer=b.initializers)
+
+    def _check_all_used(self) -> None:
+        """Every quantized layer and float tensor of the checkpoint must be in the graph (nothing dropped)."""
+        left = sorted(set(self.ckpt.layers) - self._used_layers)
+        if self.spec.tied:
+            self._used_floats.add(f"{HEAD}.weight")
+        left += sorted(set(self.ckpt.float_tensors) - self._used_floats)
+        if left:
+            raise UserError(f"the ONNX graph of a {self.spec.model_type} model has no place for {left[0]}"
+                            f"{f' (and {len(left) - 1} more)' if len(left) > 1 else ''}; this checkpoint's "
+                            f"architecture differs from what the exporter computes")
+
+
+def build_decoder(ckpt: QuantizedCheckpoint, spec: DecoderSpec, hf_config: Any,
+                  profile: ExportProfile) -> tuple[GraphProto, DecoderGraph]:
+    """The decoder graph of ``ckpt`` and the builder that made it (its ``encoded`` weights, embedding note)."""
+    if profile.static and profile.seqlen > spec.max_positions:  # type: ignore[operator]
+        raise UserError(f"--seqlen {profile.seqlen} exceeds the model's {spec.max_positions} positions")
+    graph = DecoderGraph(ckpt, spec, hf_config, profile)
+    return graph.build(), graph
