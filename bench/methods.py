@@ -58,6 +58,7 @@ def write_table(doc: dict, path: Path) -> None:
         f"{doc['machine']['cpus']} CPUs, torch {doc['machine']['torch']}, "
         f"device {doc['machine']['cuda'] or 'cpu'}.",
         "",
+        *([doc["note"], ""] if doc.get("note") else []),
         "| method | bits | group | PPL | quantize time (s) | peak memory (GiB) |",
         "|---|---|---|---|---|---|",
     ]
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--note", default=None, help="a remark on the run (machine load, ...) printed under the table's header")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     settings = {"methods": a.methods.split(","), "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed,
@@ -112,6 +114,8 @@ def main() -> None:
     if doc.get("settings") != settings:
         doc = {"settings": settings, "runs": {}}
     doc["machine"] = machine()
+    if a.note:
+        doc["note"] = a.note
     ev = ["--seqlen", str(a.eval_seqlen), "--json", "-q", "--device", a.device]
     if a.max_windows:
         ev += ["--max-windows", str(a.max_windows)]
