@@ -23,13 +23,15 @@ def app() -> None:
 @click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--method", default="turboboa", show_default=True, help="rtn | gptq | boa | turboboa")
 @click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8")
-@click.option("--group-size", type=int, default=128, show_default=True, help="-1 = per output channel")
+@click.option("--group-size", type=int, default=None,
+              help="-1 = per output channel (default 128); under --format lpbq4 its block: 16, 32 (default), "
+                   "64, 128")
 @click.option("--sym", is_flag=True, help="symmetric grids (zero point 2^(bits-1))")
 @click.option("--grid", default="auto", show_default=True,
               help="minmax | search (Hessian-weighted range search) | auto (search except for rtn)")
 @click.option("--format", "fmt", default="int", show_default=True,
-              help="int (uniform grid of --bits/--group-size) or a ggml type the GGUF file stores: "
-                   "q2_k q3_k q4_k q5_k q6_k q4_0 q4_1 q5_0 q8_0 iq4_nl")
+              help="int (uniform grid of --bits/--group-size), a ggml type the GGUF file stores: "
+                   "q2_k q3_k q4_k q5_k q6_k q4_0 q4_1 q5_0 q8_0 iq4_nl, or lpbq4 (Qualcomm LPBQ, for ONNX)")
 @click.option("--tensor-format", "tensor_formats", multiple=True, metavar="PATTERN=TYPE",
               help="per-layer format override by module-name pattern, e.g. '*.down_proj=q6_k' (repeatable)")
 @click.option("--preset", default="", help="llama-quantize-like file type: Q2_K, Q3_K_S, Q3_K_M or Q4_K_M "
@@ -37,6 +39,10 @@ def app() -> None:
 @click.option("--embed-format", default="", help="ggml type of the token embedding (default: float, or the preset's)")
 @click.option("--pad-to", type=int, default=0, show_default=True,
               help="pad every layer width to a multiple of this (function-preserving), e.g. 256 for k-quants")
+@click.option("--pad-order", default="natural", show_default=True,
+              help="natural (residual zero channels at the end) | activation (they share a 256-block with the "
+                   "largest activations, which llama.cpp's 8-bit activation blocks then round finer; it moves "
+                   "the weights' groups, see the README)")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal (static groups)")
 @click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids from the original weights")
 @click.option("--true-sequential", is_flag=True,
@@ -54,32 +60,67 @@ def app() -> None:
 @click.option("--seqlen", type=int, default=2048, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--act-bits", type=int, default=None,
+              help="also calibrate static activation quantization of every quantized layer's input: 8 or 16 "
+                   "(uint8/uint16 per-tensor, min-max on the calibration set)")
 @click.option("-o", "--output", required=True, help="QDIR folder to write")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
 def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, grid: str, fmt: str,
-             tensor_formats: tuple[str, ...], preset: str, embed_format: str, pad_to: int, act_order: bool,
+             tensor_formats: tuple[str, ...], preset: str, embed_format: str, pad_to: int, pad_order: str,
+             act_order: bool,
              static_groups: bool, true_sequential: bool, percdamp: float, rows: int, alpha: float, no_dx: bool, no_adaptive_grid: bool,
              refine_iters: int, act_order_col: bool, act_order_row: bool, calib: str, nsamples: int, seqlen: int,
-             seed: int, device: str, output: str, quiet: bool, as_json: bool) -> None:
+             seed: int, device: str, act_bits: int | None, output: str, quiet: bool, as_json: bool) -> None:
     """Quantize MODEL (default smollm2-135m) into the quantized checkpoint folder -o QDIR."""
     from turboboa import api
     from turboboa.config import QuantConfig
 
     cfg = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, grid=grid, format=fmt,
                       tensor_formats=tensor_formats, preset=preset, embed_format=embed_format, pad_to=pad_to,
+                      pad_order=pad_order,
                       act_order=act_order,
                       static_groups=static_groups, true_sequential=true_sequential,
                       percdamp=percdamp, rows=rows, alpha=alpha, use_dx=not no_dx,
                       adaptive_grid=not no_adaptive_grid, refine_iters=refine_iters, act_order_col=act_order_col,
                       act_order_row=act_order_row, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    summary = api.quantize(model, cfg, output, device=device, progress=not quiet)
+    summary = api.quantize(model, cfg, output, device=device, progress=not quiet, act_bits=act_bits)
     if as_json:
         click.echo(json.dumps({"output": str(summary.output), "layers": summary.layers,
                                "seconds": round(summary.seconds, 3), "peak_memory_bytes": summary.peak_memory,
-                               "config": cfg.to_dict()}))
+                               "config": cfg.to_dict(), "act_bits": act_bits}))
     else:
-        click.echo(summary.line(cfg), err=True)
+        click.echo(summary.line(cfg) + (f", activations uint{act_bits}" if act_bits else ""), err=True)
+
+
+@app.command()
+@click.argument("qdir")
+@click.option("--act-bits", type=int, required=True,
+              help="8 or 16: uint8/uint16 per-tensor encodings (min-max)")
+@click.option("--calib", default=None, help="calibration data (default: the QDIR's)")
+@click.option("--nsamples", type=int, default=None, help="(default: the QDIR's)")
+@click.option("--seqlen", type=int, default=None, help="(default: the QDIR's)")
+@click.option("--seed", type=int, default=None, help="(default: the QDIR's)")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+def calibrate(qdir: str, act_bits: int, calib: str | None, nsamples: int | None, seqlen: int | None,
+              seed: int | None, device: str, quiet: bool, as_json: bool) -> None:
+    """Add (or replace) static activation encodings in QDIR: a per-tensor scale and zero point for the input
+    of every quantized layer, calibrated on the fake-quant model (rewritten atomically)."""
+    import time
+
+    from turboboa import api
+
+    t0 = time.time()
+    enc = api.calibrate(qdir, act_bits, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                        device=device, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps({"output": qdir, **enc.summary(), "seconds": round(time.time() - t0, 3)}))
+    else:
+        calib = enc.calibration
+        click.echo(f"calibrated {len(enc.layers)} layer inputs, {enc.label()}, on {calib['nsamples']} x "
+                   f"{calib['seqlen']} tokens in {time.time() - t0:.1f} s -> {qdir}", err=True)
 
 
 @app.command(name="eval")
@@ -106,8 +147,10 @@ def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, devic
     if as_json:
         click.echo(json.dumps(res.to_dict()))
     else:
+        act = res.extra.get("activations")
+        note = f", activations {act['scheme']} {act['dtype']} {act['granularity']}" if act else ""
         click.echo(f"{res.backend}: ppl {res.ppl:.4f} over {res.tokens} tokens "
-                   f"({res.windows} windows of {res.seqlen}) in {res.seconds:.1f} s")
+                   f"({res.windows} windows of {res.seqlen}) in {res.seconds:.1f} s{note}")
 
 
 @app.command(name="export")
@@ -118,12 +161,18 @@ def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, devic
 @click.option("--profile", default=None, help="onnx: generic (default) | npu (symmetric int4/int8, static shapes)")
 @click.option("--seqlen", type=int, default=None,
               help="onnx: static sequence length (default: dynamic under generic, 512 under npu)")
-def export_cmd(qdir: str, to: str, output: str, opset: int | None, profile: str | None, seqlen: int | None) -> None:
+@click.option("--act-bits", type=int, default=None,
+              help="onnx: the QDIR's static activation encodings (8 or 16), QuantizeLinear -> "
+                   "DequantizeLinear on each quantized MatMul's input (emitted whenever the QDIR has them; "
+                   "this checks their width)")
+def export_cmd(qdir: str, to: str, output: str, opset: int | None, profile: str | None, seqlen: int | None,
+               act_bits: int | None) -> None:
     """Pack the quantized checkpoint QDIR into a runtime file (-o), e.g. a llama.cpp GGUF or a QDQ ONNX model."""
     from exporters import export
     from turboboa.checkpoint import load_qdir
 
-    options = {k: v for k, v in {"opset": opset, "profile": profile, "seqlen": seqlen}.items() if v is not None}
+    given = {"opset": opset, "profile": profile, "seqlen": seqlen, "act_bits": act_bits}
+    options = {k: v for k, v in given.items() if v is not None}
     ckpt = load_qdir(qdir)
     path = export(ckpt, to, output, **options)
     data = path.with_name(path.name + ".data")  # an ONNX model's external tensors, when it has them

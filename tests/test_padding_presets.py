@@ -7,13 +7,20 @@ import torch
 
 from turboboa.config import QuantConfig
 from turboboa.formats.presets import ModelShape, preset_format, use_more_bits
-from turboboa.models.padding import head_positions, pad_model, padded_heads
+from turboboa.models.padding import (
+    head_positions,
+    pad_model,
+    padded_heads,
+    residual_peaks,
+    residual_placement,
+)
 
 from .conftest import make_tiny_llama
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-def test_padding_preserves_the_function_and_survives_a_reload(tmp_path, default_tokenizer, model_type) -> None:
+@pytest.mark.parametrize("model_type,order", [("llama", "natural"), ("qwen2", "natural"), ("llama", "activation")])
+def test_padding_preserves_the_function_and_survives_a_reload(tmp_path, default_tokenizer, model_type,
+                                                               order) -> None:
     from transformers import AutoModelForCausalLM
 
     folder = make_tiny_llama(tmp_path / "m", default_tokenizer, hidden=96, heads=6, kv_heads=2, intermediate=200,
@@ -26,8 +33,13 @@ def test_padding_preserves_the_function_and_survives_a_reload(tmp_path, default_
     ids = torch.randint(0, 1000, (2, 48), generator=gen)
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-        report = pad_model(model, 64)
+        index = residual_placement(residual_peaks(model, ids), 128, 64) if order == "activation" else None
+        report = pad_model(model, 64, hidden_index=index)
         got = model(input_ids=ids).logits
+    if index is not None:  # zeros sit beside the 32 largest channels, in block 0
+        emb = model.get_input_embeddings().weight
+        assert (emb[:, 32:64] == 0).all() and (emb[:, index] != 0).any(0).all()
+        assert report.pop("hidden_index") == index.tolist()
     assert report == {"hidden": 96, "hidden_padded": 128, "heads": 6, "heads_padded": 8, "intermediate": 200,
                       "intermediate_padded": 256}
     assert all(m.in_features % 64 == 0 for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -36,6 +48,14 @@ def test_padding_preserves_the_function_and_survives_a_reload(tmp_path, default_
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "padded").eval()
     with torch.no_grad():
         assert (again(input_ids=ids).logits - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_residual_placement_puts_the_largest_channels_beside_the_zeros() -> None:
+    peaks = torch.tensor([5.0, 1.0, 9.0, 2.0, 7.0, 3.0])
+    index = residual_placement(peaks, padded=8, multiple=4)  # 2 zeros: block 0 = 2 largest + 2 zeros
+    assert index.tolist() == [4, 5, 0, 6, 1, 7]  # 9 -> 0, 7 -> 1, the others in order after the zeros at 2, 3
+    # zeros filling a whole block: they come first, the channels follow in their own order
+    assert residual_placement(peaks, padded=10, multiple=4).tolist() == [4, 5, 6, 7, 8, 9]
 
 
 def test_padded_heads_keep_their_kv_head() -> None:

@@ -1,7 +1,9 @@
-"""The Python API behind the CLI: ``quantize`` a model into a QDIR and ``evaluate`` a model or QDIR."""
+"""The Python API behind the CLI: ``quantize`` a model into a QDIR, ``calibrate`` a QDIR's static activation
+encodings, and ``evaluate`` a model or QDIR."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -10,11 +12,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import is_qdir, load_fakequant_model, load_qdir, save_qdir
+from .activations import ActivationEncodings, calibrate_activations, check_act_bits
+from .checkpoint import is_qdir, load_fakequant_model, load_qdir, read_meta, save_activations, save_qdir
 from .config import QuantConfig
 from .data import calibration_batch, eval_tokens
 from .errors import UserError
 from .eval.perplexity import PerplexityResult, make_windows, perplexity, torch_logits_fn
+from .formats.presets import EMBEDDING
 from .models import load_float_model
 from .pipeline import check_group_size, quantize_model, select_device
 
@@ -49,22 +53,22 @@ def check_output_location(output: Path) -> None:
 
 
 def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: str = "auto",
-             progress: bool = True) -> QuantizeSummary:
-    """Quantize ``model`` with ``cfg`` and write the QDIR ``output`` (atomically: nothing half-written)."""
+             progress: bool = True, act_bits: int | None = None) -> QuantizeSummary:
+    """Quantize ``model`` with ``cfg`` and write the QDIR ``output`` (atomically: nothing half-written).
+
+    ``act_bits`` (8 or 16): also calibrate static activation encodings (:func:`calibrate`) on the same
+    calibration batch, right after the weights, and store them in the same QDIR."""
     t0 = time.time()
+    check_act_bits(act_bits)
     output = Path(output)
     check_output_location(output)
     dev = select_device(device)
     loaded = load_float_model(model)
     from .arch import get_adapter
 
-    padding = None
-    if cfg.pad_to:
-        from .models.padding import pad_model
-
-        padding = pad_model(loaded.model, cfg.pad_to)
-    check_group_size(loaded.model, get_adapter(loaded.model), cfg)
     calib = calibration_batch(loaded.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+    padding = pad(loaded.model, cfg, calib) if cfg.pad_to else None
+    check_group_size(loaded.model, get_adapter(loaded.model), cfg)
     torch.manual_seed(cfg.seed)
     result = quantize_model(loaded.model, calib, cfg, dev, progress=progress)
     meta: dict[str, Any] = {
@@ -78,8 +82,59 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
                     "block_seconds": [round(s, 3) for s in result.block_seconds],
                     "peak_memory_bytes": result.peak_memory},
     }
-    save_qdir(output, loaded.model, loaded.tokenizer, result.layers, cfg, meta)
+    activations = None
+    if act_bits is not None:
+        layers = [name for name in result.layers if name != EMBEDDING]
+        activations = calibrate_activations(loaded.model, calib, act_bits, layers, dev, progress,
+                                            calibration=meta["calibration"])
+    save_qdir(output, loaded.model, loaded.tokenizer, result.layers, cfg, meta, activations)
     return QuantizeSummary(output, len(result.layers), time.time() - t0, result.peak_memory, loaded.source)
+
+
+def pad(model: Any, cfg: QuantConfig, calib: torch.Tensor) -> dict[str, Any]:
+    """``--pad-to``: widen ``model`` in place; with ``--pad-order activation`` the residual zero channels are
+    placed by the float model's activation peaks on the calibration batch (:mod:`turboboa.models.padding`)."""
+    from .models.padding import pad_model, residual_peaks, residual_placement
+
+    index = None
+    if cfg.pad_order == "activation":
+        padded = -(-model.config.hidden_size // cfg.pad_to) * cfg.pad_to
+        index = residual_placement(residual_peaks(model, calib), padded, cfg.pad_to)
+    report = pad_model(model, cfg.pad_to, hidden_index=index)
+    report["order"] = cfg.pad_order
+    return report
+
+
+def calibrate(qdir: str | os.PathLike, act_bits: int, calib: str | None = None, nsamples: int | None = None,
+              seqlen: int | None = None, seed: int | None = None, device: str = "auto",
+              progress: bool = True) -> ActivationEncodings:
+    """Calibrate static per-tensor activation encodings (uint8/uint16, min-max) for every quantized layer of
+    the QDIR ``qdir`` on its fake-quant model, and add them to it (replacing earlier ones) atomically.
+
+    The calibration set defaults to the QDIR's own (data, nsamples, seqlen, seed); each argument overrides
+    one of them. Each layer's input is observed with every earlier layer's encoding already on
+    (:mod:`turboboa.activations.calibrate`)."""
+    from transformers import AutoTokenizer
+
+    check_act_bits(act_bits)
+    if not is_qdir(qdir):
+        raise UserError(f"{qdir} is not a turboboa QDIR (no quant_config.json); quantize a model first")
+    ckpt = load_qdir(qdir)
+    recorded = ckpt.meta.get("calibration", {})
+    cfg = ckpt.config
+    spec = {"data": calib or recorded.get("data", cfg.calib),
+            "nsamples": int(nsamples or recorded.get("nsamples", cfg.nsamples)),
+            "seqlen": int(seqlen or recorded.get("seqlen", cfg.seqlen)),
+            "seed": int(recorded.get("seed", cfg.seed) if seed is None else seed)}
+    dev = select_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(qdir)
+    ids = calibration_batch(tokenizer, spec["data"], spec["nsamples"], spec["seqlen"], spec["seed"])
+    model = load_fakequant_model(ckpt, activations=False)
+    layers = [name for name in ckpt.layers if name != EMBEDDING]
+    encodings = calibrate_activations(model, ids, act_bits, layers, dev, progress,
+                                      calibration={**spec, "tokens": int(ids.numel())})
+    save_activations(qdir, encodings)
+    return encodings
 
 
 def load_for_eval(target: str) -> tuple[torch.nn.Module, Any, str]:
@@ -144,7 +199,12 @@ def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windo
         tok = AutoTokenizer.from_pretrained(tokenizer)
     windows = make_windows(eval_tokens(tok, data), seqlen, max_windows)
     model.to(dev)
-    return perplexity(torch_logits_fn(model, dev), windows, name, progress=progress)
+    result = perplexity(torch_logits_fn(model, dev), windows, name, progress=progress)
+    if is_qdir(target) and read_meta(Path(target)).get("activations"):
+        summary = dict(read_meta(Path(target))["activations"])
+        summary.pop("file", None)
+        result.extra["activations"] = summary  # simulated by the fake-quant model
+    return result
 
 
 def evaluate_onnx(path: Path, data: str, seqlen: int, max_windows: int | None, progress: bool,
@@ -163,6 +223,9 @@ def evaluate_onnx(path: Path, data: str, seqlen: int, max_windows: int | None, p
         windows = make_windows(eval_tokens(tok, data), seqlen, max_windows)
         result = perplexity(fn, windows, "onnxruntime", progress=progress)
         result.extra["onnxruntime"] = fn.describe()
+        activations = fn.metadata.get("turboboa.activations", "none")
+        if activations != "none":  # static activation quantization in the graph
+            result.extra["activations"] = json.loads(activations)
         result.extra["tokenizer"] = folder
     return result
 

@@ -9,9 +9,13 @@ Layout of a QDIR folder:
   ``<name>.d`` / ``.dmin`` (float32 holding fp16 values) and ``.sc`` / ``.m`` (int32).
 * ``float.safetensors``: every other tensor of the model (embeddings, norms, head) in float32.
 * ``config.json`` and the tokenizer files, so the QDIR loads without the source model.
+* optional ``activations.safetensors`` (``turboboa quantize --act-bits`` or ``turboboa calibrate``): static
+  activation encodings, per quantized layer ``<name>.scale`` (0-d float32), ``.zero_point`` (0-d int32) and
+  the observed ``.min``/``.max``, described by the ``activations`` entry of ``quant_config.json`` (scheme,
+  bits, granularity, observer, calibration). A QDIR without it has float activations.
 
 :func:`load_fakequant_model` rebuilds the torch model with :meth:`QuantizedLinear.dequantize`, the one
-dequantizer every consumer uses.
+dequantizer every consumer uses, and simulates the activation encodings when the QDIR has them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .activations.encodings import ActivationEncodings, install_input_quantization
 from .config import QuantConfig
 from .errors import UserError
 from .formats.base import GgmlGrid
@@ -37,6 +42,8 @@ QDIR_VERSION = 1
 CONFIG_FILE = "quant_config.json"
 QUANT_FILE = "quantized.safetensors"
 FLOAT_FILE = "float.safetensors"
+ACT_FILE = "activations.safetensors"
+ACT_KEY = "activations"
 GRID_INT_FIELDS = ("sc", "m")
 
 
@@ -49,6 +56,7 @@ class QuantizedCheckpoint:
     config: QuantConfig
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    activations: ActivationEncodings | None = None
 
 
 def package_versions() -> dict[str, str]:
@@ -87,8 +95,10 @@ def save_qdir(
     layers: dict[str, QuantizedLinear],
     config: QuantConfig,
     meta: dict[str, Any],
+    activations: ActivationEncodings | None = None,
 ) -> Path:
-    """Write the QDIR into a temporary folder beside ``path`` and rename it into place when complete."""
+    """Write the QDIR (with the activation encodings, when given) into a temporary folder beside ``path`` and
+    rename it into place when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -123,6 +133,8 @@ def save_qdir(
             **meta,
             "layers": entries,
         }
+        if activations is not None:
+            doc[ACT_KEY] = _write_activations(tmp, activations)
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         if path.exists():
             shutil.rmtree(path)
@@ -131,6 +143,53 @@ def save_qdir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _write_activations(folder: Path, activations: ActivationEncodings) -> dict[str, Any]:
+    """Write ``activations.safetensors`` into ``folder``; returns the ``activations`` entry of the config."""
+    tensors, metadata = activations.to_tensors()
+    save_file(tensors, str(folder / ACT_FILE), metadata={"format": QDIR_FORMAT, **metadata})
+    return {"file": ACT_FILE, **activations.summary()}
+
+
+def save_activations(path: str | os.PathLike, activations: ActivationEncodings) -> Path:
+    """Add or replace the activation encodings of the QDIR ``path``, atomically: a new folder beside it holds
+    hard links to the unchanged files (copies where links fail), the new ``activations.safetensors`` and
+    ``quant_config.json``; it takes the QDIR's name by renames, and the old folder is removed last."""
+    path = Path(path)
+    doc = read_meta(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = None
+    try:
+        for src in path.iterdir():
+            if src.name in (CONFIG_FILE, ACT_FILE):
+                continue  # rewritten below; never write through a hard link into the old QDIR
+            if src.is_dir():
+                shutil.copytree(src, tmp / src.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(src, tmp / src.name)
+        doc[ACT_KEY] = _write_activations(tmp, activations)
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists() and (old / path.name).exists():
+            os.replace(old / path.name, path)  # put the untouched QDIR back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link ``src`` to ``dst``, or copy it where the file system refuses links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def is_qdir(path: str | os.PathLike) -> bool:
@@ -173,11 +232,28 @@ def load_qdir(path: str | os.PathLike) -> QuantizedCheckpoint:
             bits=e["bits"], group_size=e["group_size"], sym=e["sym"], fmt=fmt, grid=grid,
         )
     config = QuantConfig.from_dict(doc["quant_config"])
-    return QuantizedCheckpoint(layers, ft, config, doc, path)
+    return QuantizedCheckpoint(layers, ft, config, doc, path, load_activations(path, doc))
 
 
-def load_fakequant_model(ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The torch model whose quantized linear weights are ``scale * (codes - zero)``; needs only the QDIR."""
+def load_activations(path: Path, doc: dict[str, Any]) -> ActivationEncodings | None:
+    """The activation encodings of the QDIR ``path`` (``doc``: its config), or None when it has none."""
+    entry = doc.get(ACT_KEY)
+    if not entry:
+        return None
+    try:
+        tensors = load_file(str(path / entry.get("file", ACT_FILE)))
+    except Exception as e:  # noqa: BLE001 - any read error is a damaged QDIR
+        raise UserError(f"{path} has damaged activation encodings ({e}); run turboboa calibrate "
+                        f"again") from None
+    return ActivationEncodings.from_tensors(entry, tensors)
+
+
+def load_fakequant_model(ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.float32,
+                         activations: bool = True) -> torch.nn.Module:
+    """The torch model whose quantized linear weights are ``scale * (codes - zero)``; needs only the QDIR.
+
+    When the QDIR has activation encodings (and ``activations``), every encoded layer's input is
+    fake-quantized by a forward pre-hook (:func:`~turboboa.activations.encodings.fake_quant`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     assert ckpt.path is not None
@@ -199,6 +275,8 @@ def load_fakequant_model(ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.f
         if missing:
             raise UserError(f"{ckpt.path} lacks tensors {missing[:3]}...; the QDIR is incomplete, quantize again")
     model.config.use_cache = False
+    if activations and ckpt.activations is not None:
+        install_input_quantization(model, ckpt.activations)
     return model.eval()
 
 

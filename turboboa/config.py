@@ -12,6 +12,8 @@ from .grids import SUPPORTED_BITS, GridSpec
 METHODS = ("rtn", "gptq", "boa", "turboboa")
 GRIDS = ("auto", "minmax", "search")
 
+PAD_ORDERS = ("natural", "activation")
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -19,14 +21,15 @@ class QuantConfig:
 
     method: str = "turboboa"
     bits: int = 4
-    group_size: int = 128
+    group_size: int | None = None  # None: 128, or the block of an LPBQ format (32); always an int once built
     sym: bool = False
     grid: str = "auto"  # auto: Hessian-weighted range search for gptq/boa/turboboa, min-max for rtn
-    format: str = "int"  # "int" (uniform grid of --bits/--group-size) or a ggml type (q4_k, iq4_nl, ...)
+    format: str = "int"  # "int" (uniform grid of --bits/--group-size), a ggml type (q4_k, ...) or lpbq4
     tensor_formats: tuple[str, ...] = ()  # NAME_PATTERN=TYPE overrides, the last match wins
     preset: str = ""  # llama-quantize-like file type (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M): a ggml type per tensor
     embed_format: str = ""  # ggml type of the token embedding (RTN); "" keeps it in float (presets set it)
     pad_to: int = 0  # pad every linear input width to a multiple of this (function-preserving); 0 = off
+    pad_order: str = "natural"  # where the residual zero channels go: at the end, or beside the largest channels
     # GPTQ
     act_order: bool = False
     static_groups: bool = False
@@ -50,6 +53,15 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        from .formats.base import all_format_names
+        from .formats.choice import parse_overrides, resolve_group
+
+        if self.format.lower() not in ("int", *all_format_names()):
+            raise UserError(f"unknown --format '{self.format}'; choose int or one of "
+                            f"{', '.join(all_format_names())}")
+        fmt, group_size = resolve_group(self.format.lower(), self.group_size)
+        object.__setattr__(self, "format", fmt)
+        object.__setattr__(self, "group_size", group_size)
         if self.bits not in SUPPORTED_BITS:
             raise UserError(f"--bits {self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size == 0 or self.group_size < -1:
@@ -58,22 +70,19 @@ class QuantConfig:
             raise UserError(f"unknown grid '{self.grid}'; choose one of {', '.join(GRIDS)}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise UserError("--nsamples must be >= 1 and --seqlen >= 2")
-        from .formats.base import format_names
-        from .formats.choice import parse_overrides
-
-        if self.format.lower() not in ("int", *format_names()):
-            raise UserError(f"unknown --format '{self.format}'; choose int or one of {', '.join(format_names())}")
-        object.__setattr__(self, "format", self.format.lower())
         object.__setattr__(self, "tensor_formats", tuple(self.tensor_formats))
         parse_overrides(self.tensor_formats)
         if self.preset:
             from .formats.presets import check_preset
 
             object.__setattr__(self, "preset", check_preset(self.preset))
-        if self.embed_format and self.embed_format.lower() not in format_names():
-            raise UserError(f"unknown --embed-format '{self.embed_format}'; choose one of {', '.join(format_names())}")
+        if self.embed_format and self.embed_format.lower() not in all_format_names():
+            raise UserError(f"unknown --embed-format '{self.embed_format}'; choose one of "
+                            f"{', '.join(all_format_names())}")
         if self.pad_to < 0 or (self.pad_to and self.pad_to % 32):
             raise UserError(f"--pad-to {self.pad_to} must be a positive multiple of 32 (256 for k-quants)")
+        if self.pad_order not in PAD_ORDERS:
+            raise UserError(f"unknown --pad-order '{self.pad_order}'; choose one of {', '.join(PAD_ORDERS)}")
         if self.rows < 1:
             raise UserError("--rows must be >= 1")
         if self.refine_iters < 0:

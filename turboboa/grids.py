@@ -37,6 +37,11 @@ class GridSpec:
         """Columns whose grid is fixed together: one group (the whole row when per channel)."""
         return group_size if group_size > 0 else columns
 
+    def for_rows(self, W: torch.Tensor, H: torch.Tensor | None = None) -> GridSpec:
+        """The grid with its row-level parameters fixed from whole rows ``W`` (called at a row's first
+        column): a uniform grid has none, so ``self``."""
+        return self
+
     def fit(self, w: torch.Tensor, H_block: torch.Tensor | None = None) -> BlockGrid:
         """Grid of each row of ``w`` (``(B, R, G)``), the range search weighted by ``H_block`` (``(B|1, G, G)``):
         the full block up to :data:`FULL_BLOCK_SEARCH_MAX` columns, its diagonal beyond."""

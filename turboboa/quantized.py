@@ -6,7 +6,10 @@ Two kinds of grid, one dequantizer each, used by every consumer (fake-quant mode
   ``g = c // group_size`` (:func:`turboboa.grids.dequantize_weight`);
 * ``fmt`` a ggml type (``q4_k``, ``iq4_nl``, ...): the stored block fields in ``grid`` (fp16 ``d``/``dmin``,
   integer ``sc``/``m``) decoded by that format's ``dequantize``, bit-identical to ggml's dequantizer;
-  ``scale``/``zero`` then hold the exact per-group ``scale_g``/``offset_g`` (``w = scale_g * level - offset_g``).
+  ``scale``/``zero`` then hold the exact per-group ``scale_g``/``offset_g`` (``w = scale_g * level - offset_g``);
+* ``fmt`` an LPBQ format (``lpbq4``, ``lpbq4_g64``, ...): ``grid.d`` the float32 per-channel scale (repeated
+  per block), ``grid.sc`` the integer block multipliers, ``W_hat = fp32(fp32(d * sc) * (codes - 8))``
+  (:mod:`turboboa.formats.lpbq`), bit-identical to the ONNX DequantizeLinear pair.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
-from turboboa.formats import get_format
+from turboboa.formats import get_format, is_ggml_format
 from turboboa.quantized import UNIFORM
 
 from .tensors import GgufTensor, permute_qk_rows
@@ -46,6 +46,12 @@ def gguf_tensors(ckpt: QuantizedCheckpoint) -> dict[str, GgufTensor]:
     if uniform:
         raise UserError(f"{ckpt.path} holds layers on turboboa's uniform grid (e.g. {uniform[0]}), which no ggml "
                         f"type stores; quantize with --format (q4_k, q4_0, iq4_nl, ...) to export GGUF")
+    other = [(name, q.fmt) for name, q in ckpt.layers.items() if not is_ggml_format(q.fmt)]
+    if other:
+        name, fmt_name = other[0]
+        raise UserError(f"{ckpt.path} holds {fmt_name} layers (e.g. {name}), Qualcomm's LPBQ grid, which "
+                        f"no ggml type stores; export it with --to onnx (--profile npu), or quantize with a "
+                        f"ggml --format")
     for name, q in ckpt.layers.items():
         fmt = get_format(q.fmt)
         assert q.grid is not None

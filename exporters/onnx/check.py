@@ -22,11 +22,27 @@ from .arch import EMBEDDING
 from .weights import WEIGHT_SUFFIX
 
 
+def upstream(model: ModelProto, node: NodeProto) -> list[NodeProto]:
+    """``node`` and every node it depends on (e.g. LPBQ's block-scale DequantizeLinear), in graph order."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    needed: dict[str, NodeProto] = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.name not in needed:
+            needed[n.name] = n
+            stack.extend(producers[i] for i in n.input if i in producers)
+    return [n for n in model.graph.node if n.name in needed]
+
+
 def node_model(model: ModelProto, node: NodeProto, initializers: dict[str, TensorProto]) -> ModelProto:
-    """A model of ``node`` alone with its constant inputs, same opset and IR version as ``model``."""
-    graph = helper.make_graph([node], "weight", [],
+    """A model of ``node`` alone with the nodes and constant inputs it needs, same opset and IR version as
+    ``model``."""
+    nodes = upstream(model, node)
+    names = [i for n in nodes for i in n.input if i in initializers]
+    graph = helper.make_graph(nodes, "weight", [],
                               [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
-                              initializer=[initializers[name] for name in node.input if name])
+                              initializer=[initializers[name] for name in dict.fromkeys(names)])
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 

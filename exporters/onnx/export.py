@@ -75,14 +75,34 @@ def write_model(model: ModelProto, output: Path) -> Path:
     return output
 
 
+def activation_bits(ckpt: QuantizedCheckpoint, act_bits: int | None) -> int | None:
+    """The static activation bits of the export: the QDIR's encodings' (``act_bits``, when given, must match
+    them), None for a QDIR without encodings; a mismatch or a missing calibration is a one-line UserError."""
+    encodings = ckpt.activations
+    if act_bits is None:
+        return None if encodings is None else encodings.bits
+    if encodings is None:
+        raise UserError(f"--act-bits {act_bits}: {ckpt.path} has no activation encodings; run `turboboa "
+                        f"calibrate {ckpt.path} --act-bits {act_bits}` first")
+    if encodings.bits != act_bits:
+        raise UserError(f"--act-bits {act_bits} does not match the {encodings.bits}-bit activation encodings "
+                        f"of {ckpt.path}; export with --act-bits {encodings.bits} or run `turboboa calibrate "
+                        f"{ckpt.path} --act-bits {act_bits}`")
+    return act_bits
+
+
 def build_model(ckpt: QuantizedCheckpoint, opset: int | None = None, profile: str = "generic",
-                seqlen: int | None = None, tokenizer: str | os.PathLike[str] | None = None) -> ModelProto:
+                seqlen: int | None = None, tokenizer: str | os.PathLike[str] | None = None,
+                act_bits: int | None = None) -> ModelProto:
     """The ONNX model of ``ckpt`` (see :func:`export_onnx`), in memory."""
     from transformers import AutoConfig
 
+    from turboboa.activations import check_act_bits
+
     if ckpt.path is None:
         raise UserError("the checkpoint has no folder; load it with load_qdir")
-    rules = make_profile(profile, opset, seqlen)
+    check_act_bits(act_bits)
+    rules = make_profile(profile, opset, seqlen, activation_bits(ckpt, act_bits))
     hf_config = AutoConfig.from_pretrained(ckpt.path)
     spec = decoder_spec(hf_config)
     graph, built = build_decoder(ckpt, spec, hf_config, rules)
@@ -103,17 +123,20 @@ def build_model(ckpt: QuantizedCheckpoint, opset: int | None = None, profile: st
 
 def export_onnx(ckpt: QuantizedCheckpoint, output: Path, opset: int | None = None, profile: str = "generic",
                 seqlen: int | None = None, tokenizer: str | os.PathLike[str] | None = None,
-                **options: Any) -> Path:
+                act_bits: int | None = None, **options: Any) -> Path:
     """Write ``ckpt`` as the QDQ ONNX file ``output`` and return its path.
 
     ``profile``: ``generic`` (default opset 21, up to 25; dynamic sequence length unless ``seqlen``) or
-    ``npu`` (symmetric int4/int8, per channel or blocks of 32/64/128, opset 21, static ``seqlen``, 512 by
-    default). ``tokenizer``: the folder recorded for ``turboboa eval`` (default: the QDIR). The same
-    checkpoint and options give a byte-identical file.
+    ``npu`` (symmetric int4/int8 or LPBQ, per channel or blocks of 32/64/128, opset 21, static ``seqlen``,
+    512 by default). ``tokenizer``: the folder recorded for ``turboboa eval`` (default: the QDIR). When the
+    QDIR has static activation encodings, every quantized MatMul's input goes through their
+    QuantizeLinear -> DequantizeLinear; ``act_bits`` (8 or 16) asserts their width. The same checkpoint and
+    options give a byte-identical file.
     """
     if options:
-        raise UserError(f"the onnx exporter takes no options {sorted(options)}; it takes opset, profile, seqlen")
+        raise UserError(f"the onnx exporter takes no options {sorted(options)}; it takes opset, profile, "
+                        f"seqlen, act_bits")
     output = Path(output)
     if output.suffix != ".onnx":
         raise UserError(f"the ONNX file name {output.name} must end in .onnx (turboboa eval recognizes it by that)")
-    return write_model(build_model(ckpt, opset, profile, seqlen, tokenizer), output)
+    return write_model(build_model(ckpt, opset, profile, seqlen, tokenizer, act_bits), output)

@@ -12,6 +12,8 @@ Equations (``D`` hidden, ``H`` query heads, ``G`` KV heads, ``d`` head size, ``r
 * ``logits = RMSNorm(h_L) W_head^T``, ``W_head = E`` when the embeddings are tied.
 
 Every quantized linear weight comes from its DequantizeLinear (:mod:`.weights`) and feeds the MatMul directly.
+With static activation encodings in the QDIR, the MatMul's other input is ``DequantizeLinear(QuantizeLinear(x,
+s, zp), s, zp)`` with the layer's per-tensor float32 scale and uint8/uint16 zero point (:meth:`activation`).
 The sequence length ``T`` is either static (RoPE tables and mask are constants) or the dynamic dimension
 ``seq`` (a RoPE table for every position the model supports, sliced to ``T`` rows, and a mask built from
 ``Range(T)``).
@@ -49,6 +51,7 @@ class DecoderGraph:
         self.embedding_note = "float32"
         self._used_floats: set[str] = set()
         self._used_layers: set[str] = set()
+        self._used_encodings: set[str] = set()
         self._shapes: dict[tuple[int, ...], str] = {}
 
     # --- tensors of the checkpoint -------------------------------------------------------------------
@@ -92,18 +95,26 @@ class DecoderGraph:
             self._shapes[key] = self.b.const(name, np.array(key, dtype=np.int64), scoped=False)
         return self._shapes[key]
 
-    def activation(self, x: str) -> str:
-        """The input of a linear layer: ``x`` itself while activations stay float (``profile.act_bits`` is
-        None). Static activation quantization inserts its QuantizeLinear/DequantizeLinear pair here."""
-        if self.profile.act_bits is not None:
-            raise UserError("static activation quantization (--act-bits) is not available in this version")
-        return x
+    def activation(self, x: str, name: str) -> str:
+        """The input of linear layer ``name``: ``x`` itself while activations stay float, else
+        ``DequantizeLinear(QuantizeLinear(x, s, zp), s, zp)`` with the QDIR's per-tensor encoding of that
+        input (``<name>.input_scale`` float32, ``<name>.input_zero_point`` uint8/uint16 scalars)."""
+        encodings = self.ckpt.activations
+        if self.profile.act_bits is None or encodings is None or name not in encodings.layers:
+            return x
+        self._used_encodings.add(name)
+        enc = encodings.layers[name]
+        dtype = np.uint8 if encodings.bits == 8 else np.uint16
+        scale = self.b.const(f"{name}.input_scale", np.array(float(enc.scale), np.float32), scoped=False)
+        zero_point = self.b.const(f"{name}.input_zero_point", np.array(enc.zero_point, dtype), scoped=False)
+        quantized = self.b.op("QuantizeLinear", [x, scale, zero_point], "InputQuantize")
+        return self.b.op("DequantizeLinear", [quantized, scale, zero_point], "InputDequantize")
 
     def linear(self, x: str, name: str) -> str:
         """``x W^T (+ b)`` for linear layer ``name``."""
         weight = self.weight(name)
         with self.b.scope(name):
-            y = self.b.op("MatMul", [self.activation(x), weight])
+            y = self.b.op("MatMul", [self.activation(x, name), weight])
             if f"{name}.bias" in self.ckpt.float_tensors:
                 bias = self.b.const("bias", self.float_tensor(f"{name}.bias"))
                 y = self.b.op("Add", [y, bias], "BiasAdd")
@@ -229,6 +240,9 @@ class DecoderGraph:
         if self.spec.tied:
             self._used_floats.add(f"{HEAD}.weight")
         left += sorted(set(self.ckpt.float_tensors) - self._used_floats)
+        if self.profile.act_bits is not None and self.ckpt.activations is not None:
+            left += [f"the input encoding of {n}" for n in sorted(set(self.ckpt.activations.layers)
+                                                                  - self._used_encodings)]
         if left:
             raise UserError(f"the ONNX graph of a {self.spec.model_type} model has no place for {left[0]}"
                             f"{f' (and {len(left) - 1} more)' if len(left) > 1 else ''}; this checkpoint's "

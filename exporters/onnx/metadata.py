@@ -40,6 +40,24 @@ def containers_by_bits(encoded: Iterable[EncodedWeight]) -> dict[str, str]:
     return {str(bits): ",".join(sorted(labels)) for bits, labels in sorted(found.items())}
 
 
+def weight_pattern(encoded: Iterable[EncodedWeight]) -> str:
+    """How the quantized weights reach their MatMuls (the LPBQ pattern too when some layer uses it)."""
+    text = "integer [K,N] -> DequantizeLinear (axis 0 blocked, or axis 1 per channel) -> MatMul"
+    if any(e.container == "int4+lpbq" for e in encoded):
+        text += ("; lpbq: uint8 k [K/B,N] -> DequantizeLinear(axis 1, float32 scale [N]) -> block scales -> "
+                 "int4 [K,N] DequantizeLinear (axis 0, block_size B) -> MatMul")
+    return text
+
+
+def activations_summary(ckpt: QuantizedCheckpoint, profile: ExportProfile) -> str:
+    """JSON of the static activation quantization in the graph, or "none" (float activations)."""
+    if profile.act_bits is None or ckpt.activations is None:
+        return "none"
+    summary = ckpt.activations.summary()
+    summary["pattern"] = "QuantizeLinear -> DequantizeLinear on the input of every quantized MatMul"
+    return json.dumps(summary, sort_keys=True)
+
+
 def metadata_props(ckpt: QuantizedCheckpoint, spec: DecoderSpec, profile: ExportProfile,
                    encoded: Iterable[EncodedWeight], embedding: str, tokenizer: Path | None) -> dict[str, str]:
     """Every ``turboboa.*`` key of the model (values are strings; JSON for structured ones)."""
@@ -55,7 +73,7 @@ def metadata_props(ckpt: QuantizedCheckpoint, spec: DecoderSpec, profile: Export
         "format": cfg.format,
         "calibration": json.dumps(calibration, sort_keys=True),
         "containers": json.dumps(containers_by_bits(encoded), sort_keys=True),
-        "weight_pattern": "integer [K,N] -> DequantizeLinear (axis 0 blocked, or axis 1 per channel) -> MatMul",
+        "weight_pattern": weight_pattern(encoded),
         "embedding": embedding,
         "padding": json.dumps(ckpt.meta.get("padding"), sort_keys=True),
         "profile": profile.name,
@@ -63,6 +81,7 @@ def metadata_props(ckpt: QuantizedCheckpoint, spec: DecoderSpec, profile: Export
         "seqlen": str(profile.seqlen) if profile.static else "dynamic",
         "max_positions": str(spec.max_positions),
         "act_bits": "none" if profile.act_bits is None else str(profile.act_bits),
+        "activations": activations_summary(ckpt, profile),
         "model_type": spec.model_type,
         "version": package_version(),
         "source_qdir": str(Path(ckpt.path).resolve()) if ckpt.path is not None else "",

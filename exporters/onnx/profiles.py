@@ -8,9 +8,10 @@
   in int4 or int8 containers, per output channel or blocks of 32, 64 or 128, opset 21, a static sequence
   length (512 unless ``seqlen`` is given).
 
-A grid a profile cannot express is refused in one line naming the fix; nothing is requantized. Static
-activation quantization (``act_bits``) is a later addition: every profile has ``act_bits = None`` (float
-activations) for now.
+A grid a profile cannot express is refused in one line naming the fix; nothing is requantized. Both profiles
+take LPBQ layers (``--format lpbq4``: symmetric int4 with per-channel-times-integer block scales) and static
+activation quantization (``act_bits`` 8 or 16: the QDIR's per-tensor uint8/uint16 encodings as
+QuantizeLinear -> DequantizeLinear on each quantized MatMul's input; None keeps float activations).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from turboboa.errors import UserError
-from turboboa.quantized import QuantizedLinear
+from turboboa.quantized import UNIFORM, QuantizedLinear
 
 from .containers import Container, container_for
 
@@ -65,8 +66,11 @@ class ExportProfile:
         per_channel = q.group_size <= 0 or q.group_size >= columns
         if self.group_sizes is not None and not per_channel and q.group_size not in self.group_sizes:
             allowed = ", ".join(map(str, self.group_sizes))
+            fix = f"--group-size -1 or {allowed}"
+            if q.fmt != UNIFORM:
+                fix = f"--format {q.fmt.split('_')[0]} --group-size {allowed}"
             raise UserError(f"--profile {self.name} takes per-channel grids or blocks of {allowed}, but {name} "
-                            f"has groups of {q.group_size}; quantize again with --group-size -1 or {allowed}")
+                            f"has groups of {q.group_size}; quantize again with {fix}")
         container = self.container(q)
         if self.containers is not None and container.name not in self.containers:
             allowed = ", ".join(sorted(self.containers))
@@ -81,9 +85,14 @@ PROFILES = {
 }
 
 
-def make_profile(name: str = "generic", opset: int | None = None, seqlen: int | None = None) -> ExportProfile:
-    """The profile ``name`` with its opset (``opset`` or the default) and sequence length (``seqlen``, else
-    the profile's default; None means dynamic). Bad choices are a one-line :class:`UserError`."""
+def make_profile(name: str = "generic", opset: int | None = None, seqlen: int | None = None,
+                 act_bits: int | None = None) -> ExportProfile:
+    """The profile ``name`` with its opset (``opset`` or the default), sequence length (``seqlen``, else
+    the profile's default; None means dynamic) and static activation bits (``act_bits``: None, 8 or 16).
+    Bad choices are a one-line :class:`UserError`."""
+    from turboboa.activations import check_act_bits
+
+    check_act_bits(act_bits)
     base = PROFILES.get(name)
     if base is None:
         raise UserError(f"unknown --profile {name!r}; choose one of {', '.join(PROFILES)}")
@@ -94,4 +103,4 @@ def make_profile(name: str = "generic", opset: int | None = None, seqlen: int | 
     seqlen = base.default_seqlen if seqlen is None else int(seqlen)
     if seqlen is not None and seqlen < 1:
         raise UserError(f"--seqlen {seqlen} must be a positive number of tokens")
-    return replace(base, opset=opset, seqlen=seqlen)
+    return replace(base, opset=opset, seqlen=seqlen, act_bits=act_bits)

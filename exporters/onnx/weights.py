@@ -11,8 +11,11 @@ For a layer with codes ``Z`` ``(N, K)`` (HF layout: one row per output), scales 
   output ``<layer>.weight_dq`` ``[K, N]`` feeds the MatMul directly and equals
   ``QuantizedLinear.dequantize().T`` bit for bit: ``(x - zp) * s`` with an exact integer ``x - zp``.
 
-Encoders are registered by the layer's storage format (``QuantizedLinear.fmt``); only the uniform grid
-(``"int"``) has one. Another block format (e.g. Qualcomm LPBQ) adds its encoder to :data:`ENCODERS`.
+Encoders are registered by the layer's storage format (``QuantizedLinear.fmt``): the uniform grid
+(``"int"``) and Qualcomm's LPBQ (``lpbq4`` and its block-size variants, :func:`encode_lpbq`), whose pattern is
+ORT's (``lpbqmatmul_fusion``): uint8 block multipliers ``k`` ``[ceil(K/B), N]`` -> DequantizeLinear(axis=1,
+per-channel float32 scale ``s`` ``[N]``) -> float32 block scales -> DequantizeLinear(int4 weight ``[K, N]``,
+axis=0, block_size=B) -> MatMul, zero points 0 (int4 / uint8 zero tensors, from which QNN reads the types).
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from turboboa.errors import UserError
+from turboboa.formats import get_format
+from turboboa.formats.lpbq import LPBQ_BLOCKS
 from turboboa.quantized import UNIFORM, QuantizedLinear
 
 from .builder import GraphBuilder
-from .containers import Container
+from .containers import INT4, UINT8, Container
 from .profiles import ExportProfile
 
 WEIGHT_SUFFIX = ".weight_dq"
@@ -110,7 +115,36 @@ def encode_uniform(b: GraphBuilder, name: str, q: QuantizedLinear, profile: Expo
     return EncodedWeight(out, container.label, q.bits)
 
 
-ENCODERS: dict[str, Encoder] = {UNIFORM: encode_uniform}
+def encode_lpbq(b: GraphBuilder, name: str, q: QuantizedLinear, profile: ExportProfile) -> EncodedWeight:
+    """Emit ORT's LPBQ weight pattern (see the module docstring) for an LPBQ layer; its output equals
+    ``QuantizedLinear.dequantize().T`` bit for bit: ``fp32(fp32(k * s) * (code - 8))``."""
+    fmt = get_format(q.fmt)
+    if q.grid is None:
+        raise UserError(f"{name} in the QDIR is damaged: an {q.fmt} layer without its grid; quantize again")
+    try:
+        fmt.check_grid(q.codes, q.grid)
+    except ValueError as e:
+        raise UserError(f"{name} in the QDIR is damaged ({e}); quantize again") from None
+    rows = q.codes.shape[0]
+    weight = (q.codes.numpy().astype(np.int16) - 8).T  # q in [-8, 7]
+    multipliers = q.grid.sc.numpy().astype(np.int16).T  # k in [1, 16], [n_blocks, N]
+    channel_scale = np.ascontiguousarray(q.grid.d[:, 0].float().numpy())
+    with b.scope(name):
+        block_scale = b.op("DequantizeLinear", [
+            b.const(f"{name}.weight_block_scale_q", _fit(name, multipliers, UINT8, "block multipliers"),
+                    scoped=False),
+            b.const(f"{name}.weight_channel_scale", channel_scale, scoped=False),
+            b.const(f"{name}.weight_block_scale_zero_point", np.zeros(rows, dtype=np.uint8), scoped=False),
+        ], "BlockScale/DequantizeLinear", axis=1)
+    zero_point = np.zeros(multipliers.shape, dtype=INT4.dtype)
+    inputs = [b.const(f"{name}.weight_q", _fit(name, weight, INT4, "codes"), scoped=False), block_scale,
+              b.const(f"{name}.weight_zero_point", zero_point, scoped=False)]
+    out = b.op("DequantizeLinear", inputs, output_names=[f"{name}{WEIGHT_SUFFIX}"],
+               name=f"{name}/DequantizeLinear", axis=0, block_size=int(fmt.block_size))
+    return EncodedWeight(out, "int4+lpbq", q.bits)
+
+
+ENCODERS: dict[str, Encoder] = {UNIFORM: encode_uniform, **{fmt: encode_lpbq for fmt in LPBQ_BLOCKS.values()}}
 
 
 def encode_weight(b: GraphBuilder, name: str, q: QuantizedLinear, profile: ExportProfile) -> EncodedWeight:
@@ -119,6 +153,6 @@ def encode_weight(b: GraphBuilder, name: str, q: QuantizedLinear, profile: Expor
     encoder = ENCODERS.get(q.fmt)
     if encoder is None:
         raise UserError(f"{name} is stored as the ggml type {q.fmt}, which ONNX QDQ cannot express; export it "
-                        f"with --to gguf, or quantize again with --format int to export ONNX")
+                        f"with --to gguf, or quantize again with --format int or lpbq4 to export ONNX")
     profile.check_layer(name, q)
     return encoder(b, name, q, profile)

@@ -1,26 +1,29 @@
-"""The abstract ggml storage format, the stored grid of a row-block-quantized tensor, and the format registry.
+"""Block storage formats, the stored grid of a row-block-quantized tensor, and the format registry.
 
 A 2-D weight ``W[rows, cols]`` (PyTorch ``[out, in]``) is cut, row by row, into blocks of ``block_size``
 consecutive input columns (32, or 256 for the k-quants); a block holds ``block_size / group_size`` groups of
-contiguous columns (reference ``gguf-format.md`` §1). A block stores fp16 super-scales (``d``, ``dmin``),
-integer sub-scales (``sc``, ``m``; k-quants only) and one integer code per weight. Every type dequantizes as
+contiguous columns (reference ``gguf-format.md`` §1). A block stores super-scales (``d``, ``dmin``; fp16 in
+ggml), integer sub-scales (``sc``, ``m``; k-quants and LPBQ only) and one integer code per weight. Every
+format dequantizes as
 
     w = scale_g * levels[code] - offset_g                                   (one fp32 rounding, at the "-")
 
-with the per-group ``scale_g`` and ``offset_g`` given by :meth:`GgmlFormat.group_scale_offset` as exact fp32
-products of the stored values (§1: ``fp32(d*sc)`` and ``fp32(dmin*m)`` are exact), so :meth:`dequantize`
-equals ggml's own dequantizer bit for bit.
+with the per-group ``scale_g`` and ``offset_g`` given by :meth:`BlockFormat.group_scale_offset` as fp32
+products of the stored values (exact for ggml, §1: ``fp32(d*sc)`` and ``fp32(dmin*m)``), so
+:meth:`BlockFormat.dequantize` equals ggml's own dequantizer bit for bit.
 
-Each concrete format in :mod:`turboboa.formats.ggml` subclasses :class:`GgmlFormat` with a ``name=`` keyword
-and is registered at definition time; :func:`get_format` looks a name up. Formats are used as classes (all
-methods are class methods; there is no instance state).
+:class:`BlockFormat` is the grid (what every solver and the ONNX exporter need); :class:`GgmlFormat` adds the
+ggml type and its byte packing. Each concrete format (:mod:`turboboa.formats.ggml`,
+:mod:`turboboa.formats.lpbq`) subclasses one of them with a ``name=`` keyword and is registered at definition
+time; :func:`get_format` looks a name up. Formats are used as classes (all methods are class methods; there
+is no instance state).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,7 +33,7 @@ from turboboa.errors import UserError
 
 FP16_MAX = 65504.0
 
-_REGISTRY: dict[str, type[GgmlFormat]] = {}
+_REGISTRY: dict[str, type[BlockFormat]] = {}
 
 
 def round_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +63,9 @@ class GgmlGrid:
     * ``sc``: ``(rows, n_groups)`` int32 sub-scales of the k-quants (Q2_K 0..15, Q3_K -32..31 = stored 6-bit
       value minus 32, Q4_K/Q5_K 0..63, Q6_K -128..127), ``None`` for the 32-blocks.
     * ``m``: ``(rows, n_groups)`` int32 sub-mins of Q2_K (0..15) and Q4_K/Q5_K (0..63), else ``None``.
+
+    LPBQ (:mod:`turboboa.formats.lpbq`) uses the same fields: ``d`` its float32 per-channel scale ``s_r``
+    repeated in every block of the row, ``sc`` the integer block multipliers ``k`` (1..16).
     """
 
     d: torch.Tensor
@@ -99,46 +105,41 @@ class BlockFields:
     m: np.ndarray | None = None
 
 
-class GgmlFormat(ABC):
-    """A ggml quantization type: block layout, grid and byte packing. Subclass with ``name=`` to register.
+class BlockFormat(ABC):
+    """A block-quantized storage grid: block layout, levels and the exact dequantizer. Subclass with ``name=``
+    to register (:class:`GgmlFormat` for the ggml types, which add byte packing; LPBQ in
+    :mod:`turboboa.formats.lpbq` has no GGUF type and no packing).
 
-    Class constants (set by the subclass or derived in ``__init_subclass__`` from the gguf package):
-    ``name``, ``ggml_type``, ``block_size`` and ``type_size`` (``gguf.GGML_QUANT_SIZES``), ``group_size``,
-    ``bits``, ``levels`` (float32, code -> level, increasing), ``asymmetric``, ``sc_range``/``m_range``
-    (inclusive integer ranges of the k-quant sub-scales/sub-mins), ``bpw = 8 * type_size / block_size``.
+    Class constants (set by the subclass or derived in ``__init_subclass__``): ``name``, ``block_size``
+    (columns fixed together), ``group_size``, ``bits``, ``levels`` (float32, code -> level, increasing),
+    ``asymmetric``, ``sc_range``/``m_range`` (inclusive integer ranges of the sub-scales/sub-mins),
+    ``row_scale`` (True when ``d`` is one value per row, repeated in every block: LPBQ's per-channel scale).
     """
 
     name: ClassVar[str]
-    ggml_type: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]
-    type_size: ClassVar[int]
     group_size: ClassVar[int]
     bits: ClassVar[int]
     levels: ClassVar[torch.Tensor]
     asymmetric: ClassVar[bool]
     sc_range: ClassVar[tuple[int, int] | None] = None
     m_range: ClassVar[tuple[int, int] | None] = None
-    bpw: ClassVar[float]
+    row_scale: ClassVar[bool] = False
+    spec_class: ClassVar[Any] = None  # the solver grid class (None: turboboa.formats.spec.FormatSpec)
     groups_per_block: ClassVar[int]
     _levels_cache: ClassVar[dict[torch.device, torch.Tensor]]
 
     def __init__(self) -> None:
-        raise TypeError("ggml formats are used as classes (get_format(name).pack(...)), not instances")
+        raise TypeError("formats are used as classes (get_format(name).dequantize(...)), not instances")
 
-    def __init_subclass__(cls, *, name: str | None = None, ggml_type: GGMLQuantizationType | None = None,
-                          **kwargs: object) -> None:
+    def __init_subclass__(cls, *, name: str | None = None, **kwargs: object) -> None:
         """Fill the derived constants and register ``cls`` under ``name`` (abstract helpers pass no name)."""
         super().__init_subclass__(**kwargs)
         if name is None:
             return
-        if ggml_type is None:
-            raise TypeError(f"format {name!r} needs ggml_type=")
         if name in _REGISTRY:
-            raise TypeError(f"ggml format {name!r} is registered twice")
+            raise TypeError(f"format {name!r} is registered twice")
         cls.name = name
-        cls.ggml_type = ggml_type
-        cls.block_size, cls.type_size = GGML_QUANT_SIZES[ggml_type]
-        cls.bpw = 8 * cls.type_size / cls.block_size
         cls.groups_per_block = cls.block_size // cls.group_size
         cls.levels = cls.levels.to(torch.float32)
         cls._levels_cache = {}
@@ -160,12 +161,6 @@ class GgmlFormat(ABC):
                 f"{cls.name}: a layer with {cols} input columns cannot be stored, the width must be a "
                 f"multiple of the {cls.block_size}-column block; choose a format with "
                 f"{min(32, cls.block_size)}-column blocks or keep this layer in float")
-
-    @classmethod
-    def row_bytes(cls, cols: int) -> int:
-        """Bytes of one row: ``(cols / block_size) * type_size``."""
-        cls.check_width(cols)
-        return cols // cls.block_size * cls.type_size
 
     @classmethod
     def code_max(cls) -> int:
@@ -249,6 +244,46 @@ class GgmlFormat(ABC):
         codes = torch.where((w - v_hi).abs() < (w - v_lo).abs(), hi, lo)
         return codes.reshape(shape).to(torch.uint8)
 
+    @classmethod
+    def store_scale(cls, x: torch.Tensor) -> torch.Tensor:
+        """A continuous super-scale as the block stores it: ``fp32(fp16(x))`` (ggml's fp16 ``d``/``dmin``)."""
+        return round_fp16(x)
+
+    @classmethod
+    def valid_scale(cls, x: torch.Tensor) -> torch.Tensor:
+        """Where a stored super-scale is acceptable (every finite value for the ggml types)."""
+        return torch.isfinite(x)
+
+
+class GgmlFormat(BlockFormat):
+    """A ggml quantization type: a :class:`BlockFormat` whose block is ggml's, plus its byte packing.
+
+    Extra constants, from the gguf package: ``ggml_type``, ``block_size`` and ``type_size``
+    (``gguf.GGML_QUANT_SIZES``), ``bpw = 8 * type_size / block_size``. Subclass with ``name=`` and
+    ``ggml_type=`` to register.
+    """
+
+    ggml_type: ClassVar[GGMLQuantizationType]
+    type_size: ClassVar[int]
+    bpw: ClassVar[float]
+
+    def __init_subclass__(cls, *, name: str | None = None, ggml_type: GGMLQuantizationType | None = None,
+                          **kwargs: object) -> None:
+        """Take the block geometry from ``ggml_type``, then register as a :class:`BlockFormat`."""
+        if name is not None:
+            if ggml_type is None:
+                raise TypeError(f"format {name!r} needs ggml_type=")
+            cls.ggml_type = ggml_type
+            cls.block_size, cls.type_size = GGML_QUANT_SIZES[ggml_type]
+            cls.bpw = 8 * cls.type_size / cls.block_size
+        super().__init_subclass__(name=name, **kwargs)
+
+    @classmethod
+    def row_bytes(cls, cols: int) -> int:
+        """Bytes of one row: ``(cols / block_size) * type_size``."""
+        cls.check_width(cols)
+        return cols // cls.block_size * cls.type_size
+
     # ------------------------------------------------------------------------------------------ bytes
     @classmethod
     @abstractmethod
@@ -330,14 +365,25 @@ class GgmlFormat(ABC):
         return codes, grid
 
 
-def get_format(name: str) -> type[GgmlFormat]:
+def get_format(name: str) -> type[BlockFormat]:
     """The registered format called ``name`` (case-insensitive); :class:`UserError` listing the known ones."""
     fmt = _REGISTRY.get(name.lower())
     if fmt is None:
-        raise UserError(f"unknown ggml format {name!r}; choose one of {', '.join(format_names())}")
+        raise UserError(f"unknown format {name!r}; choose one of {', '.join(all_format_names())}")
     return fmt
 
 
+def is_ggml_format(name: str) -> bool:
+    """True when ``name`` is a registered ggml type (one a GGUF file can store)."""
+    fmt = _REGISTRY.get(name.lower())
+    return fmt is not None and issubclass(fmt, GgmlFormat)
+
+
 def format_names() -> tuple[str, ...]:
-    """Names of all registered formats, in registration order."""
+    """Names of the registered ggml types (the GGUF-packable formats), in registration order."""
+    return tuple(name for name, fmt in _REGISTRY.items() if issubclass(fmt, GgmlFormat))
+
+
+def all_format_names() -> tuple[str, ...]:
+    """Names of every registered storage format: the ggml types, then the others (LPBQ)."""
     return tuple(_REGISTRY)

@@ -23,10 +23,31 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 
 from turboboa.errors import UserError
-from turboboa.formats.base import format_names, get_format
+from turboboa.formats.base import all_format_names, get_format
+from turboboa.formats.lpbq import FAMILY, LPBQ_BLOCKS, is_lpbq, lpbq_name
 from turboboa.quantized import UNIFORM
 
 FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+DEFAULT_GROUP_SIZE = 128  # the uniform grid's group when --group-size is not given
+
+
+def resolve_group(fmt: str, group_size: int | None) -> tuple[str, int]:
+    """``(format, group size)`` of a run: ``--group-size`` defaults to 128, except under LPBQ where it is the
+    block size: ``lpbq4`` takes 16, 32 (default), 64 or 128 and names the variant (``lpbq4 --group-size 64``
+    is ``lpbq4_g64``); an explicit variant fixes its own block. Other formats ignore the group size."""
+    if not is_lpbq(fmt):
+        return fmt, DEFAULT_GROUP_SIZE if group_size is None else group_size
+    block = get_format(fmt).block_size
+    if fmt == FAMILY and group_size is not None:
+        if group_size not in LPBQ_BLOCKS:
+            sizes = ", ".join(map(str, LPBQ_BLOCKS))
+            raise UserError(f"--format {FAMILY} takes --group-size {sizes} (its block size; default "
+                            f"{block}), not {group_size}")
+        return lpbq_name(group_size), group_size
+    if group_size is not None and group_size != block:
+        raise UserError(f"--format {fmt} has blocks of {block} columns; drop --group-size {group_size} or "
+                        f"pass --group-size {block}")
+    return fmt, block
 
 
 def parse_overrides(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:
@@ -34,9 +55,9 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str]
     out = []
     for item in items:
         pattern, sep, fmt = item.partition("=")
-        if not sep or not pattern or fmt.lower() not in (UNIFORM, *format_names()):
+        if not sep or not pattern or fmt.lower() not in (UNIFORM, *all_format_names()):
             raise UserError(f"--tensor-format {item!r} must be NAME_PATTERN=TYPE with TYPE one of "
-                            f"{', '.join(format_names())} (e.g. '*.down_proj=q6_k')")
+                            f"{', '.join(all_format_names())} (e.g. '*.down_proj=q6_k')")
         out.append((pattern, fmt.lower()))
     return tuple(out)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from turboboa.formats.base import GgmlFormat, GgmlGrid, get_format
+from turboboa.formats.base import BlockFormat, GgmlGrid, get_format
 from turboboa.grids import BlockGrid, shrink_search
 
 FINE_STEPS = 100
@@ -56,7 +56,7 @@ def gather_grid_rows(grid: GgmlGrid, index: torch.Tensor) -> GgmlGrid:
     return map_grid(grid, lambda t: torch.gather(t, 1, index.unsqueeze(-1).expand(*index.shape, t.shape[-1])))
 
 
-def _uniform(fmt: type[GgmlFormat]) -> bool:
+def _uniform(fmt: type[BlockFormat]) -> bool:
     """True when the levels are consecutive integers (``levels[c] = l_0 + c``)."""
     lv = fmt.levels
     return bool(torch.equal(lv, lv[0] + torch.arange(lv.numel(), dtype=lv.dtype)))
@@ -70,7 +70,7 @@ class FormatSpec:
     search: bool = True
 
     @property
-    def fmt(self) -> type[GgmlFormat]:
+    def fmt(self) -> type[BlockFormat]:
         return get_format(self.fmt_name)
 
     @property
@@ -80,6 +80,11 @@ class FormatSpec:
     def fit_width(self, group_size: int, columns: int) -> int:
         """Columns fixed together: one ggml block."""
         return self.fmt.block_size
+
+    def for_rows(self, W: torch.Tensor, H: torch.Tensor | None = None) -> FormatSpec:
+        """The grid with its row-level parameters fixed from whole rows ``W`` (``(B, R, C)``), called when a
+        solver reaches a row's first column. ggml types have none (each block is self-contained): ``self``."""
+        return self
 
     def groups(self, columns: int) -> int:
         """Groups of a row of ``columns`` columns."""
@@ -161,3 +166,10 @@ class FormatSpec:
         """``fp32(scale * levels[code]) - offset``: ggml's dequantizer (float32)."""
         lv = self.fmt.levels_on(codes.device)[codes.long()]
         return scale.to(torch.float32) * lv - offset.to(torch.float32)
+
+
+def format_spec(name: str, search: bool = True) -> FormatSpec:
+    """The solver grid of the storage format ``name``: :class:`FormatSpec`, or the spec class the format
+    names (``spec_class``, e.g. LPBQ's, which fixes a per-row scale before its blocks)."""
+    cls = getattr(get_format(name), "spec_class", None) or FormatSpec
+    return cls(name, search=search)

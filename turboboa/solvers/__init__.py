@@ -8,7 +8,7 @@ import torch
 
 from ..config import QuantConfig
 from ..formats.base import get_format
-from ..formats.spec import FormatSpec, map_grid
+from ..formats.spec import format_spec, map_grid
 from ..quantized import UNIFORM, QuantizedLinear
 from .boa import RowOptions, boa_quantize
 from .gptq import ColumnResult, ColumnSolver, Grid, fit_groups
@@ -27,7 +27,8 @@ class LayerProblem:
     ``H_row``: the attention row Hessian per head (``(heads, d_h, d_h)``) for q_proj/k_proj under BoA, else None.
     ``heads``: how many consecutive row groups (heads) ``W`` splits into for the per-head problems.
     ``cross``: TurboBoA's F2 term ``C = 2 (X_fp - X) X^T / n`` (same shape as ``H``), or None.
-    ``fmt``: the grid: "int" (the config's uniform grid) or a ggml type, whose grid every solver quantizes onto.
+    ``fmt``: the grid: "int" (the config's uniform grid) or a storage format (a ggml type, LPBQ), whose grid
+    every solver quantizes onto.
     """
 
     name: str
@@ -70,7 +71,7 @@ def layer_grid(problem: LayerProblem, cfg: QuantConfig) -> tuple[Grid, int]:
     """The solver's grid for ``problem`` and its group size: the config's uniform grid or the layer's format."""
     if problem.fmt == UNIFORM:
         return cfg.grid_spec(), cfg.group_size
-    spec = FormatSpec(problem.fmt, search=cfg.grid_spec().search)
+    spec = format_spec(problem.fmt, search=cfg.grid_spec().search)
     return spec, spec.fmt.group_size
 
 

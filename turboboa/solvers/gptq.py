@@ -19,8 +19,9 @@ from ..formats.spec import cat_grids
 from ..grids import BlockGrid, expand_groups
 from .linalg import as_float, cholesky_inverse_upper, dead_columns
 
-# A solver's grid: the uniform integer grid or a ggml storage format (``turboboa.formats.spec.FormatSpec``);
-# both offer ``fit_width``, ``fit``, ``round`` and ``value``.
+# A solver's grid: the uniform integer grid or a storage format (``turboboa.formats.spec.FormatSpec``, LPBQ's
+# ``LpbqSpec``); all offer ``for_rows`` (row-level parameters, fixed at a row's first column), ``fit_width``,
+# ``fit``, ``round`` and ``value``.
 Grid = Any
 
 
@@ -39,8 +40,10 @@ class ColumnResult:
 
 def fit_groups(W: torch.Tensor, spec: Grid, group_size: int, H: torch.Tensor | None) -> BlockGrid:
     """Grids of every (row, group) of ``W`` (``(B, R, C)``) from the weights as given, one fit per
-    ``spec.fit_width`` columns: scale and offset ``(B, R, n_groups)``, plus the stored fields of a format."""
+    ``spec.fit_width`` columns (after the row-level parameters, ``spec.for_rows``): scale and offset
+    ``(B, R, n_groups)``, plus the stored fields of a format."""
     C = W.shape[-1]
+    spec = spec.for_rows(W, H)
     fw = spec.fit_width(group_size, C)
     parts = []
     for g0 in range(0, C, fw):
@@ -78,7 +81,8 @@ def gptq_columns(
     ``U`` is ``chol(H^-1)^T`` for the same column order. Grids: with ``col_params`` (per-column scale and
     offset, ``(B, R, C)``) they are fixed ("static"); otherwise the grid of each ``spec.fit_width`` columns (a
     group, the whole row per channel, or a ggml block) is fit from the current, already compensated weights
-    when its first column is reached. ``H`` (same order as ``U``) weights the range search.
+    when its first column is reached, after the row-level parameters (``spec.for_rows``: LPBQ's per-channel
+    scale) are fixed from the whole rows at column 0. ``H`` (same order as ``U``) weights the range search.
     """
     W = W.clone()
     B, R, C = W.shape
@@ -102,6 +106,8 @@ def gptq_columns(
             if static:
                 s, z = col_params[0][..., j], col_params[1][..., j]
             else:
+                if j == 0:
+                    spec = spec.for_rows(W, H)
                 if j % fw == 0:
                     current = torch.cat([W1[..., i:], W[..., i2:]], dim=-1)[..., :fw]
                     Hb = None if H is None else H[:, j : j + fw, j : j + fw]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.base import GgmlFormat, GgmlGrid, round_fp16
+from ..formats.base import BlockFormat, GgmlGrid
 from ..formats.spec import map_grid
 from ..grids import expand_groups
 
@@ -106,7 +106,7 @@ def kron_objective(W_target: torch.Tensor, Q: torch.Tensor, H_col: torch.Tensor,
     return (H_row * (DH @ D.transpose(-1, -2))).sum()
 
 
-def format_bases(fmt: type[GgmlFormat], codes: torch.Tensor, grid: GgmlGrid) -> torch.Tensor:
+def format_bases(fmt: type[BlockFormat], codes: torch.Tensor, grid: GgmlGrid) -> torch.Tensor:
     """The bases ``Phi`` of a ggml block's continuous parameters: ``W_hat = sum_t theta_t,k Phi_t`` on block k.
 
     ``t = 0`` is the super-scale ``d`` (``Phi_0 = sc_g * levels[code]``), ``t = 1`` the super-min ``dmin`` of the
@@ -125,15 +125,16 @@ def format_bases(fmt: type[GgmlFormat], codes: torch.Tensor, grid: GgmlGrid) -> 
     return torch.stack(bases, 1)
 
 
-def _grid_with(grid: GgmlGrid, theta: torch.Tensor) -> GgmlGrid:
-    """``grid`` with ``d`` (and ``dmin``) replaced by ``theta`` (``(N, T, n_blocks)``) snapped to fp16."""
-    d = round_fp16(theta[:, 0])
-    dmin = None if grid.dmin is None else round_fp16(theta[:, 1])
+def _grid_with(fmt: type[BlockFormat], grid: GgmlGrid, theta: torch.Tensor, per: int) -> GgmlGrid:
+    """``grid`` with ``d`` (and ``dmin``) replaced by ``theta`` (``(N, T, n_params)``) as the format stores it
+    (fp16 for ggml, float32 for LPBQ), each parameter repeated over its ``per`` stored blocks."""
+    d = fmt.store_scale(theta[:, 0]).repeat_interleave(per, -1)
+    dmin = None if grid.dmin is None else fmt.store_scale(theta[:, 1]).repeat_interleave(per, -1)
     return GgmlGrid(d=d, dmin=dmin, sc=grid.sc, m=grid.m)
 
 
 def refine_format_scales(
-    fmt: type[GgmlFormat],
+    fmt: type[BlockFormat],
     W_target: torch.Tensor,
     codes: torch.Tensor,
     grid: GgmlGrid,
@@ -141,24 +142,29 @@ def refine_format_scales(
     H_row: torch.Tensor | None,
     iters: int = 1,
 ) -> tuple[GgmlGrid, torch.Tensor]:
-    """TurboBoA's scale refinement for a ggml format: with the codes and integer sub-scales fixed, ``W_hat``
-    is linear in each block's ``d`` (and ``dmin``), so the optimum of ``tr(H_row (W_hat - W') H_col (.)^T)``
-    over them is a small linear solve per row (coordinate descent over rows when ``H_row`` couples them).
-    The result is snapped to fp16 and kept only where it lowers the objective; returns (grid, ``W_hat``).
+    """TurboBoA's scale refinement for a storage format: with the codes and integer sub-scales fixed,
+    ``W_hat`` is linear in each continuous parameter (a ggml block's ``d`` and ``dmin``; LPBQ's per-channel
+    ``s_r``, whose span is the whole row), so the optimum of ``tr(H_row (W_hat - W') H_col (.)^T)`` over
+    them is a small linear solve per row (coordinate descent over rows when ``H_row`` couples them). The
+    result is stored as the format stores it (``fmt.store_scale``: fp16 for ggml) and kept only where it
+    lowers the objective and is a valid scale (``fmt.valid_scale``); returns (grid, ``W_hat``).
 
     ``W_target``/``codes``: ``(B, R, C)``; ``grid`` fields ``(B, R, .)``; ``H_col``: ``(B|1, C, C)``.
     """
     B, R, C = codes.shape
-    nb = C // fmt.block_size
+    span = C if fmt.row_scale else fmt.block_size  # columns sharing one continuous parameter
+    nb = C // span
+    per = span // fmt.block_size  # stored blocks per parameter (LPBQ repeats s_r in every block)
     flat = map_grid(grid, lambda t: t.reshape(B * R, -1))
     Phi = format_bases(fmt, codes.reshape(B * R, C), flat).reshape(B, R, -1, C)  # (B, R, T, C)
     T = Phi.shape[2]
-    theta = torch.stack([flat.d] + ([flat.dmin] if flat.dmin is not None else []), 1).reshape(B, R, T, nb)
+    params = [flat.d] + ([flat.dmin] if flat.dmin is not None else [])
+    theta = torch.stack([t[:, ::per] for t in params], 1).reshape(B, R, T, nb)
     H = H_col.expand(B, C, C)
-    # Y[b, r, t, k, :] = Phi_t[block k] @ H[block k, :]
-    Phi_blocks = Phi.reshape(B, R, T, nb, fmt.block_size)
-    Y = torch.einsum("brtks,bksc->brtkc", Phi_blocks, H.reshape(B, nb, fmt.block_size, C))
-    M = torch.einsum("brtkls,bruls->brtkul", Y.reshape(B, R, T, nb, nb, fmt.block_size), Phi_blocks)
+    # Y[b, r, t, k, :] = Phi_t[span k] @ H[span k, :]
+    Phi_blocks = Phi.reshape(B, R, T, nb, span)
+    Y = torch.einsum("brtks,bksc->brtkc", Phi_blocks, H.reshape(B, nb, span, C))
+    M = torch.einsum("brtkls,bruls->brtkul", Y.reshape(B, R, T, nb, nb, span), Phi_blocks)
     M = M.reshape(B, R, T * nb, T * nb)
     Q = fmt.dequantize(codes.reshape(B * R, C), flat).reshape(B, R, C)
     for _ in range(iters if H_row is not None else min(iters, 1)):
@@ -175,7 +181,7 @@ def refine_format_scales(
             new_theta = theta[:, rs] + step
             n = new_theta.shape[1]
             sub = map_grid(flat, lambda t, rs=rs, n=n: t.reshape(B, R, -1)[:, rs].reshape(B * n, -1))
-            cand = _grid_with(sub, new_theta.reshape(B * n, T, nb))
+            cand = _grid_with(fmt, sub, new_theta.reshape(B * n, T, nb), per)
             Qn = fmt.dequantize(codes[:, rs].reshape(B * n, C), cand).reshape(B, n, C)
             dQ = Qn - Q[:, rs]
             # change of the objective when only these rows move (exact for the quadratic)
@@ -184,10 +190,12 @@ def refine_format_scales(
                 change = (dQH * dQ).sum(-1) - 2 * (dQH * v).sum(-1)
             else:
                 change = H_row[:, rs.start, rs.start, None] * (dQH * dQ).sum(-1) - 2 * (dQH * v).sum(-1)
-            keep = change < 0  # (B, n)
+            stored = [cand.d] + ([cand.dmin] if cand.dmin is not None else [])
+            snapped = torch.stack([t[:, ::per] for t in stored], 1).reshape(B, n, T, nb)
+            valid = fmt.valid_scale(snapped).reshape(B, n, -1).all(-1)
+            keep = (change < 0) & valid  # (B, n)
             Q[:, rs] = torch.where(keep.unsqueeze(-1), Qn, Q[:, rs])
-            snapped = torch.stack([cand.d] + ([cand.dmin] if cand.dmin is not None else []), 1).reshape(B, n, T, nb)
             theta[:, rs] = torch.where(keep[..., None, None], snapped, theta[:, rs])
-    d = theta[:, :, 0]
-    dmin = theta[:, :, 1] if T > 1 else None
+    d = theta[:, :, 0].repeat_interleave(per, -1)
+    dmin = theta[:, :, 1].repeat_interleave(per, -1) if T > 1 else None
     return GgmlGrid(d=d, dmin=dmin, sc=grid.sc, m=grid.m), Q
