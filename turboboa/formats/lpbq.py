@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from turboboa.formats.base import BlockFormat, GgmlGrid
-from turboboa.formats.spec import FormatSpec
+from turboboa.formats.spec import FormatSpec, grouped
 from turboboa.grids import BlockGrid
 
 K_BITS = 4
@@ -110,11 +110,7 @@ class LpbqSpec(FormatSpec):
         G = self.fmt.block_size
         B, R, W = w.shape
         nb = W // G
-        wg = w.to(torch.float32).reshape(B, R, nb, G)
-        if H_block is None:
-            h = torch.ones(1, 1, 1, G, dtype=wg.dtype, device=w.device)
-        else:
-            h = torch.diagonal(H_block, dim1=-2, dim2=-1).to(wg.dtype).reshape(-1, 1, nb, G)
+        wg, h = grouped(w, H_block, G)
         s = spec.row_scale.to(torch.float32).reshape(-1, R, 1).expand(B, R, nb)
         k = torch.arange(1, K_MAX + 1, dtype=torch.float32, device=w.device).reshape(-1, 1, 1, 1)
         scale = s.unsqueeze(0) * k  # (K, B, R, nb): fp32(s_r * k)

@@ -56,6 +56,16 @@ def gather_grid_rows(grid: GgmlGrid, index: torch.Tensor) -> GgmlGrid:
     return map_grid(grid, lambda t: torch.gather(t, 1, index.unsqueeze(-1).expand(*index.shape, t.shape[-1])))
 
 
+def grouped(w: torch.Tensor, H_block: torch.Tensor | None, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` ``(B, R, W)`` as float32 groups ``(B, R, W/G, G)``, and the search weights ``h_c = H_cc`` of each
+    column in the same layout (``(B|1, 1, W/G, G)``; all ones without ``H_block``)."""
+    B, R, W = w.shape
+    wg = w.to(torch.float32).reshape(B, R, W // G, G)
+    if H_block is None:
+        return wg, torch.ones(1, 1, 1, G, dtype=wg.dtype, device=w.device)
+    return wg, torch.diagonal(H_block, dim1=-2, dim2=-1).to(wg.dtype).reshape(-1, 1, W // G, G)
+
+
 def _uniform(fmt: type[BlockFormat]) -> bool:
     """True when the levels are consecutive integers (``levels[c] = l_0 + c``)."""
     lv = fmt.levels
@@ -136,11 +146,7 @@ class FormatSpec:
         B, R, W = w.shape
         G = fmt.group_size
         ng = W // G
-        wg = w.to(torch.float32).reshape(B, R, ng, G)
-        if H_block is None:
-            h = torch.ones(1, 1, 1, G, dtype=wg.dtype, device=w.device)
-        else:
-            h = torch.diagonal(H_block, dim1=-2, dim2=-1).to(wg.dtype).reshape(-1, 1, ng, G)
+        wg, h = grouped(w, H_block, G)
         scale, offset = self.continuous(wg, h)
         offset = offset if fmt.asymmetric else None
         stored = fmt.snap(scale.reshape(B * R, ng), None if offset is None else offset.reshape(B * R, ng))
