@@ -93,8 +93,9 @@ def activation_bits(ckpt: QuantizedCheckpoint, act_bits: int | None) -> int | No
 
 def build_model(ckpt: QuantizedCheckpoint, opset: int | None = None, profile: str = "generic",
                 seqlen: int | None = None, tokenizer: str | os.PathLike[str] | None = None,
-                act_bits: int | None = None) -> ModelProto:
-    """The ONNX model of ``ckpt`` (see :func:`export_onnx`), in memory."""
+                act_bits: int | None = None, base: Path | None = None) -> ModelProto:
+    """The ONNX model of ``ckpt`` (see :func:`export_onnx`), in memory; ``base``: the folder it will be
+    written to (its recorded paths are relative to it)."""
     from transformers import AutoConfig
 
     from turboboa.activations import check_act_bits
@@ -113,10 +114,11 @@ def build_model(ckpt: QuantizedCheckpoint, opset: int | None = None, profile: st
     model = helper.make_model(graph, opset_imports=opset_ids, producer_name="turboboa",
                               producer_version=package_version(),
                               ir_version=helper.find_min_ir_version_for(opset_ids))
-    model.doc_string = (f"turboboa {ckpt.config.method} w{ckpt.config.bits} decoder in QDQ form "
+    grid = f"w{ckpt.config.bits}" if ckpt.config.format == "int" else ckpt.config.format
+    model.doc_string = (f"turboboa {ckpt.config.method} {grid} decoder in QDQ form "
                         f"(profile {rules.name}, opset {rules.opset})")
     props = metadata_props(ckpt, spec, rules, built.encoded.values(), built.embedding_note,
-                           tok if has_tokenizer(tok) else None)
+                           tok if has_tokenizer(tok) else None, base)
     helper.set_model_props(model, props)
     return model
 
@@ -139,4 +141,4 @@ def export_onnx(ckpt: QuantizedCheckpoint, output: Path, opset: int | None = Non
     output = Path(output)
     if output.suffix != ".onnx":
         raise UserError(f"the ONNX file name {output.name} must end in .onnx (turboboa eval recognizes it by that)")
-    return write_model(build_model(ckpt, opset, profile, seqlen, tokenizer, act_bits), output)
+    return write_model(build_model(ckpt, opset, profile, seqlen, tokenizer, act_bits, output.parent), output)

@@ -4,12 +4,16 @@ tokenizer is, as ``turboboa.*`` string keys in a fixed order (no timestamps, so 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from turboboa.checkpoint import QuantizedCheckpoint
+from turboboa.formats import get_format
+from turboboa.quantized import UNIFORM
 
 from .arch import DecoderSpec
+from .containers import LEVEL_FORMATS
 from .profiles import ExportProfile
 from .weights import EncodedWeight
 
@@ -40,9 +44,32 @@ def containers_by_bits(encoded: Iterable[EncodedWeight]) -> dict[str, str]:
     return {str(bits): ",".join(sorted(labels)) for bits, labels in sorted(found.items())}
 
 
+def layer_formats(encoded: Iterable[EncodedWeight]) -> dict[str, int]:
+    """``{"q4_0": 12, "q8_0": 2}``: how many quantized MatMul weights each storage format holds."""
+    counts: dict[str, int] = {}
+    for e in encoded:
+        counts[e.fmt] = counts.get(e.fmt, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def grid_summary(ckpt: QuantizedCheckpoint) -> tuple[str, str, str]:
+    """``(bits, group size, sym)`` of the run: the uniform grid's (``--bits``, ``--group-size``, ``--sym``), or
+    the storage format's when one was asked for (``--format q4_0``: 4, 32, true; ``q6_k``: 6, 16, true)."""
+    cfg = ckpt.config
+    if cfg.format == UNIFORM:
+        group = str(cfg.group_size) if cfg.group_size > 0 else "per-channel"
+        return str(cfg.bits), group, str(bool(cfg.sym)).lower()
+    fmt = get_format(cfg.format)
+    return str(fmt.bits), str(fmt.group_size), str(not fmt.asymmetric).lower()
+
+
 def weight_pattern(encoded: Iterable[EncodedWeight]) -> str:
     """How the quantized weights reach their MatMuls (the LPBQ pattern too when some layer uses it)."""
     text = "integer [K,N] -> DequantizeLinear (axis 0 blocked, or axis 1 per channel) -> MatMul"
+    levels = sorted({e.fmt for e in encoded if e.fmt in LEVEL_FORMATS})
+    if levels:
+        text += (f"; {', '.join(levels)}: the signed ggml level (q - l0) [K,N] -> DequantizeLinear (axis 0, "
+                 f"block_size = the type's group, float32 scale d or fp32(d*sc), no zero point) -> MatMul")
     if any(e.container == "int4+lpbq" for e in encoded):
         text += ("; lpbq: uint8 k [K/B,N] -> DequantizeLinear(axis 1, float32 scale [N]) -> block scales -> "
                  "int4 [K,N] DequantizeLinear (axis 0, block_size B) -> MatMul")
@@ -58,19 +85,31 @@ def activations_summary(ckpt: QuantizedCheckpoint, profile: ExportProfile) -> st
     return json.dumps(summary, sort_keys=True)
 
 
+def _path(path: Path, base: Path | None) -> str:
+    """``path`` relative to the folder ``base`` (POSIX separators), absolute without ``base``."""
+    path = path.resolve()
+    return Path(os.path.relpath(path, base.resolve())).as_posix() if base is not None else str(path)
+
+
 def metadata_props(ckpt: QuantizedCheckpoint, spec: DecoderSpec, profile: ExportProfile,
-                   encoded: Iterable[EncodedWeight], embedding: str, tokenizer: Path | None) -> dict[str, str]:
-    """Every ``turboboa.*`` key of the model (values are strings; JSON for structured ones)."""
+                   encoded: Iterable[EncodedWeight], embedding: str, tokenizer: Path | None,
+                   base: Path | None = None) -> dict[str, str]:
+    """Every ``turboboa.*`` key of the model (values are strings; JSON for structured ones). Paths (the source
+    QDIR, the tokenizer) are relative to ``base``, the folder the model is written to, so the file does not
+    depend on where its folder lies and moves with its QDIR; absolute without ``base``."""
     cfg = ckpt.config
     calib = ckpt.meta.get("calibration", {})
     calibration = {"data": str(calib.get("data", cfg.calib)), "nsamples": int(calib.get("nsamples", cfg.nsamples)),
                    "seqlen": int(calib.get("seqlen", cfg.seqlen)), "seed": int(calib.get("seed", cfg.seed))}
+    encoded = list(encoded)
+    bits, group_size, sym = grid_summary(ckpt)
     props = {
         "method": cfg.method,
-        "bits": str(cfg.bits),
-        "group_size": str(cfg.group_size) if cfg.group_size > 0 else "per-channel",
-        "sym": str(bool(cfg.sym)).lower(),
+        "bits": bits,
+        "group_size": group_size,
+        "sym": sym,
         "format": cfg.format,
+        "layer_formats": json.dumps(layer_formats(encoded), sort_keys=True),
         "calibration": json.dumps(calibration, sort_keys=True),
         "containers": json.dumps(containers_by_bits(encoded), sort_keys=True),
         "weight_pattern": weight_pattern(encoded),
@@ -84,7 +123,7 @@ def metadata_props(ckpt: QuantizedCheckpoint, spec: DecoderSpec, profile: Export
         "activations": activations_summary(ckpt, profile),
         "model_type": spec.model_type,
         "version": package_version(),
-        "source_qdir": str(Path(ckpt.path).resolve()) if ckpt.path is not None else "",
-        "tokenizer": str(tokenizer.resolve()) if tokenizer is not None else "",
+        "source_qdir": _path(Path(ckpt.path), base) if ckpt.path is not None else "",
+        "tokenizer": _path(tokenizer, base) if tokenizer is not None else "",
     }
     return {PREFIX + k: v for k, v in props.items()}

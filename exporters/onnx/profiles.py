@@ -9,7 +9,9 @@
   length (512 unless ``seqlen`` is given).
 
 A grid a profile cannot express is refused in one line naming the fix; nothing is requantized. Both profiles
-take LPBQ layers (``--format lpbq4``: symmetric int4 with per-channel-times-integer block scales) and static
+take the ggml types DequantizeLinear decodes exactly (:data:`.containers.LEVEL_FORMATS`), within their block
+rules: ``npu`` takes q4_0, q5_0 and q8_0 (blocks of 32) and refuses q3_k and q6_k (groups of 16). Both take
+LPBQ layers (``--format lpbq4``: symmetric int4 with per-channel-times-integer block scales) and static
 activation quantization (``act_bits`` 8 or 16: the QDIR's per-tensor uint8/uint16 encodings as
 QuantizeLinear -> DequantizeLinear on each quantized MatMul's input; None keeps float activations).
 """
@@ -19,9 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from turboboa.errors import UserError
+from turboboa.formats import get_format
 from turboboa.quantized import UNIFORM, QuantizedLinear
 
-from .containers import Container, container_for
+from .containers import LEVEL_FORMATS, Container, container_for, level_container
 
 
 @dataclass(frozen=True)
@@ -53,24 +56,55 @@ class ExportProfile:
         return self.seqlen is not None
 
     def container(self, q: QuantizedLinear) -> Container:
-        """The container of layer ``q`` under this profile's opset (native int2 from opset 25 on)."""
+        """The container of layer ``q`` under this profile's opset: a ggml type's levels
+        (:func:`~.containers.level_container`), else by bits and symmetry (native int2 from opset 25 on)."""
+        levels = level_container(q.fmt) if q.fmt != UNIFORM else None
+        if levels is not None:
+            return levels
         native = self.native_int2 and self.opset >= 25
         return container_for(q.bits, q.sym, native_int2=native)
+
+    def takes_block(self, block: int, columns: int | None = None) -> bool:
+        """True when blocks of ``block`` columns (per channel when ``block <= 0`` or ``>= columns``) are allowed."""
+        per_channel = block <= 0 or (columns is not None and block >= columns)
+        return per_channel or self.group_sizes is None or block in self.group_sizes
+
+    def block_fix(self, fmt: str) -> str:
+        """How to quantize again so the blocks fit: the uniform grid's group sizes, LPBQ's block sizes, or the
+        ggml types whose blocks this profile takes (or ``--profile generic``, which takes every block)."""
+        allowed = ", ".join(map(str, self.group_sizes or ()))
+        if fmt == UNIFORM:
+            return f"--group-size -1 or {allowed}"
+        if fmt not in LEVEL_FORMATS:
+            return f"--format {fmt.split('_')[0]} --group-size {allowed}"
+        fitting = [f for f in LEVEL_FORMATS if self.takes_block(get_format(f).group_size)]
+        names = ", ".join(fitting[:-1]) + f" or {fitting[-1]}" if len(fitting) > 1 else "".join(fitting)
+        return f"--format {names}, or export with --profile generic"
+
+    def check_format(self, fmt: str, subject: str | None = None, columns: int | None = None) -> None:
+        """Raise a one-line :class:`UserError` when the storage format ``fmt`` (not the uniform grid, whose
+        group size is the user's) has blocks this profile does not take; ``subject`` names the layer and
+        ``columns`` its width (a single block is per channel)."""
+        if fmt == UNIFORM:
+            return
+        block = get_format(fmt).group_size
+        if not self.takes_block(block, columns):
+            allowed = ", ".join(map(str, self.group_sizes or ()))
+            who = f"{subject} ({fmt})" if subject else f"--format {fmt}"
+            raise UserError(f"--profile {self.name} takes per-channel grids or blocks of {allowed}, but {who} "
+                            f"has groups of {block}; quantize again with {self.block_fix(fmt)}")
 
     def check_layer(self, name: str, q: QuantizedLinear) -> None:
         """Raise a one-line :class:`UserError` when layer ``name``'s grid cannot be expressed under this profile."""
         if self.symmetric_only and not q.sym:
             raise UserError(f"--profile {self.name} needs symmetric weights (zero point 0), but {name} has an "
                             f"asymmetric {q.bits}-bit grid; quantize again with --sym")
-        columns = q.shape[1]
-        per_channel = q.group_size <= 0 or q.group_size >= columns
-        if self.group_sizes is not None and not per_channel and q.group_size not in self.group_sizes:
-            allowed = ", ".join(map(str, self.group_sizes))
-            fix = f"--group-size -1 or {allowed}"
-            if q.fmt != UNIFORM:
-                fix = f"--format {q.fmt.split('_')[0]} --group-size {allowed}"
+        if q.fmt != UNIFORM:
+            self.check_format(q.fmt, name, q.shape[1])
+        elif not self.takes_block(q.group_size, q.shape[1]):
+            allowed = ", ".join(map(str, self.group_sizes or ()))
             raise UserError(f"--profile {self.name} takes per-channel grids or blocks of {allowed}, but {name} "
-                            f"has groups of {q.group_size}; quantize again with {fix}")
+                            f"has groups of {q.group_size}; quantize again with {self.block_fix(q.fmt)}")
         container = self.container(q)
         if self.containers is not None and container.name not in self.containers:
             allowed = ", ".join(sorted(self.containers))

@@ -12,10 +12,15 @@ For a layer with codes ``Z`` ``(N, K)`` (HF layout: one row per output), scales 
   ``QuantizedLinear.dequantize().T`` bit for bit: ``(x - zp) * s`` with an exact integer ``x - zp``.
 
 Encoders are registered by the layer's storage format (``QuantizedLinear.fmt``): the uniform grid
-(``"int"``) and Qualcomm's LPBQ (``lpbq4`` and its block-size variants, :func:`encode_lpbq`), whose pattern is
-ORT's (``lpbqmatmul_fusion``): uint8 block multipliers ``k`` ``[ceil(K/B), N]`` -> DequantizeLinear(axis=1,
-per-channel float32 scale ``s`` ``[N]``) -> float32 block scales -> DequantizeLinear(int4 weight ``[K, N]``,
-axis=0, block_size=B) -> MatMul, zero points 0 (int4 / uint8 zero tensors, from which QNN reads the types).
+(``"int"``), the ggml types whose dequantization is ``scale_g * (q - l_0)`` with no offset (q4_0, q5_0, q8_0,
+q3_k, q6_k; :func:`encode_levels`: ``x`` the signed level, ``s`` the exact float32 group scale, so the same
+QDIR exports to GGUF and ONNX with identical weights), and Qualcomm's LPBQ (``lpbq4`` and its block-size
+variants, :func:`encode_lpbq`), whose pattern is ORT's (``lpbqmatmul_fusion``): uint8 block multipliers
+``k`` ``[ceil(K/B), N]`` -> DequantizeLinear(axis=1, per-channel float32 scale ``s`` ``[N]``) -> float32 block
+scales -> DequantizeLinear(int4 weight ``[K, N]``, axis=0, block_size=B) -> MatMul, zero points 0 (int4 /
+uint8 zero tensors, from which QNN reads the types).
+Every other format (a float offset: q4_1, q5_1, q2_k, q4_k, q5_k; non-uniform levels: iq4_nl) is refused in
+one line; :func:`onnx_expressible` and :func:`check_onnx_format` let a command refuse before quantizing.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from turboboa.errors import UserError
 from turboboa.formats import get_format
@@ -32,8 +38,8 @@ from turboboa.formats.lpbq import LPBQ_BLOCKS
 from turboboa.quantized import UNIFORM, QuantizedLinear
 
 from .builder import GraphBuilder
-from .containers import INT4, UINT8, Container
-from .profiles import ExportProfile
+from .containers import INT4, LEVEL_FORMATS, UINT8, Container, level_container
+from .profiles import ExportProfile, make_profile
 
 WEIGHT_SUFFIX = ".weight_dq"
 
@@ -45,6 +51,7 @@ class EncodedWeight:
     output: str
     container: str
     bits: int
+    fmt: str = UNIFORM
 
 
 Encoder = Callable[[GraphBuilder, str, QuantizedLinear, ExportProfile], EncodedWeight]
@@ -115,16 +122,53 @@ def encode_uniform(b: GraphBuilder, name: str, q: QuantizedLinear, profile: Expo
     return EncodedWeight(out, container.label, q.bits)
 
 
-def encode_lpbq(b: GraphBuilder, name: str, q: QuantizedLinear, profile: ExportProfile) -> EncodedWeight:
-    """Emit ORT's LPBQ weight pattern (see the module docstring) for an LPBQ layer; its output equals
-    ``QuantizedLinear.dequantize().T`` bit for bit: ``fp32(fp32(k * s) * (code - 8))``."""
+def _checked_grid(name: str, q: QuantizedLinear) -> None:
+    """Refuse (one line: the QDIR is damaged) a format layer whose codes and grid do not fit its format."""
     fmt = get_format(q.fmt)
     if q.grid is None:
-        raise UserError(f"{name} in the QDIR is damaged: an {q.fmt} layer without its grid; quantize again")
+        raise UserError(f"{name} in the QDIR is damaged: a {q.fmt} layer without its grid; quantize again")
+    if not fmt.supports_width(q.shape[1]):
+        raise UserError(f"{name} in the QDIR is damaged: {q.shape[1]} columns are not whole {q.fmt} blocks "
+                        f"of {fmt.block_size}; quantize again")
     try:
         fmt.check_grid(q.codes, q.grid)
     except ValueError as e:
         raise UserError(f"{name} in the QDIR is damaged ({e}); quantize again") from None
+
+
+def encode_levels(b: GraphBuilder, name: str, q: QuantizedLinear, profile: ExportProfile) -> EncodedWeight:
+    """Emit a ggml layer of a symmetric type with consecutive integer levels as one blocked DequantizeLinear.
+
+    ``w[r, c] = fp32(scale_g[r, g] * level[code[r, c]])``, ``g = c // G`` (ggml's dequantizer, and
+    :meth:`QuantizedLinear.dequantize`), is stored as ``x = level[code]^T`` ``[K, N]`` in the format's signed
+    container (q4_0 ``q - 8`` and q3_k ``q - 4`` in int4; q5_0 ``q - 16``, q8_0 ``q - 128``, q6_k ``q - 32``
+    in int8), no zero point, ``scale = scale_g^T`` ``[K/G, N]`` float32 from the format's own
+    ``group_scale_offset`` (``d``, or ``fp32(d * sc_g)`` for the k-quants, an exact product), and
+    ``DequantizeLinear(axis=0, block_size=G)`` with ``G`` the format's group (32, or 16 for q3_k/q6_k):
+    ``(x - 0) * scale`` is the same single fp32 rounding of the same two numbers, so the output equals the
+    fake-quant weight (and the GGUF file's weight) bit for bit.
+    """
+    _checked_grid(name, q)
+    fmt = get_format(q.fmt)
+    container = level_container(q.fmt)
+    assert container is not None and q.grid is not None, q.fmt
+    scale, offset = fmt.group_scale_offset(q.grid)
+    if bool((offset != 0).any()) or not bool(torch.isfinite(scale).all()):
+        raise UserError(f"{name} in the QDIR is damaged: a {q.fmt} grid with an offset or a non-finite scale; "
+                        f"quantize again")
+    levels = fmt.levels.numpy().astype(np.int16)[q.codes.numpy().astype(np.int64)]  # (N, K) signed levels
+    inputs = [b.const(f"{name}.weight_q", _fit(name, levels.T, container, "levels"), scoped=False),
+              b.const(f"{name}.weight_scale", np.ascontiguousarray(scale.float().numpy().T), scoped=False)]
+    out = b.op("DequantizeLinear", inputs, output_names=[f"{name}{WEIGHT_SUFFIX}"],
+               name=f"{name}/DequantizeLinear", axis=0, block_size=int(fmt.group_size))
+    return EncodedWeight(out, container.label, fmt.bits, q.fmt)
+
+
+def encode_lpbq(b: GraphBuilder, name: str, q: QuantizedLinear, profile: ExportProfile) -> EncodedWeight:
+    """Emit ORT's LPBQ weight pattern (see the module docstring) for an LPBQ layer; its output equals
+    ``QuantizedLinear.dequantize().T`` bit for bit: ``fp32(fp32(k * s) * (code - 8))``."""
+    _checked_grid(name, q)
+    fmt = get_format(q.fmt)
     rows = q.codes.shape[0]
     weight = (q.codes.numpy().astype(np.int16) - 8).T  # q in [-8, 7]
     multipliers = q.grid.sc.numpy().astype(np.int16).T  # k in [1, 16], [n_blocks, N]
@@ -141,10 +185,47 @@ def encode_lpbq(b: GraphBuilder, name: str, q: QuantizedLinear, profile: ExportP
               b.const(f"{name}.weight_zero_point", zero_point, scoped=False)]
     out = b.op("DequantizeLinear", inputs, output_names=[f"{name}{WEIGHT_SUFFIX}"],
                name=f"{name}/DequantizeLinear", axis=0, block_size=int(fmt.block_size))
-    return EncodedWeight(out, "int4+lpbq", q.bits)
+    return EncodedWeight(out, "int4+lpbq", q.bits, q.fmt)
 
 
-ENCODERS: dict[str, Encoder] = {UNIFORM: encode_uniform, **{fmt: encode_lpbq for fmt in LPBQ_BLOCKS.values()}}
+ENCODERS: dict[str, Encoder] = {UNIFORM: encode_uniform, **{fmt: encode_levels for fmt in LEVEL_FORMATS},
+                                **{fmt: encode_lpbq for fmt in LPBQ_BLOCKS.values()}}
+# Every storage format an ONNX export takes: "int", q4_0, q5_0, q8_0, q3_k, q6_k and the LPBQ block sizes.
+ONNX_FORMATS = frozenset(ENCODERS)
+# How a refusal names them (the families: lpbq4 takes --group-size 16/32/64/128).
+ONNX_FORMAT_LIST = ", ".join([UNIFORM, "lpbq4", *LEVEL_FORMATS[:-1]]) + f" or {LEVEL_FORMATS[-1]}"
+
+
+def onnx_expressible(fmt: str) -> bool:
+    """True when layers stored as ``fmt`` export to ONNX QDQ (:data:`ONNX_FORMATS`), under some profile."""
+    return fmt.lower() in ONNX_FORMATS
+
+
+def _why_not(fmt: str) -> str:
+    """Why the storage format ``fmt`` has no DequantizeLinear form: a float offset or non-uniform levels."""
+    f = get_format(fmt)
+    if f.asymmetric:
+        return "a float offset per group (w = s*q - o, o/s not an integer zero point)"
+    return "non-uniform levels"
+
+
+def refusal(fmt: str, name: str | None = None) -> str:
+    """The one-line refusal of a storage format ONNX QDQ cannot express, for layer ``name`` or ``--format``."""
+    who = f"{name} is stored as the ggml type {fmt}" if name else f"--format {fmt} is a ggml type"
+    return (f"{who} with {_why_not(fmt)}, which ONNX QDQ cannot express; export it with --to gguf, or "
+            f"quantize again with --format {ONNX_FORMAT_LIST} to export ONNX")
+
+
+def check_onnx_format(fmt: str, profile: str | ExportProfile = "generic") -> None:
+    """Raise the one-line :class:`UserError` an ONNX export would give for layers stored as ``fmt`` under
+    ``profile``, before anything is quantized: a format without a DequantizeLinear form, or fixed blocks the
+    profile does not take (``npu``: q3_k and q6_k, groups of 16). The uniform grid's group size and symmetry
+    are checked per layer at export (:meth:`ExportProfile.check_layer`)."""
+    fmt = fmt.lower()
+    if not onnx_expressible(fmt):
+        raise UserError(refusal(fmt))  # an unknown name: get_format's own one-line error
+    rules = make_profile(profile) if isinstance(profile, str) else profile
+    rules.check_format(fmt)
 
 
 def encode_weight(b: GraphBuilder, name: str, q: QuantizedLinear, profile: ExportProfile) -> EncodedWeight:
@@ -152,7 +233,6 @@ def encode_weight(b: GraphBuilder, name: str, q: QuantizedLinear, profile: Expor
     without an ONNX encoder is a one-line :class:`UserError`."""
     encoder = ENCODERS.get(q.fmt)
     if encoder is None:
-        raise UserError(f"{name} is stored as the ggml type {q.fmt}, which ONNX QDQ cannot express; export it "
-                        f"with --to gguf, or quantize again with --format int or lpbq4 to export ONNX")
+        raise UserError(refusal(q.fmt, name))
     profile.check_layer(name, q)
     return encoder(b, name, q, profile)
