@@ -9,12 +9,15 @@ the ``turboboa.exporters`` entry-point group (``name = "package.module:function"
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from turboboa.errors import UserError
+from turboboa.formats.presets import EMBEDDING
+from turboboa.io import prepare_output, write_errors_as_user_errors
 
 Exporter = Callable[..., Path]
 ENTRY_POINT_GROUP = "turboboa.exporters"
@@ -55,6 +58,38 @@ def get_exporter(name: str) -> Exporter:
     raise UserError(f"unknown export target {name!r}; choose one of {', '.join(exporter_names())}")
 
 
-def export(ckpt: Any, to: str, output: str | Path, **options: Any) -> Path:
-    """Export the checkpoint ``ckpt`` with the exporter ``to`` into ``output``."""
-    return get_exporter(to)(ckpt, Path(output), **options)
+def estimate_export_bytes(ckpt: Any) -> int:
+    """Bytes an exported file of ``ckpt`` takes, about, as an upper bound: 9/8 byte per quantized weight (no
+    ggml or ONNX container stores more than 8.5 bits) plus float32 scales and zeros, four bytes per float
+    value (a quantized embedding counted as float32, as the ONNX export stores it), and 8 MiB of metadata and
+    tokenizer."""
+    total = 8 * 2**20
+    for name, q in ckpt.layers.items():
+        total += 4 * q.codes.numel() if name == EMBEDDING else q.codes.numel() * 9 // 8 + 8 * q.scale.numel()
+    return total + sum(4 * t.numel() for t in ckpt.float_tensors.values())
+
+
+def takes_progress(exporter: Exporter) -> bool:
+    """Whether ``exporter`` has a ``progress`` parameter (progress bars on stderr)."""
+    try:
+        return "progress" in inspect.signature(exporter).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def export(ckpt: Any, to: str, output: str | Path, progress: bool = False, **options: Any) -> Path:
+    """Export the checkpoint ``ckpt`` with the exporter ``to`` into ``output``; ``progress`` (bars with ETA on
+    stderr) is passed to exporters that take it.
+
+    Before the exporter runs: the exporter must exist, ``output`` must not be a folder, its location must be
+    writable and hold enough free space (:func:`estimate_export_bytes`); a disk that fills up during the
+    write is a one-line :class:`UserError` too (the exporters write under a temporary name and rename)."""
+    exporter = get_exporter(to)
+    output = Path(output)
+    if output.is_dir():
+        raise UserError(f"{output} is a folder; pass a file name for -o")
+    prepare_output(output, estimate_export_bytes(ckpt), f"the {to} file")
+    with write_errors_as_user_errors(output):
+        if takes_progress(exporter):
+            options["progress"] = progress
+        return exporter(ckpt, output, **options)

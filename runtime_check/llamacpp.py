@@ -23,6 +23,49 @@ import torch
 from turboboa.errors import UserError
 
 INSTALL_HINT = "install the llamacpp extra: pip install 'turboboa[llamacpp]'"
+GGUF_MAGIC = b"GGUF"
+OURS_KEY = "turboboa.method"  # every GGUF turboboa writes carries the turboboa.* keys (exporters.gguf.export)
+
+
+def validate_gguf(path: str | os.PathLike[str], require_ours: bool = False) -> dict[str, Any]:
+    """Check that ``path`` is a complete GGUF file (and, with ``require_ours``, one turboboa wrote) before any
+    runtime opens it; returns its ``turboboa.*`` keys (empty for a foreign file).
+
+    Refused in one line (:class:`UserError`): a missing file, wrong magic bytes (random data, another
+    format), a header or key/value section gguf cannot parse, tensor data past the end of the file
+    (truncated), and, with ``require_ours``, a file without turboboa's keys (not exported from a QDIR).
+    """
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise UserError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); export one "
+                        f"with turboboa export --to gguf")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError, IndexError, ... on damaged headers
+        raise UserError(f"{path} is a corrupt or truncated GGUF file ({' '.join(str(e).split())[:200]}); "
+                        f"export it again") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise UserError(f"{path} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes} of a "
+                            f"{size}-byte file; export it again")
+    ours = {}
+    for name, field in reader.fields.items():
+        if name.startswith("turboboa."):
+            try:
+                ours[name] = field.contents()
+            except Exception:  # noqa: BLE001 - an unreadable value: keep the key, not the value
+                ours[name] = None
+    if require_ours and OURS_KEY not in ours:
+        raise UserError(f"{path} is a GGUF file that turboboa did not write (no {OURS_KEY} key); export the "
+                        f"QDIR with turboboa export --to gguf and pass that file")
+    return ours
 
 
 def import_llama_cpp() -> ModuleType:

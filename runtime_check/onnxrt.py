@@ -30,6 +30,56 @@ SESSION_OPTIONS: dict[str, str] = {
 INPUT = "input_ids"
 TOKENIZER_KEY = "turboboa.tokenizer"
 MAX_POSITIONS_KEY = "turboboa.max_positions"
+PRODUCER = "turboboa"
+
+
+def validate_onnx(path: str | os.PathLike[str], require_ours: bool = False) -> dict[str, str]:
+    """Check that ``path`` is a complete ONNX model (and, with ``require_ours``, a turboboa export) before
+    onnxruntime opens it; returns its ``turboboa.*`` metadata (empty for a foreign file).
+
+    Refused in one line (:class:`UserError`): a missing file, bytes protobuf cannot parse as a model (random
+    data, truncation), a model without a graph, external tensor data missing or shorter than the model says,
+    and, with ``require_ours``, a model without turboboa's producer name and ``turboboa.*`` metadata.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise UserError(f"{path} is not a readable ONNX model ({' '.join(str(e).split())[:200]}); it is corrupt, "
+                        f"truncated or another format: export it again") from None
+    if model.ir_version <= 0 or not model.opset_import or not model.graph.node:
+        raise UserError(f"{path} is not an ONNX model (no graph, IR version or opset); it is corrupt or another "
+                        f"format: export it again")
+    _check_external_data(path, model)
+    meta = {p.key: p.value for p in model.metadata_props if p.key.startswith("turboboa.")}
+    if require_ours and (model.producer_name != PRODUCER or not meta):
+        raise UserError(f"{path} is an ONNX model that turboboa did not write (producer "
+                        f"{model.producer_name or 'unknown'!r}, no turboboa.* metadata); export the QDIR with "
+                        f"turboboa export --to onnx and pass that file")
+    return meta
+
+
+def _check_external_data(path: Path, model: Any) -> None:
+    """Every initializer stored outside the model must lie inside its data file (beside ``path``)."""
+    from onnx import TensorProto
+
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        data = path.parent / info.get("location", "")
+        if not data.is_file():
+            raise UserError(f"{path} keeps tensor {t.name} in {data.name}, which is missing; copy it beside the "
+                            f"model or export again")
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        if end > data.stat().st_size:
+            raise UserError(f"{data} is truncated: tensor {t.name} ends at byte {end} of a "
+                            f"{data.stat().st_size}-byte file; export again")
 
 
 def session_options(threads: int) -> Any:
@@ -110,6 +160,8 @@ class OnnxLogits:
         folder = override or self.metadata.get(TOKENIZER_KEY, "")
         if not folder:
             raise UserError(f"{self.path} records no tokenizer; pass --tokenizer (the QDIR it was exported from)")
+        if not override and not Path(folder).is_absolute():  # recorded relative to the model's folder
+            folder = str(self.path.parent / folder)
         if not Path(folder).is_dir():
             raise UserError(f"the tokenizer of {self.path} ({folder}) is missing; pass --tokenizer with the QDIR "
                             f"or a tokenizer folder")

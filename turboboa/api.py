@@ -13,14 +13,25 @@ from typing import Any
 import torch
 
 from .activations import ActivationEncodings, calibrate_activations, check_act_bits
-from .checkpoint import is_qdir, load_fakequant_model, load_qdir, read_meta, save_activations, save_qdir
+from .checkpoint import (
+    estimate_qdir_bytes,
+    is_qdir,
+    load_fakequant_model,
+    load_qdir,
+    read_meta,
+    save_activations,
+    save_qdir,
+)
 from .config import QuantConfig
 from .data import calibration_batch, eval_tokens
 from .errors import UserError
 from .eval.perplexity import PerplexityResult, make_windows, perplexity, torch_logits_fn
 from .formats.presets import EMBEDDING
+from .io import check_writable, prepare_output
 from .models import load_float_model
+from .numerics import check_model_finite
 from .pipeline import check_group_size, quantize_model, select_device
+from .resume import BlockCheckpointer, apply_layers, fingerprint
 
 
 @dataclass
@@ -42,53 +53,75 @@ class QuantizeSummary:
 
 def check_output_location(output: Path) -> None:
     """The output must be creatable: its parent writable, and the path not an unrelated existing file/folder."""
-    parent = output.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"cannot write to {parent}: permission denied; choose another -o location")
+    check_writable(output)
     if output.exists() and (output.is_file() or (any(output.iterdir()) and not is_qdir(output))):
         raise UserError(f"{output} exists and is not a turboboa QDIR; choose another -o location or remove it")
 
 
 def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: str = "auto",
-             progress: bool = True, act_bits: int | None = None) -> QuantizeSummary:
+             progress: bool = True, act_bits: int | None = None, resume: bool = False) -> QuantizeSummary:
     """Quantize ``model`` with ``cfg`` and write the QDIR ``output`` (atomically: nothing half-written).
 
     ``act_bits`` (8 or 16): also calibrate static activation encodings (:func:`calibrate`) on the same
-    calibration batch, right after the weights, and store them in the same QDIR."""
+    calibration batch, right after the weights, and store them in the same QDIR.
+
+    After every finished block the state needed to continue is committed to ``<output>.partial/``
+    (:mod:`turboboa.resume`). ``resume``: continue from it when it is there (a run with another model,
+    configuration, calibration or device is refused in one line); the QDIR is then bit-identical to an
+    uninterrupted run's. Without ``resume`` an existing work folder is replaced. It is removed on success.
+
+    Non-finite weights (at load), Hessians, block outputs or solved grids are a one-line
+    :class:`~turboboa.numerics.NonFiniteError` naming the tensor or layer; nothing is written under ``output``.
+    """
     t0 = time.time()
     check_act_bits(act_bits)
     output = Path(output)
     check_output_location(output)
     dev = select_device(device)
     loaded = load_float_model(model)
+    check_model_finite(loaded.model, f"the float model {model}")
     from .arch import get_adapter
 
     calib = calibration_batch(loaded.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     padding = pad(loaded.model, cfg, calib) if cfg.pad_to else None
-    check_group_size(loaded.model, get_adapter(loaded.model), cfg)
+    adapter = get_adapter(loaded.model)
+    check_group_size(loaded.model, adapter, cfg)
+    prepare_output(output, estimate_qdir_bytes(loaded.model), "the QDIR")
     torch.manual_seed(cfg.seed)
-    result = quantize_model(loaded.model, calib, cfg, dev, progress=progress)
-    meta: dict[str, Any] = {
-        "source": loaded.source,
-        "model": model,
-        "calibration": {"data": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed,
-                        "tokens": int(calib.numel())},
-        "device": str(dev),
-        "padding": padding,
-        "timings": {"quantize_seconds": round(result.seconds, 3),
-                    "block_seconds": [round(s, 3) for s in result.block_seconds],
-                    "peak_memory_bytes": result.peak_memory},
-    }
-    activations = None
-    if act_bits is not None:
-        layers = [name for name in result.layers if name != EMBEDDING]
-        activations = calibrate_activations(loaded.model, calib, act_bits, layers, dev, progress,
-                                            calibration=meta["calibration"])
-    save_qdir(output, loaded.model, loaded.tokenizer, result.layers, cfg, meta, activations)
-    return QuantizeSummary(output, len(result.layers), time.time() - t0, result.peak_memory, loaded.source)
+    saver = BlockCheckpointer(output, fingerprint(loaded.model, calib, cfg, dev), len(adapter.blocks(loaded.model)))
+    point = saver.start(resume)  # a refused resume keeps the work folder (for the right command line)
+    try:
+        if point is not None:
+            apply_layers(loaded.model, point.layers)
+            torch.set_rng_state(point.rng)
+        result = quantize_model(loaded.model, calib, cfg, dev, progress=progress,
+                                start_block=0 if point is None else point.next_block,
+                                state=None if point is None else point.streams, on_block_done=saver.on_block_done)
+        layers = {**(point.layers if point is not None else {}), **result.layers}
+        meta: dict[str, Any] = {
+            "source": loaded.source,
+            "model": model,
+            "calibration": {"data": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed,
+                            "tokens": int(calib.numel())},
+            "device": str(dev),
+            "padding": padding,
+            "timings": {"quantize_seconds": round(sum(saver.block_seconds) + result.seconds
+                                                  - sum(result.block_seconds), 3),
+                        "block_seconds": [round(s, 3) for s in saver.block_seconds],
+                        "peak_memory_bytes": result.peak_memory,
+                        "resumed_from_block": None if point is None else point.next_block},
+        }
+        activations = None
+        if act_bits is not None:
+            names = [name for name in layers if name != EMBEDDING]
+            activations = calibrate_activations(loaded.model, calib, act_bits, names, dev, progress,
+                                                calibration=meta["calibration"])
+        save_qdir(output, loaded.model, loaded.tokenizer, layers, cfg, meta, activations)
+    except UserError:
+        saver.discard()  # bad input or non-finite values fail the same way again: nothing to resume
+        raise
+    saver.discard()
+    return QuantizeSummary(output, len(layers), time.time() - t0, result.peak_memory, loaded.source)
 
 
 def pad(model: Any, cfg: QuantConfig, calib: torch.Tensor) -> dict[str, Any]:
@@ -156,7 +189,11 @@ def gguf_tokenizer(path: Path) -> Any:
     """The Hugging Face tokenizer that transformers builds from a GGUF file's tokenizer metadata."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types on foreign tokenizer metadata
+        raise UserError(f"cannot build a tokenizer from the metadata of {path} "
+                        f"({' '.join(str(e).split())[:200]}); pass --tokenizer with a tokenizer folder or QDIR") from None
 
 
 def is_onnx_file(target: str) -> bool:
@@ -214,8 +251,9 @@ def evaluate_onnx(path: Path, data: str, seqlen: int, max_windows: int | None, p
     settings used are in ``extra["onnxruntime"]``."""
     from transformers import AutoTokenizer
 
-    from runtime_check.onnxrt import onnx_logits_fn
+    from runtime_check.onnxrt import onnx_logits_fn, validate_onnx
 
+    validate_onnx(path)
     with onnx_logits_fn(path, threads=threads) as fn:
         fn.check_length(seqlen)
         folder = fn.tokenizer(tokenizer)
@@ -234,10 +272,11 @@ def evaluate_gguf(path: Path, data: str, seqlen: int, max_windows: int | None, p
                   tokenizer: str | None = None, threads: int | None = None) -> PerplexityResult:
     """Perplexity of a GGUF file in llama.cpp on the HF tokenizer's windows, plus how many of the evaluation
     tokens llama.cpp's own tokenizer would split differently (``extra["tokenizer_mismatch"]``)."""
-    from runtime_check.llamacpp import gguf_logits_fn, gguf_tokenizer_mismatch
+    from runtime_check.llamacpp import gguf_logits_fn, gguf_tokenizer_mismatch, validate_gguf
 
     from .data import resolve_text
 
+    validate_gguf(path)
     if tokenizer is not None:
         from transformers import AutoTokenizer
 

@@ -35,6 +35,8 @@ from .activations.encodings import ActivationEncodings, install_input_quantizati
 from .config import QuantConfig
 from .errors import UserError
 from .formats.base import GgmlGrid
+from .io import prepare_output, replace_folder, write_errors_as_user_errors
+from .numerics import check_quantized_finite, check_state_finite
 from .quantized import UNIFORM, QuantizedLinear
 
 QDIR_FORMAT = "turboboa-qdir"
@@ -98,26 +100,32 @@ def save_qdir(
     activations: ActivationEncodings | None = None,
 ) -> Path:
     """Write the QDIR (with the activation encodings, when given) into a temporary folder beside ``path`` and
-    rename it into place when complete."""
+    rename it into place when complete.
+
+    Before anything is written: every solved tensor and float tensor is checked finite (a NaN/Inf is a
+    one-line :class:`~turboboa.numerics.NonFiniteError` naming it), the location writable and the free space
+    enough (:func:`~turboboa.io.prepare_output`); a full disk or a refused write during it is a UserError."""
     path = Path(path)
+    for name, q in layers.items():
+        check_quantized_finite(name, {"codes": q.codes, "scales": q.scale, "zero points": q.zero,
+                                      **({} if q.grid is None else vars(q.grid))})
+    floats = float_state(model, set(layers))
+    check_state_finite(floats.items(), "the quantized model")
+    prepare_output(path, estimate_qdir_bytes(layers=layers, floats=floats), "the QDIR")
+    with write_errors_as_user_errors(path):
+        return _write_qdir(path, model, tokenizer, layers, floats, config, meta, activations)
+
+
+def _write_qdir(path: Path, model: torch.nn.Module, tokenizer: Any, layers: dict[str, QuantizedLinear],
+                floats: dict[str, torch.Tensor], config: QuantConfig, meta: dict[str, Any],
+                activations: ActivationEncodings | None) -> Path:
+    """The writing part of :func:`save_qdir`: a temporary folder beside ``path``, renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        entries = {}
-        for name, q in layers.items():
-            tensors[f"{name}.codes"] = q.codes.to(torch.uint8).contiguous()
-            tensors[f"{name}.scale"] = q.scale.float().clone().contiguous()  # clones: safetensors refuses
-            tensors[f"{name}.zero"] = q.zero.float().clone().contiguous()  # tensors that share memory
-            entries[name] = {"shape": list(q.shape), "bits": q.bits, "group_size": q.group_size, "sym": q.sym,
-                             "format": q.fmt}
-            if q.grid is not None:
-                for key, value in vars(q.grid).items():
-                    if value is not None:
-                        dtype = torch.int32 if key in GRID_INT_FIELDS else torch.float32
-                        tensors[f"{name}.{key}"] = value.to(dtype).clone().contiguous().cpu()
+        tensors, entries = layer_tensors(layers)
         save_file(tensors, str(tmp / QUANT_FILE), metadata={"format": QDIR_FORMAT})
-        save_file(float_state(model, set(layers)), str(tmp / FLOAT_FILE), metadata={"format": QDIR_FORMAT})
+        save_file(floats, str(tmp / FLOAT_FILE), metadata={"format": QDIR_FORMAT})
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -136,13 +144,58 @@ def save_qdir(
         if activations is not None:
             doc[ACT_KEY] = _write_activations(tmp, activations)
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def layer_tensors(layers: dict[str, QuantizedLinear]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """The safetensors payload of quantized layers (``<name>.codes``/``.scale``/``.zero`` and the stored grid
+    fields) and their ``layers`` entries of ``quant_config.json``, in the order of ``layers``."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries = {}
+    for name, q in layers.items():
+        tensors[f"{name}.codes"] = q.codes.to(torch.uint8).contiguous().cpu()
+        tensors[f"{name}.scale"] = q.scale.float().clone().contiguous().cpu()  # clones: safetensors refuses
+        tensors[f"{name}.zero"] = q.zero.float().clone().contiguous().cpu()  # tensors that share memory
+        entries[name] = {"shape": list(q.shape), "bits": q.bits, "group_size": q.group_size, "sym": q.sym,
+                         "format": q.fmt}
+        if q.grid is not None:
+            for key, value in vars(q.grid).items():
+                if value is not None:
+                    dtype = torch.int32 if key in GRID_INT_FIELDS else torch.float32
+                    tensors[f"{name}.{key}"] = value.to(dtype).clone().contiguous().cpu()
+    return tensors, entries
+
+
+def layers_from_tensors(entries: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]) -> dict[str, QuantizedLinear]:
+    """The inverse of :func:`layer_tensors`: the quantized layers, exactly as they were saved."""
+    layers = {}
+    for name, e in entries.items():
+        fmt = e.get("format", UNIFORM)
+        grid = None
+        if fmt != UNIFORM:
+            grid = GgmlGrid(**{k: tensors.get(f"{name}.{k}") for k in ("d", "dmin", "sc", "m")})
+        layers[name] = QuantizedLinear(
+            codes=tensors[f"{name}.codes"], scale=tensors[f"{name}.scale"], zero=tensors[f"{name}.zero"],
+            bits=e["bits"], group_size=e["group_size"], sym=e["sym"], fmt=fmt, grid=grid,
+        )
+    return layers
+
+
+def estimate_qdir_bytes(model: torch.nn.Module | None = None, layers: dict[str, QuantizedLinear] | None = None,
+                        floats: dict[str, torch.Tensor] | None = None) -> int:
+    """Bytes a QDIR takes, about: one byte per quantized weight (uint8 codes) plus its scales and zeros and
+    four bytes per float value. Before quantization (only ``model``) every tensor of ``model`` counts four
+    bytes, an upper bound."""
+    total = 2**20  # config, tokenizer
+    if layers is None:
+        assert model is not None
+        return total + sum(t.numel() * 4 for t in model.state_dict().values())
+    total += sum(q.codes.numel() + 8 * q.scale.numel() for q in layers.values())
+    return total + sum(t.numel() * 4 for t in (floats or {}).values())
 
 
 def _write_activations(folder: Path, activations: ActivationEncodings) -> dict[str, Any]:
@@ -158,6 +211,15 @@ def save_activations(path: str | os.PathLike, activations: ActivationEncodings) 
     ``quant_config.json``; it takes the QDIR's name by renames, and the old folder is removed last."""
     path = Path(path)
     doc = read_meta(path)
+    tensors, _ = activations.to_tensors()
+    prepare_output(path, sum(t.numel() * t.element_size() for t in tensors.values()) + 2**20,
+                   "the activation encodings")
+    with write_errors_as_user_errors(path):
+        return _replace_activations(path, doc, activations)
+
+
+def _replace_activations(path: Path, doc: dict[str, Any], activations: ActivationEncodings) -> Path:
+    """The writing part of :func:`save_activations`."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     old = None
     try:
@@ -204,11 +266,13 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not a readable turboboa QDIR ({e}); quantize again with `turboboa quantize`") from None
     if doc.get("format") != QDIR_FORMAT:
         raise UserError(f"{path} is not a turboboa QDIR (no '{QDIR_FORMAT}' marker in {CONFIG_FILE})")
-    if doc.get("version") != QDIR_VERSION:
-        raise UserError(
-            f"{path} is a QDIR of version {doc.get('version')}, this turboboa reads version {QDIR_VERSION}; "
-            "quantize again with this version"
-        )
+    version = doc.get("version")
+    if version != QDIR_VERSION:
+        newer = isinstance(version, int) and version > QDIR_VERSION
+        fix = ("upgrade turboboa (pip install -U turboboa) or quantize again with this version" if newer
+               else "quantize again with this version")
+        raise UserError(f"{path} is a QDIR of format version {version}, this turboboa "
+                        f"({package_versions().get('turboboa', '?')}) reads version {QDIR_VERSION}; {fix}")
     return doc
 
 
@@ -221,16 +285,10 @@ def load_qdir(path: str | os.PathLike) -> QuantizedCheckpoint:
         ft = load_file(str(path / FLOAT_FILE))
     except Exception as e:  # noqa: BLE001 - any read error is a corrupt QDIR
         raise UserError(f"{path} is a damaged QDIR ({e}); quantize again") from None
-    layers = {}
-    for name, e in doc["layers"].items():
-        fmt = e.get("format", UNIFORM)
-        grid = None
-        if fmt != UNIFORM:
-            grid = GgmlGrid(**{k: qt.get(f"{name}.{k}") for k in ("d", "dmin", "sc", "m")})
-        layers[name] = QuantizedLinear(
-            codes=qt[f"{name}.codes"], scale=qt[f"{name}.scale"], zero=qt[f"{name}.zero"],
-            bits=e["bits"], group_size=e["group_size"], sym=e["sym"], fmt=fmt, grid=grid,
-        )
+    try:
+        layers = layers_from_tensors(doc["layers"], qt)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path} is a damaged QDIR (missing {e}); quantize again") from None
     config = QuantConfig.from_dict(doc["quant_config"])
     return QuantizedCheckpoint(layers, ft, config, doc, path, load_activations(path, doc))
 

@@ -33,6 +33,7 @@ from .errors import UserError
 from .formats.presets import EMBEDDING, ModelShape
 from .hessians import CovarianceAccumulator
 from .hessians.attention import AttentionStatistics
+from .numerics import check_finite, check_quantized_finite
 from .quantized import UNIFORM, QuantizedLinear
 from .solvers import HessianError, LayerProblem, solve_layer
 
@@ -145,7 +146,10 @@ def quantize_model(
     """Quantize every block's linear layers of ``model`` (modified in place into its fake-quant form).
 
     ``calib_ids``: ``(n, L)`` token ids. ``start_block``/``state`` resume a run whose streams were saved by
-    ``on_block_done(i, layers_of_block, state)`` (state holds the streams ``X`` and ``X_fp``).
+    ``on_block_done(i, layers_of_block, state)`` (state holds the streams ``X`` and ``X_fp``, the next block's
+    inputs, and the block's ``seconds``; :mod:`turboboa.resume`). The blocks before ``start_block`` must
+    already hold their fake-quant weights. NaN/Inf in a block's output, a Hessian or a solved grid is a
+    one-line :class:`~turboboa.numerics.NonFiniteError` naming the block or layer.
     """
     t0 = time.time()
     adapter = get_adapter(model)
@@ -158,6 +162,7 @@ def quantize_model(
         cos, sin = adapter.rotary_cos_sin(model, L, device)
         if state is None:
             X = torch.cat([adapter.embed(model, calib_ids[i : i + 8]).float() for i in range(0, n, 8)]).to(device)
+            check_finite(X, "the embedding of the calibration tokens", "check the model's embedding weights")
             X_fp = X.clone() if use_dx else None
         else:
             X, X_fp = state["X"].to(device), None if state.get("X_fp") is None else state["X_fp"].to(device)
@@ -191,13 +196,14 @@ def quantize_model(
             for c0 in range(0, n, step):
                 sl = slice(c0, c0 + step)
                 X[sl] = adapter.block_forward(block, X[sl], cos, sin)
-            if not torch.isfinite(X).all():
-                raise UserError(f"block {i}: the quantized block's output holds NaN or Inf; try more bits or damping")
+            hint = "try more bits, a larger --damp, or check the model's weights"
+            check_finite(X, f"block {prefix}{i}: the quantized stream's output", hint)
+            check_finite(X_fp, f"block {prefix}{i}: the full-precision stream's output", hint)
             block.to("cpu")
             del fp_block
             block_seconds.append(time.time() - tb)
             if on_block_done is not None:
-                on_block_done(i, block_layers, {"X": X, "X_fp": X_fp})
+                on_block_done(i, block_layers, {"X": X, "X_fp": X_fp, "seconds": block_seconds[-1]})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         embed = quantize_embedding(model, cfg)
@@ -217,6 +223,8 @@ def quantize_embedding(model: nn.Module, cfg: QuantConfig) -> QuantizedLinear | 
     W = emb.weight.detach().float()
     q = solve_layer(LayerProblem(EMBEDDING, W, torch.eye(W.shape[1]), fmt=fmt),
                     dataclasses.replace(cfg, method="rtn", grid="search"))
+    check_quantized_finite(EMBEDDING, {"codes": q.codes, "scales": q.scale, "zero points": q.zero,
+                                       **({} if q.grid is None else vars(q.grid))})
     with torch.no_grad():
         emb.weight.copy_(q.dequantize().to(emb.weight.dtype))
     return q
@@ -273,6 +281,9 @@ def _collect(
             capture_fp.remove()
 
 
+_HESSIAN_HINT = "the layer inputs overflowed; check the model's weights and the calibration data"
+
+
 def _solve_groups(
     block: nn.Module,
     adapter: ArchAdapter,
@@ -293,8 +304,14 @@ def _solve_groups(
     if attn is not None:
         row_q, row_k = attn.row_hessian_q(cos, sin), attn.row_hessian_k(cos, sin)
         col_v, cross_v = attn.col_hessian_v(), attn.cross_v() if use_dx else None
+        for what, t in (("query row Hessian", row_q), ("key row Hessian", row_k), ("value Hessian", col_v),
+                        ("value F2 cross term", cross_v)):
+            check_finite(t, f"block {prefix.rstrip('.')}: the attention {what}", _HESSIAN_HINT)
     for group in groups:
         acc = covs[group[0]]
+        if acc.n:
+            check_finite(acc.H, f"layer {prefix}{group[0]}: the input Hessian", _HESSIAN_HINT)
+            check_finite(acc.C if use_dx else None, f"layer {prefix}{group[0]}: the F2 cross term", _HESSIAN_HINT)
         for name in group:
             module = block.get_submodule(name)
             W = module.weight.detach().float()
@@ -315,6 +332,8 @@ def _solve_groups(
                 q = solve_layer(problem, cfg)
             except HessianError as e:
                 raise UserError(f"cannot quantize {e}") from None
+            check_quantized_finite(prefix + name, {"codes": q.codes, "scales": q.scale, "zero points": q.zero,
+                                                   **({} if q.grid is None else vars(q.grid))})
             module.weight.data.copy_(q.dequantize().to(module.weight.device, module.weight.dtype))
             out[prefix + name] = q
     return out

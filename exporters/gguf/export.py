@@ -8,12 +8,14 @@ a separate head) are written as F32, so they too are what the fake-quant model h
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
+from tqdm.auto import tqdm
 
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
@@ -39,8 +41,9 @@ def source_gguf_of(ckpt: QuantizedCheckpoint) -> Path | None:
     return path if path.suffix == ".gguf" and path.is_file() else None
 
 
-def gguf_tensors(ckpt: QuantizedCheckpoint) -> dict[str, GgufTensor]:
-    """Every tensor of the checkpoint for the GGUF writer: packed ggml rows or F32 values, by HF name."""
+def gguf_tensors(ckpt: QuantizedCheckpoint, progress: bool = False) -> dict[str, GgufTensor]:
+    """Every tensor of the checkpoint for the GGUF writer: packed ggml rows or F32 values, by HF name
+    (``progress``: a bar with ETA over the layers being packed, on stderr)."""
     tensors = {name: GgufTensor.from_float(t) for name, t in ckpt.float_tensors.items()}
     uniform = [name for name, q in ckpt.layers.items() if q.fmt == UNIFORM]
     if uniform:
@@ -52,7 +55,8 @@ def gguf_tensors(ckpt: QuantizedCheckpoint) -> dict[str, GgufTensor]:
         raise UserError(f"{ckpt.path} holds {fmt_name} layers (e.g. {name}), Qualcomm's LPBQ grid, which "
                         f"no ggml type stores; export it with --to onnx (--profile npu), or quantize with a "
                         f"ggml --format")
-    for name, q in ckpt.layers.items():
+    for name, q in tqdm(ckpt.layers.items(), desc="pack gguf", unit="layer", total=len(ckpt.layers),
+                        file=sys.stderr, disable=not progress):
         fmt = get_format(q.fmt)
         assert q.grid is not None
         tensors[f"{name}.weight"] = GgufTensor.from_packed(fmt.ggml_type, fmt.pack(q.codes, q.grid), q.shape)
@@ -72,20 +76,21 @@ def _extra_kv(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
     }
 
 
-def export_gguf(ckpt: QuantizedCheckpoint, output: Path, **options: Any) -> Path:
-    """Write ``ckpt`` as the GGUF file ``output`` (atomically) and return its path."""
+def export_gguf(ckpt: QuantizedCheckpoint, output: Path, progress: bool = False, **options: Any) -> Path:
+    """Write ``ckpt`` as the GGUF file ``output`` (atomically) and return its path; ``progress``: bars with ETA
+    for packing and writing on stderr."""
     if options:
         raise UserError(f"the gguf exporter takes no options {sorted(options)}")
     from transformers import AutoConfig, AutoTokenizer
 
     assert ckpt.path is not None
     hf_config = AutoConfig.from_pretrained(ckpt.path)
-    tensors = gguf_tensors(ckpt)
+    tensors = gguf_tensors(ckpt, progress)
     extra = _extra_kv(ckpt)
     extra["bits_per_weight"] = round(bits_per_weight(tensors), 4)
     source = source_gguf_of(ckpt)
     tokenizer = None if source is not None else AutoTokenizer.from_pretrained(ckpt.path)
-    return write_gguf(output, hf_config, tokenizer, tensors, source_gguf=source, extra_kv=extra)
+    return write_gguf(output, hf_config, tokenizer, tensors, source_gguf=source, extra_kv=extra, progress=progress)
 
 
 def bits_per_weight(tensors: dict[str, GgufTensor]) -> float:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from gguf import (
 )
 
 from turboboa.errors import UserError
+from turboboa.io import atomic_file
 
 from .metadata import (
     ArchSpec,
@@ -127,21 +126,6 @@ def _model_name(hf_config: Any, source_general: list[KeyValue]) -> str:
     return Path(name_or_path).name or "model"
 
 
-@contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temporary file beside ``path``; rename it to ``path`` if the block succeeds, else delete it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _add_metadata(writer: GGUFWriter, hf_config: Any, hp: Hyperparameters, tokenizer_dir_or_tokenizer: Any,
                   source_gguf: Path | None, extra_kv: Mapping[str, Any], name: str | None, ftype: LlamaFileType,
                   embd_rows: int) -> None:
@@ -167,7 +151,7 @@ def _add_metadata(writer: GGUFWriter, hf_config: Any, hp: Hyperparameters, token
 def write_gguf(path: str | os.PathLike[str], hf_config: Any, tokenizer_dir_or_tokenizer: Any,
                tensors: Mapping[str, GgufTensor], *, source_gguf: Path | None = None,
                extra_kv: Mapping[str, Any] | None = None, name: str | None = None,
-               ftype: LlamaFileType | None = None) -> Path:
+               ftype: LlamaFileType | None = None, progress: bool = False) -> Path:
     """Write a GGUF file for llama.cpp and return its path.
 
     ``hf_config``: the model's ``PretrainedConfig`` (llama, mistral or qwen2). ``tensors``: every weight, norm
@@ -175,7 +159,8 @@ def write_gguf(path: str | os.PathLike[str], hf_config: Any, tokenizer_dir_or_to
     ``source_gguf`` every ``tokenizer.*`` key (and the descriptive ``general.*`` keys) of that file are copied;
     otherwise they are built from ``tokenizer_dir_or_tokenizer`` (an HF tokenizer folder or object).
     ``extra_kv``: quantization settings stored as ``turboboa.*`` keys. ``name`` overrides ``general.name``;
-    ``ftype`` overrides the ``general.file_type`` derived from the matrices' types.
+    ``ftype`` overrides the ``general.file_type`` derived from the matrices' types. ``progress``: a bar with
+    ETA over the tensor bytes on stderr.
     """
     path = Path(path)
     spec = arch_spec(hf_config)
@@ -184,7 +169,7 @@ def write_gguf(path: str | os.PathLike[str], hf_config: Any, tokenizer_dir_or_to
     embd_rows = ordered[f"{TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD]}.weight"].shape[0]
     if ftype is None:
         ftype = file_type((t.stored_type, t.n_elements) for t in ordered.values() if len(t.shape) == 2)
-    with _atomic_target(path) as tmp:
+    with atomic_file(path) as tmp:
         writer = GGUFWriter(tmp, spec.name)
         try:
             _add_metadata(writer, hf_config, hp, tokenizer_dir_or_tokenizer, source_gguf, extra_kv or {}, name,
@@ -194,7 +179,7 @@ def write_gguf(path: str | os.PathLike[str], hf_config: Any, tokenizer_dir_or_to
                                   raw_dtype=tensor.stored_type if tensor.is_packed else None)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
+            writer.write_tensors_to_file(progress=progress)
         finally:
             writer.close()
     return path
