@@ -17,16 +17,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,llamacpp]"
 	touch $(STAMP)
 
-# The main job on the default model (SmolLM2-135M): TurboBoA 4-bit, group 128, then perplexity of the float
-# model and of the quantized one on the same WikiText-2 windows. Small calibration so it runs on a laptop CPU.
-DEMO_OUT   ?= out/demo-turboboa-w4g128
+# The main job on the default model (SmolLM2-135M), in one command: TurboBoA onto ggml's q4_0 grid (run's
+# default when gguf is exported), export model.gguf and model.onnx, check both against the fake-quant model
+# (weights bit-identical; llama.cpp and onnxruntime PPL, KL and top-1 on the same WikiText-2 windows, with the
+# float model beside them), write report.{json,md,png} and SHA256SUMS into $(DEMO_OUT). The last line printed
+# is the report's path. Calibration and evaluation are kept small so it runs on a 2-core CPU in minutes.
+DEMO_OUT   ?= out/demo
 DEMO_CALIB ?= --nsamples 16 --seqlen 512
-DEMO_EVAL  ?= --seqlen 512 --max-windows 16
+DEMO_EVAL  ?= --eval-seqlen 512 --max-windows 8
 
 demo: venv
-	$(VENV)/bin/turboboa quantize smollm2-135m --method turboboa --bits 4 --group-size 128 $(DEMO_CALIB) -o $(DEMO_OUT)
-	$(VENV)/bin/turboboa eval smollm2-135m $(DEMO_EVAL)
-	$(VENV)/bin/turboboa eval $(DEMO_OUT) $(DEMO_EVAL)
+	$(VENV)/bin/turboboa run smollm2-135m --export gguf,onnx $(DEMO_CALIB) $(DEMO_EVAL) -o $(DEMO_OUT)
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests

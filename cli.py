@@ -6,12 +6,18 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from turboboa.errors import UserError
 
+if TYPE_CHECKING:
+    from turboboa.config import QuantConfig
+
 DEFAULT_MODEL = "smollm2-135m"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,72 +25,96 @@ def app() -> None:
     """Quantize LLMs to 2-8 bits with TurboBoA, BoA, GPTQ or RTN, and measure them."""
 
 
+# Every option of `quantize` but MODEL and -o: shared by `quantize` and `run`, in the order `--help` lists them.
+# One list, so an option added here (e.g. --resume) reaches both commands; `quant_config` turns the QuantConfig
+# fields among them into a QuantConfig and leaves the others (device, act_bits, ...) to the command.
+QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
+    click.option("--method", default="turboboa", show_default=True, help="rtn | gptq | boa | turboboa"),
+    click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8"),
+    click.option("--group-size", type=int, default=None,
+                  help="-1 = per output channel (default 128); under --format lpbq4 its block: 16, 32 (default), "
+                       "64, 128"),
+    click.option("--sym", is_flag=True, help="symmetric grids (zero point 2^(bits-1))"),
+    click.option("--grid", default="auto", show_default=True,
+                  help="minmax | search (Hessian-weighted range search) | auto (search except for rtn)"),
+    click.option("--format", "fmt", default="int", show_default=True,
+                  help="int (uniform grid of --bits/--group-size), a ggml type the GGUF file stores: "
+                       "q2_k q3_k q4_k q5_k q6_k q4_0 q4_1 q5_0 q8_0 iq4_nl, or lpbq4 (Qualcomm LPBQ, for ONNX)"),
+    click.option("--tensor-format", "tensor_formats", multiple=True, metavar="PATTERN=TYPE",
+                  help="per-layer format override by module-name pattern, e.g. '*.down_proj=q6_k' (repeatable)"),
+    click.option("--preset", default="", help="llama-quantize-like file type: Q2_K, Q3_K_S, Q3_K_M or Q4_K_M "
+                  "(a ggml type per tensor, embedding included; see the README)"),
+    click.option("--embed-format", default="", help="ggml type of the token embedding (default: float, or the preset's)"),
+    click.option("--pad-to", type=int, default=0, show_default=True,
+                  help="pad every layer width to a multiple of this (function-preserving), e.g. 256 for k-quants"),
+    click.option("--pad-order", default="natural", show_default=True,
+                  help="natural (residual zero channels at the end) | activation (they share a 256-block with the "
+                       "largest activations, which llama.cpp's 8-bit activation blocks then round finer; it moves "
+                       "the weights' groups, see the README)"),
+    click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal (static groups)"),
+    click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids from the original weights"),
+    click.option("--true-sequential", is_flag=True,
+                  help="calibrate each group of layers on the outputs of the already quantized groups before it"),
+    click.option("--damp", "percdamp", type=float, default=0.01, show_default=True, help="damping, share of mean diag"),
+    click.option("--rows", type=int, default=16, show_default=True, help="TurboBoA: rows quantized jointly (N)"),
+    click.option("--alpha", type=float, default=0.25, show_default=True, help="TurboBoA F2 strength"),
+    click.option("--no-dx", is_flag=True, help="TurboBoA: turn off F2 (error correction from the fp stream)"),
+    click.option("--no-adaptive-grid", is_flag=True, help="TurboBoA: fix grids from the original weights"),
+    click.option("--refine-iters", type=int, default=1, show_default=True, help="TurboBoA: scale refinement sweeps"),
+    click.option("--act-order-col", is_flag=True, help="BoA/TurboBoA: columns by decreasing H_col diagonal"),
+    click.option("--act-order-row", is_flag=True, help="BoA/TurboBoA: rows by decreasing H_row diagonal"),
+    click.option("--calib", default="wikitext2", show_default=True, help="calibration data: name or .txt/.jsonl path"),
+    click.option("--nsamples", type=int, default=128, show_default=True),
+    click.option("--seqlen", type=int, default=2048, show_default=True),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda"),
+    click.option("--act-bits", type=int, default=None,
+                  help="also calibrate static activation quantization of every quantized layer's input: 8 or 16 "
+                       "(uint8/uint16 per-tensor, min-max on the calibration set)"),
+    click.option("--resume", is_flag=True,
+                  help="continue an interrupted run from its last finished block (state kept in <output>.partial/); "
+                       "the result is identical to an uninterrupted run's"),
+]
+
+
+def quantize_options(fn: F) -> F:
+    """Decorator: add :data:`QUANTIZE_OPTIONS` to a command (listed in that order by ``--help``)."""
+    for option in reversed(QUANTIZE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def quant_config(options: dict[str, Any]) -> QuantConfig:
+    """The :class:`QuantConfig` of the quantize options ``options`` (click parameter names; the options that
+    are no QuantConfig field, such as ``device`` and ``act_bits``, are left to the command)."""
+    from turboboa.config import QuantConfig
+
+    o = options
+    return QuantConfig(method=o["method"], bits=o["bits"], group_size=o["group_size"], sym=o["sym"],
+                       grid=o["grid"], format=o["fmt"], tensor_formats=o["tensor_formats"], preset=o["preset"],
+                       embed_format=o["embed_format"], pad_to=o["pad_to"], pad_order=o["pad_order"],
+                       act_order=o["act_order"], static_groups=o["static_groups"],
+                       true_sequential=o["true_sequential"], percdamp=o["percdamp"], rows=o["rows"],
+                       alpha=o["alpha"], use_dx=not o["no_dx"], adaptive_grid=not o["no_adaptive_grid"],
+                       refine_iters=o["refine_iters"], act_order_col=o["act_order_col"],
+                       act_order_row=o["act_order_row"], calib=o["calib"], nsamples=o["nsamples"],
+                       seqlen=o["seqlen"], seed=o["seed"])
+
+
 @app.command()
 @click.argument("model", required=False, default=DEFAULT_MODEL)
-@click.option("--method", default="turboboa", show_default=True, help="rtn | gptq | boa | turboboa")
-@click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8")
-@click.option("--group-size", type=int, default=None,
-              help="-1 = per output channel (default 128); under --format lpbq4 its block: 16, 32 (default), "
-                   "64, 128")
-@click.option("--sym", is_flag=True, help="symmetric grids (zero point 2^(bits-1))")
-@click.option("--grid", default="auto", show_default=True,
-              help="minmax | search (Hessian-weighted range search) | auto (search except for rtn)")
-@click.option("--format", "fmt", default="int", show_default=True,
-              help="int (uniform grid of --bits/--group-size), a ggml type the GGUF file stores: "
-                   "q2_k q3_k q4_k q5_k q6_k q4_0 q4_1 q5_0 q8_0 iq4_nl, or lpbq4 (Qualcomm LPBQ, for ONNX)")
-@click.option("--tensor-format", "tensor_formats", multiple=True, metavar="PATTERN=TYPE",
-              help="per-layer format override by module-name pattern, e.g. '*.down_proj=q6_k' (repeatable)")
-@click.option("--preset", default="", help="llama-quantize-like file type: Q2_K, Q3_K_S, Q3_K_M or Q4_K_M "
-              "(a ggml type per tensor, embedding included; see the README)")
-@click.option("--embed-format", default="", help="ggml type of the token embedding (default: float, or the preset's)")
-@click.option("--pad-to", type=int, default=0, show_default=True,
-              help="pad every layer width to a multiple of this (function-preserving), e.g. 256 for k-quants")
-@click.option("--pad-order", default="natural", show_default=True,
-              help="natural (residual zero channels at the end) | activation (they share a 256-block with the "
-                   "largest activations, which llama.cpp's 8-bit activation blocks then round finer; it moves "
-                   "the weights' groups, see the README)")
-@click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal (static groups)")
-@click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids from the original weights")
-@click.option("--true-sequential", is_flag=True,
-              help="calibrate each group of layers on the outputs of the already quantized groups before it")
-@click.option("--damp", "percdamp", type=float, default=0.01, show_default=True, help="damping, share of mean diag")
-@click.option("--rows", type=int, default=16, show_default=True, help="TurboBoA: rows quantized jointly (N)")
-@click.option("--alpha", type=float, default=0.25, show_default=True, help="TurboBoA F2 strength")
-@click.option("--no-dx", is_flag=True, help="TurboBoA: turn off F2 (error correction from the fp stream)")
-@click.option("--no-adaptive-grid", is_flag=True, help="TurboBoA: fix grids from the original weights")
-@click.option("--refine-iters", type=int, default=1, show_default=True, help="TurboBoA: scale refinement sweeps")
-@click.option("--act-order-col", is_flag=True, help="BoA/TurboBoA: columns by decreasing H_col diagonal")
-@click.option("--act-order-row", is_flag=True, help="BoA/TurboBoA: rows by decreasing H_row diagonal")
-@click.option("--calib", default="wikitext2", show_default=True, help="calibration data: name or .txt/.jsonl path")
-@click.option("--nsamples", type=int, default=128, show_default=True)
-@click.option("--seqlen", type=int, default=2048, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-@click.option("--act-bits", type=int, default=None,
-              help="also calibrate static activation quantization of every quantized layer's input: 8 or 16 "
-                   "(uint8/uint16 per-tensor, min-max on the calibration set)")
+@quantize_options
 @click.option("-o", "--output", required=True, help="QDIR folder to write")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
-def quantize(model: str, method: str, bits: int, group_size: int, sym: bool, grid: str, fmt: str,
-             tensor_formats: tuple[str, ...], preset: str, embed_format: str, pad_to: int, pad_order: str,
-             act_order: bool,
-             static_groups: bool, true_sequential: bool, percdamp: float, rows: int, alpha: float, no_dx: bool, no_adaptive_grid: bool,
-             refine_iters: int, act_order_col: bool, act_order_row: bool, calib: str, nsamples: int, seqlen: int,
-             seed: int, device: str, act_bits: int | None, output: str, quiet: bool, as_json: bool) -> None:
+def quantize(model: str, output: str, quiet: bool, as_json: bool, **options: Any) -> None:
     """Quantize MODEL (default smollm2-135m) into the quantized checkpoint folder -o QDIR."""
     from turboboa import api
-    from turboboa.config import QuantConfig
 
-    cfg = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, grid=grid, format=fmt,
-                      tensor_formats=tensor_formats, preset=preset, embed_format=embed_format, pad_to=pad_to,
-                      pad_order=pad_order,
-                      act_order=act_order,
-                      static_groups=static_groups, true_sequential=true_sequential,
-                      percdamp=percdamp, rows=rows, alpha=alpha, use_dx=not no_dx,
-                      adaptive_grid=not no_adaptive_grid, refine_iters=refine_iters, act_order_col=act_order_col,
-                      act_order_row=act_order_row, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    summary = api.quantize(model, cfg, output, device=device, progress=not quiet, act_bits=act_bits)
+    cfg = quant_config(options)
+    act_bits = options["act_bits"]
+    summary = api.quantize(model, cfg, output, device=options["device"], progress=not quiet, act_bits=act_bits,
+                           resume=options["resume"])
     if as_json:
         click.echo(json.dumps({"output": str(summary.output), "layers": summary.layers,
                                "seconds": round(summary.seconds, 3), "peak_memory_bytes": summary.peak_memory,
@@ -165,8 +195,9 @@ def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, devic
               help="onnx: the QDIR's static activation encodings (8 or 16), QuantizeLinear -> "
                    "DequantizeLinear on each quantized MatMul's input (emitted whenever the QDIR has them; "
                    "this checks their width)")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 def export_cmd(qdir: str, to: str, output: str, opset: int | None, profile: str | None, seqlen: int | None,
-               act_bits: int | None) -> None:
+               act_bits: int | None, quiet: bool) -> None:
     """Pack the quantized checkpoint QDIR into a runtime file (-o), e.g. a llama.cpp GGUF or a QDQ ONNX model."""
     from exporters import export
     from turboboa.checkpoint import load_qdir
@@ -174,13 +205,120 @@ def export_cmd(qdir: str, to: str, output: str, opset: int | None, profile: str 
     given = {"opset": opset, "profile": profile, "seqlen": seqlen, "act_bits": act_bits}
     options = {k: v for k, v in given.items() if v is not None}
     ckpt = load_qdir(qdir)
-    path = export(ckpt, to, output, **options)
+    path = export(ckpt, to, output, progress=not quiet, **options)
     data = path.with_name(path.name + ".data")  # an ONNX model's external tensors, when it has them
     size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
     n_params = sum(q.codes.numel() for q in ckpt.layers.values())
     n_params += sum(t.numel() for t in ckpt.float_tensors.values())
     click.echo(f"wrote {path}: {size / 2**20:.1f} MiB, {8 * size / n_params:.3f} bits per weight of the file "
                f"({n_params} parameters)", err=True)
+
+
+CHECK_OPTIONS: list[Callable[[F], F]] = [
+    click.option("--data", default="wikitext2", show_default=True, help="evaluation data: name or .txt/.jsonl path"),
+    click.option("--max-windows", type=int, default=None, help="only the first K windows (default: all)"),
+    click.option("--gguf-tol", type=float, default=0.01, show_default=True,
+                 help="largest |PPL(llama.cpp) / PPL(fake-quant) - 1| that passes"),
+    click.option("--onnx-tol", type=float, default=0.001, show_default=True,
+                 help="largest |PPL(onnxruntime) / PPL(fake-quant) - 1| that passes"),
+    click.option("--threads", type=int, default=None, help="llama.cpp / onnxruntime threads (default: all cores)"),
+]
+
+
+def check_options(fn: F) -> F:
+    """Decorator: the evaluation options `check` and `run` share (the window length is each command's own:
+    `--seqlen` for check, `--eval-seqlen` for run, whose `--seqlen` is the calibration's)."""
+    for option in reversed(CHECK_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def echo_report(report: dict[str, Any], as_json: bool, report_md: str | None) -> None:
+    """Print a check report: the JSON object, or the backend table, weights and verdict followed by the path
+    of report.md (the last line) when one was written."""
+    from runtime_check.report import backend_table, check_lines, weight_lines
+
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    if report.get("backends"):
+        click.echo("\n".join([*backend_table(report), "", *weight_lines(report), *check_lines(report)]))
+    verdict = {True: "check passed", False: "check FAILED", None: "not checked (--no-check)"}[report["passed"]]
+    click.echo(verdict)
+    if report_md is not None:
+        click.echo(report_md)
+
+
+@app.command(name="check")
+@click.argument("qdir")
+@click.option("--gguf", type=click.Path(dir_okay=False), default=None, help="GGUF file exported from QDIR")
+@click.option("--onnx", type=click.Path(dir_okay=False), default=None, help="ONNX file exported from QDIR")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="tokens per evaluation window")
+@check_options
+@click.option("--device", default="auto", show_default=True, help="torch models: auto | cpu | cuda")
+@click.option("-o", "--output", "report_dir", default=None,
+              help="folder to write report.json, report.md and report.png into")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars")
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+def check_cmd(qdir: str, gguf: str | None, onnx: str | None, seqlen: int, data: str, max_windows: int | None,
+              gguf_tol: float, onnx_tol: float, threads: int | None, device: str, report_dir: str | None,
+              quiet: bool, as_json: bool) -> int:
+    """Check exported files against the QDIR they came from: every quantized weight identical, and the float,
+    fake-quant, llama.cpp (--gguf) and onnxruntime (--onnx) models on the same windows (PPL, gap, KL, top-1).
+    Exit code 1 when a check fails, 0 when all pass."""
+    from runtime_check.checker import CheckSettings, check
+    from runtime_check.report import MD_NAME, write_report
+
+    settings = CheckSettings(data=data, seqlen=seqlen, max_windows=max_windows, gguf_tol=gguf_tol,
+                             onnx_tol=onnx_tol, threads=threads, device=device)
+    report = check(qdir, gguf=gguf, onnx=onnx, settings=settings, progress=not quiet and not as_json)
+    written = write_report(report, report_dir) if report_dir is not None else {}
+    echo_report(report, as_json, str(written[MD_NAME]) if written else None)
+    return 0 if report["passed"] else 1
+
+
+@app.command(name="run")
+@click.argument("model", required=False, default=DEFAULT_MODEL)
+@quantize_options
+@click.option("--export", "export_list", default="gguf,onnx", show_default=True,
+              help="formats to export, comma-separated: gguf (llama.cpp), onnx (QDQ, onnxruntime / NPU toolchains); "
+                   "with gguf and neither --format nor --preset, --format q4_0 is used")
+@click.option("--check/--no-check", "run_check", default=True, show_default=True,
+              help="check the exported files against the quantized model (turboboa check)")
+@click.option("--eval-seqlen", type=int, default=512, show_default=True, help="check: tokens per evaluation window")
+@check_options
+@click.option("-o", "--output", "outdir", required=True,
+              help="OUTDIR: qdir/, model.gguf, model.onnx, report.{json,md,png}, SHA256SUMS")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars or step lines")
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+@click.pass_context
+def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, eval_seqlen: int, data: str,
+            max_windows: int | None, gguf_tol: float, onnx_tol: float, threads: int | None, outdir: str,
+            quiet: bool, as_json: bool, **options: Any) -> int:
+    """Quantize MODEL (default smollm2-135m) into OUTDIR/qdir, export OUTDIR/model.gguf and/or model.onnx,
+    check them (as turboboa check), and write the reports and a SHA-256 manifest. The last line printed is
+    the path of report.md. Exit code 1 when a check fails."""
+    from click.core import ParameterSource
+
+    from runtime_check.checker import CheckSettings
+    from runtime_check.report import MD_NAME
+    from turboboa.run import MANIFEST, parse_exports, run
+
+    exports = parse_exports(export_list)
+    cfg = quant_config(options)
+    settings = CheckSettings(data=data, seqlen=eval_seqlen, max_windows=max_windows, gguf_tol=gguf_tol,
+                             onnx_tol=onnx_tol, threads=threads, device=options["device"])
+    format_given = ctx.get_parameter_source("fmt") != ParameterSource.DEFAULT
+    log = None if quiet or as_json else (lambda line: click.echo(line, err=True))
+    result = run(model, cfg, outdir, exports, format_given=format_given, check=run_check, settings=settings,
+                 device=options["device"], act_bits=options["act_bits"], progress=not quiet and not as_json,
+                 resume=bool(options.get("resume")), log=log)
+    report = result.report
+    if as_json:
+        report = {**report, "report_files": {k: str(p) for k, p in result.report_files.items()},
+                  "manifest": str(result.outdir / MANIFEST)}
+    echo_report(report, as_json, str(result.report_files[MD_NAME]))
+    return 1 if result.passed is False else 0
 
 
 def quiet_libraries() -> None:

@@ -1,0 +1,254 @@
+"""``turboboa check``: do the exported GGUF / ONNX files compute what the QDIR's fake-quant model computes?
+
+Two levels, both against the fake-quant torch model of the QDIR:
+
+* weights: for every quantized tensor, ``max |exported dequantized weight - fake-quant weight|``
+  (:func:`exporters.gguf.export.check_gguf_weights`, :func:`exporters.onnx.check.check_onnx_weights`); every
+  one must be exactly 0, and a failing tensor is named;
+* outputs: the float model (when its source is still available), the fake-quant model, llama.cpp and
+  onnxruntime score the SAME token windows (:func:`~turboboa.eval.perplexity.make_windows` of the QDIR's
+  tokenizer's ids; llama.cpp is fed those ids). Streamed window by window: each backend's logits of a window
+  update its :class:`~runtime_check.metrics.StreamMetrics` (PPL, KL(p_fakequant || p_backend), top-1
+  agreement) and are dropped, so memory holds one window's logits at a time.
+
+Verdict: ``|PPL_llama.cpp / PPL_fakequant - 1| <= gguf_tol`` (llama.cpp rounds activations to 8 bits inside its
+kernels, hence 1% by default), ``|PPL_onnxruntime / PPL_fakequant - 1| <= onnx_tol`` (0.1%), and every weight
+difference 0. :func:`check` returns the report as a JSON-ready dict whose ``passed`` is that verdict.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from turboboa.errors import UserError
+
+from .backends import FAKEQUANT, FLOAT, LLAMACPP, ONNXRT, Backend, default_threads, logits_2d
+from .metrics import Reference, StreamMetrics
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """Evaluation data and window size, tolerances (relative PPL gaps), threads and torch device."""
+
+    data: str = "wikitext2"
+    seqlen: int = 512
+    max_windows: int | None = None
+    gguf_tol: float = 0.01
+    onnx_tol: float = 0.001
+    threads: int | None = None
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """A :class:`UserError` for values no check can use."""
+        if self.seqlen < 2:
+            raise UserError(f"--seqlen must be at least 2 to predict a token, not {self.seqlen}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise UserError(f"--max-windows must be at least 1, not {self.max_windows}")
+        for name, tol in (("--gguf-tol", self.gguf_tol), ("--onnx-tol", self.onnx_tol)):
+            if not tol >= 0:
+                raise UserError(f"{name} must be a relative PPL gap >= 0 (0.01 = 1%), not {tol}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, not {self.threads}")
+
+
+# --- weights ----------------------------------------------------------------------------------------------
+
+
+def weight_diffs(kind: str, path: Path, ckpt: Any) -> dict[str, float]:
+    """Per quantized tensor, max |exported dequantized - fake-quant| of the ``kind`` ("gguf" or "onnx") file
+    ``path``; a file that does not hold this QDIR's tensors is a :class:`UserError`."""
+    if kind == "gguf":
+        from exporters.gguf.export import check_gguf_weights as check_weights
+    else:
+        from exporters.onnx.check import check_onnx_weights as check_weights
+    try:
+        return check_weights(path, ckpt)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a reader's own error types: the file is not this QDIR's export
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"cannot read the weights of {path} against {ckpt.path} ({detail}); it is not a {kind} "
+                        f"file exported from this QDIR: export it again with turboboa export --to {kind}") from None
+
+
+def weight_summary(path: Path, diffs: dict[str, float]) -> dict[str, Any]:
+    """The weight-level result of one file: tensor count, largest difference, the failing tensors (any
+    difference other than 0, NaN included) and every tensor's difference."""
+    failing = {name: d for name, d in diffs.items() if not d == 0.0}
+    finite = [d for d in diffs.values() if not math.isnan(d)]
+    return {"file": str(path), "tensors": len(diffs), "max_abs_diff": max(finite, default=0.0),
+            "failing": failing, "passed": not failing, "per_tensor": diffs}
+
+
+# --- outputs ----------------------------------------------------------------------------------------------
+
+
+def stream(backends: list[Backend], windows: torch.Tensor, progress: bool) -> dict[str, StreamMetrics]:
+    """Score every window with every backend that runs (the fake-quant model first: it is the reference);
+    return each backend's metrics. One window's logits are held at a time."""
+    running = [b for b in backends if b.logits is not None]
+    running.sort(key=lambda b: b.name != FAKEQUANT)
+    metrics = {b.name: StreamMetrics() for b in running}
+    bar = tqdm(total=windows.shape[0], desc=f"check [{', '.join(b.name for b in running)}]", unit="win",
+               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    try:
+        for window in windows:
+            ref = None
+            for b in running:
+                start = time.perf_counter()
+                logits = logits_2d(b, window)
+                metrics[b.name].seconds += time.perf_counter() - start
+                if ref is None:  # the fake-quant model's window, first
+                    ref = Reference.from_logits(logits)
+                try:
+                    metrics[b.name].update(logits, window, ref)
+                except ValueError as e:
+                    raise UserError(f"{b.name} does not compute this QDIR's model ({e})") from None
+                del logits
+            bar.update(1)
+            bar.set_postfix_str(postfix(metrics))
+    finally:
+        bar.close()
+    return metrics
+
+
+def postfix(metrics: dict[str, StreamMetrics]) -> str:
+    """The progress bar's running numbers: the fake-quant PPL and every other backend's gap to it."""
+    ref = metrics[FAKEQUANT].ppl
+    parts = [f"{FAKEQUANT} {ref:.3f}"]
+    parts += [f"{name} {m.ppl / ref - 1:+.3%}" for name, m in metrics.items() if name != FAKEQUANT]
+    return ", ".join(parts)
+
+
+def backend_row(b: Backend, metrics: dict[str, StreamMetrics]) -> dict[str, Any]:
+    """One backend's line of the report: PPL, relative gap to the fake-quant PPL, mean KL (nats/token), top-1
+    agreement, predicted tokens, seconds inside its logits calls, and its settings (or why it was skipped)."""
+    row: dict[str, Any] = {"backend": b.name, "ppl": None, "gap": None, "kl": None, "top1": None, "tokens": 0,
+                           "seconds": 0.0, "settings": b.settings, "skipped": b.skipped}
+    m = metrics.get(b.name)
+    if m is not None:
+        ref = metrics[FAKEQUANT].ppl
+        row.update(ppl=m.ppl, gap=m.ppl / ref - 1, kl=m.kl, top1=m.top1, tokens=m.tokens,
+                   seconds=round(m.seconds, 3))
+    return row
+
+
+# --- verdict ----------------------------------------------------------------------------------------------
+
+
+FILE_BACKEND = {"gguf": LLAMACPP, "onnx": ONNXRT}
+
+
+def verdict(rows: list[dict[str, Any]], weights: dict[str, dict[str, Any]], settings: CheckSettings
+            ) -> list[dict[str, Any]]:
+    """Every check with its value, limit and outcome: per exported file, its weights (all differences 0) and
+    its backend's PPL gap (``|gap| <= tol``; a NaN gap fails)."""
+    by_name = {r["backend"]: r for r in rows}
+    tols = {"gguf": settings.gguf_tol, "onnx": settings.onnx_tol}
+    checks = []
+    for kind, w in weights.items():
+        checks.append({"check": f"{kind} weights == fake-quant weights", "value": w["max_abs_diff"], "limit": 0.0,
+                       "passed": w["passed"], "failing": list(w["failing"])})
+        gap = by_name[FILE_BACKEND[kind]]["gap"]
+        checks.append({"check": f"{FILE_BACKEND[kind]} |PPL gap|", "value": gap, "limit": tols[kind],
+                       "passed": gap is not None and abs(gap) <= tols[kind]})
+    return checks
+
+
+# --- the check --------------------------------------------------------------------------------------------
+
+
+def quantization_summary(ckpt: Any) -> dict[str, Any]:
+    """How the QDIR was made: method, grid, formats per layer, calibration and source model."""
+    cfg, meta = ckpt.config, ckpt.meta
+    return {"method": cfg.method, "format": cfg.format, "bits": cfg.bits, "group_size": cfg.group_size,
+            "sym": cfg.sym, "preset": cfg.preset, "embed_format": cfg.embed_format, "pad_to": cfg.pad_to,
+            "layer_formats": sorted({q.fmt for q in ckpt.layers.values()}), "layers": len(ckpt.layers),
+            "calibration": meta.get("calibration", {}), "model": meta.get("model"), "source": meta.get("source"),
+            "activations": ckpt.activations.label() if ckpt.activations is not None else None,
+            "versions": meta.get("versions", {})}
+
+
+def check_inputs(qdir: Path, files: dict[str, Path]) -> None:
+    """A :class:`UserError` for a missing QDIR, missing files or nothing to check."""
+    from turboboa.checkpoint import is_qdir
+
+    if not is_qdir(qdir):
+        raise UserError(f"{qdir} is not a turboboa QDIR (no quant_config.json); pass the folder the files were "
+                        f"exported from")
+    if not files:
+        raise UserError("nothing to check: pass --gguf FILE and/or --onnx FILE (exported from the QDIR)")
+    for kind, path in files.items():
+        if not path.is_file():
+            raise UserError(f"--{kind} file not found: {path}")
+    if "gguf" in files:
+        from .llamacpp import validate_gguf
+
+        validate_gguf(files["gguf"], require_ours=True)
+    if "onnx" in files:
+        from .onnxrt import validate_onnx
+
+        validate_onnx(files["onnx"], require_ours=True)
+
+
+def check(qdir: str | Path, gguf: str | Path | None = None, onnx: str | Path | None = None,
+          settings: CheckSettings | None = None, progress: bool = True) -> dict[str, Any]:
+    """Compare the exported ``gguf`` and/or ``onnx`` files with the QDIR ``qdir`` (see the module docstring)
+    and return the report: ``passed``, settings, per-backend metrics, weight results, runtime settings."""
+    from transformers import AutoTokenizer
+
+    from turboboa.checkpoint import load_qdir, package_versions
+    from turboboa.data import eval_tokens
+    from turboboa.eval.perplexity import make_windows
+    from turboboa.pipeline import select_device
+
+    from .backends import open_fakequant, open_float, open_llamacpp, open_onnxrt
+
+    t0 = time.perf_counter()
+    settings = settings or CheckSettings()
+    settings.validate()
+    qdir = Path(qdir)
+    files = {kind: Path(p) for kind, p in (("gguf", gguf), ("onnx", onnx)) if p is not None}
+    check_inputs(qdir, files)
+    ckpt = load_qdir(qdir)
+    weights = {kind: weight_summary(path, weight_diffs(kind, path, ckpt)) for kind, path in files.items()}
+    windows = make_windows(eval_tokens(AutoTokenizer.from_pretrained(qdir), settings.data), settings.seqlen,
+                           settings.max_windows)
+    device = select_device(settings.device)
+    threads = default_threads(settings.threads)
+    with ExitStack() as stack:
+        backends = [open_float(ckpt.meta, device), open_fakequant(ckpt, device)]
+        if "gguf" in files:
+            backends.append(open_llamacpp(files["gguf"], settings.seqlen, threads, stack))
+        if "onnx" in files:
+            backends.append(open_onnxrt(files["onnx"], settings.seqlen, threads, stack))
+        metrics = stream(backends, windows, progress)
+    rows = [backend_row(b, metrics) for b in backends]
+    checks = verdict(rows, weights, settings)
+    return {
+        "passed": all(c["passed"] for c in checks),
+        "qdir": str(qdir),
+        "files": {kind: str(p) for kind, p in files.items()},
+        "settings": {**asdict(settings), "threads": threads, "device": str(device), "windows": int(windows.shape[0]),
+                     "tokens": int(windows.shape[0] * (windows.shape[1] - 1)), "tokenizer": str(qdir)},
+        "quantization": quantization_summary(ckpt),
+        "backends": rows,
+        "weights": weights,
+        "checks": checks,
+        "runtime": {b.name: b.settings for b in backends if b.name in (LLAMACPP, ONNXRT)},
+        "versions": package_versions(),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "notes": [f"{b.name} skipped: {b.skipped}" for b in backends if b.skipped],
+    }
+
+
+__all__ = ["FAKEQUANT", "FLOAT", "CheckSettings", "check"]

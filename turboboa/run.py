@@ -1,0 +1,244 @@
+"""``turboboa run``: one command from a model to checked runtime files.
+
+OUTDIR after a run::
+
+    qdir/          the quantized checkpoint (turboboa quantize)
+    model.gguf     llama.cpp file (--export gguf)
+    model.onnx     QDQ ONNX decoder, generic profile (--export onnx; model.onnx.data beside it past 2 GB)
+    report.json    the check's report (runtime_check.checker.check) plus this run's settings
+    report.md      the same as a table and a verdict
+    report.png     PPL per backend (needs matplotlib)
+    SHA256SUMS     the SHA-256 of every file above, in ``sha256sum`` format (``sha256sum -c SHA256SUMS``)
+
+Everything that can be refused is refused before quantizing (one line, exit 2): an unknown export name, an
+export format that cannot hold the grid the options ask for, an OUTDIR that holds something else. Every file
+is written under a temporary name and renamed when complete (the QDIR as a folder, the exporters' and the
+reports' files one by one), and SHA256SUMS is written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import QuantConfig
+from .errors import UserError
+
+EXPORTS = ("gguf", "onnx")
+FILE_NAMES = {"gguf": "model.gguf", "onnx": "model.onnx"}
+QDIR_NAME = "qdir"
+MANIFEST = "SHA256SUMS"
+GGUF_DEFAULT_FORMAT = "q4_0"
+
+
+def parse_exports(text: str) -> tuple[str, ...]:
+    """``"gguf,onnx"`` -> ``("gguf", "onnx")`` (order kept, repeats dropped); an unknown or empty name is a
+    :class:`UserError`."""
+    names = [n.strip().lower() for n in text.split(",")] if text.strip() else []
+    unknown = [n for n in names if n not in EXPORTS]
+    if unknown or not names:
+        what = f"unknown export format {unknown[0]!r}" if unknown else "--export names no format"
+        raise UserError(f"{what}; --export takes a comma-separated list of {', '.join(EXPORTS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def choose_format(cfg: QuantConfig, exports: tuple[str, ...], format_given: bool) -> tuple[QuantConfig, str | None]:
+    """The configuration to quantize with, and a note when ``run`` picked the format: with gguf among the
+    exports and neither ``--format`` nor ``--preset`` given, layers go onto ggml's q4_0 grid (which GGUF
+    stores; ONNX holds it too once exporters/onnx has an encoder for it)."""
+    if "gguf" not in exports or format_given or cfg.preset:
+        return cfg, None
+    note = (f"--format {GGUF_DEFAULT_FORMAT} chosen by turboboa run: --export includes gguf and neither --format "
+            f"nor --preset was given")
+    return dataclasses.replace(cfg, format=GGUF_DEFAULT_FORMAT), note
+
+
+def possible_formats(cfg: QuantConfig) -> set[str]:
+    """Every storage format a linear layer of ``cfg`` may get, whatever the model's widths: the preset's types
+    (every rule of :func:`~turboboa.formats.presets.preset_format`) or ``--format``, the ``--tensor-format``
+    overrides, and the width fallbacks of each."""
+    from .formats.choice import FALLBACK, parse_overrides
+    from .formats.presets import HEAD, ModelShape, preset_format
+
+    formats = {cfg.format}
+    if cfg.preset:  # the preset decides every layer's type (--format is not used): all its rules' types
+        suffixes = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        shapes = [ModelShape(n, g, False) for n in (1, 2, 8, 16, 24, 32, 48, 64) for g in (1, 2, 4, 8)]
+        formats = {preset_format(cfg.preset, HEAD, shapes[0])}
+        formats |= {preset_format(cfg.preset, f"model.layers.{i}.{s}", shape)
+                    for shape in shapes for i in range(shape.n_layers) for s in suffixes}
+    formats |= {fmt for _, fmt in parse_overrides(cfg.tensor_formats)}
+    return formats | {FALLBACK[f] for f in formats if f in FALLBACK}
+
+
+def onnx_expressible(fmt: str) -> bool:
+    """Whether the ONNX exporter has an encoder for layers stored as ``fmt`` (its own answer when it offers
+    one, else its table of encoders)."""
+    from exporters.onnx import weights
+
+    ask = getattr(weights, "onnx_expressible", None)
+    if callable(ask):
+        try:
+            return bool(ask(fmt))
+        except TypeError:  # a different signature: fall back to the encoder table
+            pass
+    return fmt in weights.ENCODERS
+
+
+def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | None) -> None:
+    """A :class:`UserError` when a requested export format cannot hold what ``cfg`` quantizes onto: GGUF needs
+    a ggml type for every layer (embedding included) and has no static activation encodings; ONNX needs a
+    grid it has an encoder for (a quantized embedding is stored dequantized, so any type)."""
+    from .formats import is_ggml_format
+
+    formats = possible_formats(cfg)
+    if "gguf" in exports:
+        embedding = {cfg.embed_format.lower()} if cfg.embed_format else set()
+        bad = sorted(f for f in formats | embedding if not is_ggml_format(f))
+        if bad:
+            raise UserError(f"--export gguf cannot hold the {bad[0]} grid (GGUF stores ggml types only); quantize "
+                            f"with a ggml --format (q4_0, q4_k, ...) or --preset, or drop gguf from --export")
+        if act_bits is not None:
+            raise UserError("--export gguf cannot hold static activation encodings (--act-bits): llama.cpp "
+                            "quantizes activations its own way; drop --act-bits or export onnx only")
+    if "onnx" in exports:
+        bad = sorted(f for f in formats if not onnx_expressible(f))
+        if bad:
+            takes = ", ".join(sorted(f for f in ("int", "lpbq4", "q4_0", "q5_0", "q8_0", "q3_k", "q6_k")
+                                     if onnx_expressible(f)))
+            raise UserError(f"--export onnx cannot hold the {bad[0]} grid (the ONNX exporter takes {takes}); "
+                            f"choose one of those with --format, or drop onnx from --export")
+
+
+def is_run_output(name: str) -> bool:
+    """Whether a name in OUTDIR is one a run writes: the QDIR (and its resume work folder), the exported files,
+    the reports, the manifest, or a hidden temporary file of an interrupted write."""
+    from runtime_check.report import JSON_NAME, MD_NAME, PNG_NAME
+
+    names = {QDIR_NAME, f"{QDIR_NAME}.partial", *FILE_NAMES.values(), f"{FILE_NAMES['onnx']}.data", JSON_NAME,
+             MD_NAME, PNG_NAME, MANIFEST}
+    return name in names or name.startswith(".")
+
+
+def check_outdir(outdir: Path) -> None:
+    """OUTDIR must be new, empty, or hold only what a run writes (a previous or interrupted run's files, which
+    this run replaces); anything else is refused."""
+    if outdir.exists() and not outdir.is_dir():
+        raise UserError(f"{outdir} exists and is not a folder; choose another -o location")
+    foreign = sorted(p.name for p in outdir.iterdir() if not is_run_output(p.name)) if outdir.is_dir() else []
+    if foreign:
+        raise UserError(f"{outdir} holds {foreign[0]}, which is not a turboboa run's file; choose another -o "
+                        f"location or remove it")
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 hex digest of the file ``path``, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(outdir: Path, files: list[Path]) -> Path:
+    """``OUTDIR/SHA256SUMS``: ``<sha256>  <path relative to OUTDIR>`` per file, sorted by path (what
+    ``sha256sum -c`` reads); written atomically."""
+    from runtime_check.report import atomic_write
+
+    rel = sorted({p.relative_to(outdir).as_posix() for p in files})
+    text = "".join(f"{sha256_file(outdir / r)}  {r}\n" for r in rel)
+    return atomic_write(outdir / MANIFEST, text.encode())
+
+
+def previous_outputs(outdir: Path) -> set[str]:
+    """The files a previous run listed in ``OUTDIR/SHA256SUMS`` (relative paths), none without one."""
+    manifest = outdir / MANIFEST
+    if not manifest.is_file():
+        return set()
+    return {line.split("  ", 1)[1] for line in manifest.read_text().splitlines() if "  " in line}
+
+
+@dataclass
+class RunResult:
+    """What a run produced: OUTDIR, the report (``passed``: True / False, None with ``check=False``), the
+    report files and every file listed in the manifest."""
+
+    outdir: Path
+    report: dict[str, Any]
+    report_files: dict[str, Path]
+    files: list[Path]
+
+    @property
+    def passed(self) -> bool | None:
+        return self.report["passed"]
+
+
+def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ...], *, format_given: bool = True,
+        check: bool = True, settings: Any = None, device: str = "auto", act_bits: int | None = None,
+        progress: bool = True, resume: bool = False, log: Any = None) -> RunResult:
+    """Quantize ``model`` with ``cfg`` into ``OUTDIR/qdir``, export every format of ``exports``, check the
+    files against the QDIR (``settings``: a :class:`runtime_check.checker.CheckSettings`), write the reports
+    and the SHA-256 manifest. ``resume`` continues an interrupted quantization into the same OUTDIR
+    (:func:`turboboa.api.quantize`). ``log`` (a callable taking a line) hears one line per step."""
+    from exporters import export
+    from runtime_check.checker import CheckSettings, quantization_summary
+    from runtime_check.checker import check as run_check
+    from runtime_check.report import write_report
+
+    from . import api
+    from .activations import check_act_bits
+    from .checkpoint import load_qdir
+
+    say = log or (lambda line: None)
+    outdir = Path(outdir)
+    settings = settings or CheckSettings()
+    settings.validate()
+    check_act_bits(act_bits)
+    cfg, format_note = choose_format(cfg, exports, format_given)
+    check_exports(cfg, exports, act_bits)
+    check_outdir(outdir)
+    stale = previous_outputs(outdir)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    summary = api.quantize(model, cfg, outdir / QDIR_NAME, device=device, progress=progress, act_bits=act_bits,
+                           resume=resume)
+    timings["quantize"] = round(time.perf_counter() - t0, 3)
+    say(summary.line(cfg))
+    ckpt = load_qdir(outdir / QDIR_NAME)
+    written = {kind: outdir / FILE_NAMES[kind] for kind in exports}
+    for kind, path in written.items():
+        t0 = time.perf_counter()
+        export(ckpt, kind, path, progress=progress)
+        timings[f"export_{kind}"] = round(time.perf_counter() - t0, 3)
+        say(f"exported {kind} in {timings[f'export_{kind}']:.1f} s -> {path}")
+
+    if check:
+        report = run_check(outdir / QDIR_NAME, gguf=written.get("gguf"), onnx=written.get("onnx"),
+                           settings=settings, progress=progress)
+    else:
+        report = {"passed": None, "qdir": str(outdir / QDIR_NAME), "files": {k: str(p) for k, p in written.items()},
+                  "quantization": quantization_summary(ckpt), "notes": ["not checked: --no-check"]}
+    report["run"] = {"model": model, "exports": list(exports), "outdir": str(outdir), "config": cfg.to_dict(),
+                     "act_bits": act_bits, "format_choice": format_note, "seconds": timings}
+    if format_note:
+        report.setdefault("notes", []).insert(0, format_note)
+    report_files = write_report(report, outdir)
+
+    files = [p for p in sorted((outdir / QDIR_NAME).rglob("*")) if p.is_file()]
+    for path in written.values():
+        data = path.with_name(path.name + ".data")
+        files += [path, data] if data.is_file() else [path]
+    files += list(report_files.values())
+    keep = {p.relative_to(outdir).as_posix() for p in files}
+    for name in sorted(stale - keep):  # a previous run's file this run did not write again
+        old = outdir / name
+        if old.resolve().is_relative_to(outdir.resolve()):
+            old.unlink(missing_ok=True)
+    write_manifest(outdir, files)
+    return RunResult(outdir, report, report_files, files)
