@@ -286,13 +286,16 @@ def check_cmd(qdir: str, gguf: str | None, onnx: str | None, seqlen: int, data: 
 @click.option("--check/--no-check", "run_check", default=True, show_default=True,
               help="check the exported files against the quantized model (turboboa check)")
 @click.option("--eval-seqlen", type=int, default=512, show_default=True, help="check: tokens per evaluation window")
+@click.option("--onnx-profile", default="generic", show_default=True,
+              help="profile of model.onnx: generic | npu (symmetric int4/int8, static shapes of --eval-seqlen)")
 @check_options
 @click.option("-o", "--output", "outdir", required=True,
               help="OUTDIR: qdir/, model.gguf, model.onnx, report.{json,md,png}, SHA256SUMS")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars or step lines")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @click.pass_context
-def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, eval_seqlen: int, data: str,
+def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, eval_seqlen: int, onnx_profile: str,
+            data: str,
             max_windows: int | None, gguf_tol: float, onnx_tol: float, threads: int | None, outdir: str,
             quiet: bool, as_json: bool, **options: Any) -> int:
     """Quantize MODEL (default smollm2-135m) into OUTDIR/qdir, export OUTDIR/model.gguf and/or model.onnx,
@@ -312,7 +315,7 @@ def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, e
     log = None if quiet or as_json else (lambda line: click.echo(line, err=True))
     result = run(model, cfg, outdir, exports, format_given=format_given, check=run_check, settings=settings,
                  device=options["device"], act_bits=options["act_bits"], progress=not quiet and not as_json,
-                 resume=bool(options.get("resume")), log=log)
+                 resume=options["resume"], log=log, onnx_profile=onnx_profile)
     report = result.report
     if as_json:
         report = {**report, "report_files": {k: str(p) for k, p in result.report_files.items()},

@@ -6,16 +6,7 @@ import json
 
 import pytest
 
-from .conftest import run_cli
-
-
-def assert_one_line_error(proc, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
+from .conftest import assert_one_line_error, run_cli
 
 
 def test_bits_outside_supported_set(tmp_path):

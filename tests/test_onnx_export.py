@@ -35,7 +35,7 @@ from turboboa.config import QuantConfig
 from turboboa.errors import UserError
 from turboboa.quantized import QuantizedLinear
 
-from .conftest import make_tiny_llama, run_cli
+from .conftest import assert_one_line_error, make_tiny_llama, run_cli
 
 REL_BOUND = 1e-4  # max |onnxruntime - torch| / max |torch logit|
 
@@ -124,14 +124,6 @@ def relative_gap(path, ckpt, windows) -> float:
 def weight_types(path) -> dict[str, int]:
     """Element type of every initializer of the file, by name."""
     return {t.name: t.data_type for t in onnx.load(str(path)).graph.initializer}
-
-
-def assert_one_line_error(proc, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

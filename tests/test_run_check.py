@@ -25,19 +25,11 @@ from turboboa.errors import UserError
 from turboboa.eval.perplexity import perplexity
 from turboboa.run import choose_format, parse_exports, possible_formats
 
-from .conftest import run_cli
+from .conftest import assert_one_line_error, run_cli
 
 CHECK_WINDOWS = ("--seqlen", "64", "--max-windows", "2")
 GGUF_ALTERED = "model.layers.1.mlp.down_proj"  # HF name of the GGUF tensor blk.1.ffn_down.weight
 ONNX_ALTERED = "model.layers.0.self_attn.q_proj"
-
-
-def assert_one_line_error(proc, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -248,12 +240,30 @@ def test_run_unknown_export_is_one_line(tmp_path, tiny_llama_dir) -> None:
     (("--export", "onnx", "--format", "q4_k"), ("--export onnx", "q4_k")),
     (("--export", "gguf,onnx", "--preset", "Q4_K_M"), ("--export onnx", "q4_k")),
     (("--export", "gguf", "--format", "q4_0", "--act-bits", "8"), ("--export gguf", "--act-bits")),
-], ids=["gguf-int", "gguf-lpbq", "onnx-q4_k", "onnx-preset", "gguf-act-bits"])
+    (("--export", "onnx", "--onnx-profile", "npu"), ("npu", "--sym")),
+    (("--export", "onnx", "--onnx-profile", "npu", "--format", "q3_k"), ("npu", "q3_k")),
+    (("--export", "onnx", "--onnx-profile", "edge"), ("edge",)),
+], ids=["gguf-int", "gguf-lpbq", "onnx-q4_k", "onnx-preset", "gguf-act-bits", "npu-asym", "npu-q3_k",
+        "unknown-profile"])
 def test_run_refuses_formats_the_exports_cannot_hold_before_quantizing(tmp_path, args, words) -> None:
     # the model does not exist: a refusal about the format proves it came before loading and quantizing
     out = tmp_path / "run"
     assert_one_line_error(run_cli("run", str(tmp_path / "no-model"), *args, "-o", str(out)), *words)
     assert not out.exists()
+
+
+def test_run_npu_profile_passes(tmp_path, tiny_llama_dir) -> None:
+    """One q4_0 QDIR, GGUF plus an npu-profile ONNX (static shapes of the check's windows): the check passes."""
+    import onnx
+
+    out = tmp_path / "run"
+    r = run_cli("run", str(tiny_llama_dir), "--method", "rtn", "--nsamples", "2", "--seqlen", "32", "--export",
+                "gguf,onnx", "--onnx-profile", "npu", "--eval-seqlen", "64", "--max-windows", "2", "-q", "-o",
+                str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "report.json").read_text())["passed"] is True
+    props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert props["turboboa.profile"] == "npu" and props["turboboa.seqlen"] == "64"
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ OUTDIR after a run::
 
     qdir/          the quantized checkpoint (turboboa quantize)
     model.gguf     llama.cpp file (--export gguf)
-    model.onnx     QDQ ONNX decoder, generic profile (--export onnx; model.onnx.data beside it past 2 GB)
+    model.onnx     QDQ ONNX decoder, --onnx-profile (generic or npu) (--export onnx; model.onnx.data beside it past 2 GB)
     report.json    the check's report (runtime_check.checker.check) plus this run's settings
     report.md      the same as a table and a verdict
     report.png     PPL per backend (needs matplotlib)
@@ -76,24 +76,14 @@ def possible_formats(cfg: QuantConfig) -> set[str]:
     return formats | {FALLBACK[f] for f in formats if f in FALLBACK}
 
 
-def onnx_expressible(fmt: str) -> bool:
-    """Whether the ONNX exporter has an encoder for layers stored as ``fmt`` (its own answer when it offers
-    one, else its table of encoders)."""
-    from exporters.onnx import weights
-
-    ask = getattr(weights, "onnx_expressible", None)
-    if callable(ask):
-        try:
-            return bool(ask(fmt))
-        except TypeError:  # a different signature: fall back to the encoder table
-            pass
-    return fmt in weights.ENCODERS
-
-
-def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | None) -> None:
+def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | None,
+                  onnx_profile: str = "generic") -> None:
     """A :class:`UserError` when a requested export format cannot hold what ``cfg`` quantizes onto: GGUF needs
     a ggml type for every layer (embedding included) and has no static activation encodings; ONNX needs a
-    grid it has an encoder for (a quantized embedding is stored dequantized, so any type)."""
+    grid with a DequantizeLinear form that ``onnx_profile`` takes (a quantized embedding is stored
+    dequantized, so any type), and ``npu`` needs symmetric uniform grids."""
+    from exporters.onnx.weights import ONNX_FORMATS, check_onnx_format, onnx_expressible
+
     from .formats import is_ggml_format
 
     formats = possible_formats(cfg)
@@ -109,10 +99,14 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
     if "onnx" in exports:
         bad = sorted(f for f in formats if not onnx_expressible(f))
         if bad:
-            takes = ", ".join(sorted(f for f in ("int", "lpbq4", "q4_0", "q5_0", "q8_0", "q3_k", "q6_k")
-                                     if onnx_expressible(f)))
-            raise UserError(f"--export onnx cannot hold the {bad[0]} grid (the ONNX exporter takes {takes}); "
-                            f"choose one of those with --format, or drop onnx from --export")
+            raise UserError(f"--export onnx cannot hold the {bad[0]} grid (the ONNX exporter takes "
+                            f"{', '.join(sorted(ONNX_FORMATS))}); choose one of those with --format, or drop onnx "
+                            f"from --export")
+        for fmt in sorted(formats):
+            check_onnx_format(fmt, onnx_profile)
+        if onnx_profile == "npu" and "int" in formats and not cfg.sym:
+            raise UserError("--onnx-profile npu needs symmetric weights (zero point 0); add --sym, or use "
+                            "--onnx-profile generic")
 
 
 def is_run_output(name: str) -> bool:
@@ -180,10 +174,11 @@ class RunResult:
 
 def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ...], *, format_given: bool = True,
         check: bool = True, settings: Any = None, device: str = "auto", act_bits: int | None = None,
-        progress: bool = True, resume: bool = False, log: Any = None) -> RunResult:
+        progress: bool = True, resume: bool = False, log: Any = None, onnx_profile: str = "generic") -> RunResult:
     """Quantize ``model`` with ``cfg`` into ``OUTDIR/qdir``, export every format of ``exports``, check the
     files against the QDIR (``settings``: a :class:`runtime_check.checker.CheckSettings`), write the reports
-    and the SHA-256 manifest. ``resume`` continues an interrupted quantization into the same OUTDIR
+    and the SHA-256 manifest. ``onnx_profile``: the ONNX export's profile (``npu``: static shapes of the
+    check's window length). ``resume`` continues an interrupted quantization into the same OUTDIR
     (:func:`turboboa.api.quantize`). ``log`` (a callable taking a line) hears one line per step."""
     from exporters import export
     from runtime_check.checker import CheckSettings, quantization_summary
@@ -200,7 +195,7 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
     settings.validate()
     check_act_bits(act_bits)
     cfg, format_note = choose_format(cfg, exports, format_given)
-    check_exports(cfg, exports, act_bits)
+    check_exports(cfg, exports, act_bits, onnx_profile)
     check_outdir(outdir)
     stale = previous_outputs(outdir)
     timings: dict[str, float] = {}
@@ -214,7 +209,9 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
     written = {kind: outdir / FILE_NAMES[kind] for kind in exports}
     for kind, path in written.items():
         t0 = time.perf_counter()
-        export(ckpt, kind, path, progress=progress)
+        options = {"profile": onnx_profile, "seqlen": settings.seqlen} if kind == "onnx" and onnx_profile != "generic" \
+            else {}
+        export(ckpt, kind, path, progress=progress, **options)
         timings[f"export_{kind}"] = round(time.perf_counter() - t0, 3)
         say(f"exported {kind} in {timings[f'export_{kind}']:.1f} s -> {path}")
 
