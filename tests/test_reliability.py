@@ -236,7 +236,7 @@ def test_disk_full_during_a_write_is_one_line(tmp_path, qdir, monkeypatch, capsy
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(writer.GGUFWriter, "write_tensors_to_file", full)
-    code, lines, _ = run_main(["export", str(qdir), "--to", "gguf", "-o", str(tmp_path / "m.gguf")], capsys)
+    code, lines, _ = run_main(["export", str(qdir), "--to", "gguf", "-q", "-o", str(tmp_path / "m.gguf")], capsys)
     assert_one_line_error(code, lines, "no space left")
     assert leftovers(tmp_path, set()) == []
 
