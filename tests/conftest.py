@@ -55,3 +55,18 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> Non
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     for w in words:
         assert w in lines[0], lines[0]
+
+
+def onnx_vs_fake_quant(path: Path, qdir: Path, seqlen: int = 256, windows: int = 2):
+    """``turboboa eval model.onnx --json`` and the fake-quant model of ``qdir`` on the same windows: the eval's
+    JSON, the fake-quant ``PerplexityResult`` and the relative PPL gap (the same tokens asserted)."""
+    import json
+
+    from turboboa import api
+
+    r = run_cli("eval", str(path), "--seqlen", str(seqlen), "--max-windows", str(windows), "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    ref = api.evaluate(str(qdir), seqlen=seqlen, max_windows=windows, device="cpu", progress=False)
+    assert got["backend"] == "onnxruntime" and got["tokens"] == ref.tokens
+    return got, ref, abs(got["ppl"] / ref.ppl - 1)

@@ -24,6 +24,7 @@ continuous values onto what the block stores (:meth:`GgmlFormat.snap`: fp16 supe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,10 +67,13 @@ def grouped(w: torch.Tensor, H_block: torch.Tensor | None, G: int) -> tuple[torc
     return wg, torch.diagonal(H_block, dim1=-2, dim2=-1).to(wg.dtype).reshape(-1, 1, W // G, G)
 
 
-def _uniform(fmt: type[BlockFormat]) -> bool:
-    """True when the levels are consecutive integers (``levels[c] = l_0 + c``)."""
+@functools.cache
+def _first_level(fmt: type[BlockFormat]) -> float | None:
+    """``l_0`` when the levels are consecutive integers (``levels[c] = l_0 + c``, every type but IQ4_NL),
+    else None."""
     lv = fmt.levels
-    return bool(torch.equal(lv, lv[0] + torch.arange(lv.numel(), dtype=lv.dtype)))
+    uniform = torch.equal(lv, lv[0] + torch.arange(lv.numel(), dtype=lv.dtype))
+    return float(lv[0]) if uniform else None
 
 
 @dataclass(frozen=True)
@@ -119,11 +123,13 @@ class FormatSpec:
     def _group_error(self, w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor,
                      offset: torch.Tensor) -> torch.Tensor:
         """``sum_c h_c (q_c - w_c)^2`` per group for candidate grids (``(P, ...)``) of groups ``w``."""
-        s = scale.unsqueeze(-1).expand(*scale.shape, w.shape[-1])
-        o = offset.unsqueeze(-1).expand_as(s)
-        wp = w.unsqueeze(0).expand_as(s)
-        q = self.value(self.round(wp, s, o), s, o)
-        return ((q - wp) ** 2 * h).sum(-1)
+        s, o = scale.unsqueeze(-1), offset.unsqueeze(-1)
+        if _first_level(self.fmt) is None:  # the bracketing search of IQ4_NL wants full-size operands
+            s = s.expand(*scale.shape, w.shape[-1])
+            o = o.expand_as(s)
+            w = w.expand_as(s)
+        q = self.value(self.round(w, s, o), s, o)
+        return ((q - w) ** 2 * h).sum(-1)
 
     def continuous(self, wg: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Best continuous (scale, offset) of each group of ``wg`` (``(..., G)``), weights ``h`` (broadcastable)."""
@@ -162,15 +168,18 @@ class FormatSpec:
         handles IQ4_NL. (Either way ``Q`` is ``value(codes)``, so the export is exact.)
         """
         fmt = self.fmt
-        if not _uniform(fmt):
+        l0 = _first_level(fmt)
+        if l0 is None:
             return fmt.quantize_codes(w, scale, offset).to(w.dtype)
-        safe = torch.where(scale != 0, scale, torch.ones_like(scale))
-        t = torch.round((w + offset) / safe) - float(fmt.levels[0])
-        return torch.clamp(torch.where(scale != 0, t, torch.zeros_like(t)), 0, fmt.code_max())
+        dead = scale == 0
+        t = torch.round((w + offset) / scale.masked_fill(dead, 1.0)) - l0
+        return t.masked_fill_(dead, 0.0).clamp_(0, fmt.code_max())
 
     def value(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """``fp32(scale * levels[code]) - offset``: ggml's dequantizer (float32)."""
-        lv = self.fmt.levels_on(codes.device)[codes.long()]
+        """``fp32(scale * levels[code]) - offset``: ggml's dequantizer (float32). For consecutive integer
+        levels ``levels[code] = code + l_0`` exactly, so no table lookup is needed."""
+        l0 = _first_level(self.fmt)
+        lv = self.fmt.levels_on(codes.device)[codes.long()] if l0 is None else codes.to(torch.float32) + l0
         return scale.to(torch.float32) * lv - offset.to(torch.float32)
 
 
