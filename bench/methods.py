@@ -59,12 +59,14 @@ def write_table(doc: dict, path: Path) -> None:
         f"device {doc['machine']['cuda'] or 'cpu'}.",
         "",
         *([doc["note"], ""] if doc.get("note") else []),
-        "| method | bits | group | PPL | quantize time (s) | peak memory (GiB) |",
-        "|---|---|---|---|---|---|",
+        "| method | bits | group | PPL | quantize time (s) | statistics / solve / propagate (s) | peak memory (GiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(doc["runs"].values(), key=lambda r: (r["group_size"], -r["bits"], r["order"])):
         g = "per-channel" if r["group_size"] < 0 else r["group_size"]
-        lines.append(f"| {r['method']} | {r['bits']} | {g} | {r['ppl']:.3f} | {r['seconds']:.1f} | "
+        ph = r.get("phase_seconds")
+        phases = " / ".join(f"{ph[k]:.1f}" for k in ("statistics", "solve", "propagate")) if ph else ""
+        lines.append(f"| {r['method']} | {r['bits']} | {g} | {r['ppl']:.3f} | {r['seconds']:.1f} | {phases} | "
                      f"{r['peak_memory_bytes'] / 2**30:.2f} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -135,10 +137,12 @@ def main() -> None:
                                   "--group-size", str(group), "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
                                   "--seed", str(a.seed), "--device", a.device, "-q", "--json", "-o", qdir])
                     wall = time.time() - t0
+                    timings = json.loads((Path(qdir) / "quant_config.json").read_text()).get("timings", {})
                     e = run_json(["eval", qdir, *ev])
                 doc["runs"][k] = {"method": method, "bits": bits, "group_size": group, "order": order,
                                   "ppl": e["ppl"], "seconds": q["seconds"], "wall_seconds": round(wall, 2),
-                                  "peak_memory_bytes": q["peak_memory_bytes"]}
+                                  "peak_memory_bytes": q["peak_memory_bytes"],
+                                  "phase_seconds": timings.get("phase_seconds")}
                 print(f"{k}: ppl {e['ppl']:.3f}, {q['seconds']:.1f} s", flush=True)
                 out_json.write_text(json.dumps(doc, indent=2) + "\n")
     out_json.write_text(json.dumps(doc, indent=2) + "\n")

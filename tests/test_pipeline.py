@@ -46,7 +46,12 @@ def test_f2_changes_the_result_and_true_sequential_runs(tiny_llama_dir):
     for name, cfg in {"dx": base, "no_dx": dataclasses.replace(base, use_dx=False),
                       "seq": dataclasses.replace(base, true_sequential=True)}.items():
         model = load_float_model(str(tiny_llama_dir)).model
-        results[name] = quantize_model(model, ids, cfg, torch.device("cpu"), progress=False).layers
+        res = quantize_model(model, ids, cfg, torch.device("cpu"), progress=False)
+        results[name] = res.layers
+        # the run's time by phase: statistics + solve + propagate account for the blocks' time
+        assert set(res.phase_seconds) == {"statistics", "solve", "propagate"}
+        assert min(res.phase_seconds.values()) > 0
+        assert sum(res.phase_seconds.values()) <= sum(res.block_seconds) + 1e-6
     down = "model.layers.1.mlp.down_proj"
     assert not torch.equal(results["dx"][down].scale, results["no_dx"][down].scale)
     assert set(results["seq"]) == set(results["dx"])

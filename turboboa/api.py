@@ -108,6 +108,7 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
             "timings": {"quantize_seconds": round(sum(saver.block_seconds) + result.seconds
                                                   - sum(result.block_seconds), 3),
                         "block_seconds": [round(s, 3) for s in saver.block_seconds],
+                        "phase_seconds": {k: round(v, 3) for k, v in result.phase_seconds.items()},
                         "peak_memory_bytes": result.peak_memory,
                         "resumed_from_block": None if point is None else point.next_block},
         }

@@ -68,6 +68,9 @@ class PipelineResult:
     seconds: float
     peak_memory: int
     block_seconds: list[float] = field(default_factory=list)
+    # wall seconds of this run's blocks by phase: "statistics" (calibration passes collecting Hessians and
+    # attention statistics), "solve" (the solver), "propagate" (the quantized blocks' outputs)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def model_shape(model: nn.Module) -> ModelShape:
@@ -168,6 +171,7 @@ def quantize_model(
             X, X_fp = state["X"].to(device), None if state.get("X_fp") is None else state["X_fp"].to(device)
         layers: dict[str, QuantizedLinear] = {}
         block_seconds: list[float] = []
+        phases = {"statistics": 0.0, "solve": 0.0, "propagate": 0.0}
         bar = tqdm(range(start_block, len(blocks)), desc=f"{cfg.method} w{cfg.bits}", unit="block",
                    disable=not progress, initial=start_block, total=len(blocks))
         step = chunk_size(n, L, shape.n_heads)
@@ -186,16 +190,22 @@ def quantize_model(
                 heads = [g[0] for g in stage]
                 covs = {g: CovarianceAccumulator() for g in heads}
                 attn = AttentionStatistics() if cfg.is_row_method and si == 0 else None
+                tp = time.perf_counter()
                 if need_stats:
                     # the last pass also advances the fp stream to the next block's input
                     _collect(adapter, block, fp_block, X, X_fp, cos, sin, step, covs, attn,
                              advance_fp=si == len(stages) - 1)
+                phases["statistics"] += time.perf_counter() - tp
+                tp = time.perf_counter()
                 block_layers.update(_solve_groups(block, adapter, stage, cfg, covs, attn, cos, sin, use_dx,
                                                   f"{prefix}{i}.", formats))
+                phases["solve"] += time.perf_counter() - tp
             layers.update(block_layers)
+            tp = time.perf_counter()
             for c0 in range(0, n, step):
                 sl = slice(c0, c0 + step)
                 X[sl] = adapter.block_forward(block, X[sl], cos, sin)
+            phases["propagate"] += time.perf_counter() - tp
             hint = "try more bits, a larger --damp, or check the model's weights"
             check_finite(X, f"block {prefix}{i}: the quantized stream's output", hint)
             check_finite(X_fp, f"block {prefix}{i}: the full-precision stream's output", hint)
@@ -209,7 +219,7 @@ def quantize_model(
         embed = quantize_embedding(model, cfg)
         if embed is not None:
             layers[EMBEDDING] = embed
-    return PipelineResult(layers, time.time() - t0, peak_memory_bytes(device), block_seconds)
+    return PipelineResult(layers, time.time() - t0, peak_memory_bytes(device), block_seconds, phases)
 
 
 def quantize_embedding(model: nn.Module, cfg: QuantConfig) -> QuantizedLinear | None:
