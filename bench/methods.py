@@ -56,7 +56,7 @@ def write_table(doc: dict, path: Path) -> None:
         f"Evaluation: WikiText-2 raw test, {s['max_windows'] or 'all'} windows of {s['eval_seqlen']} tokens. "
         f"Float PPL: {doc['float']['ppl']:.3f}. Machine: {doc['machine']['platform']}, "
         f"{doc['machine']['cpus']} CPUs, torch {doc['machine']['torch']}, "
-        f"device {doc['machine']['cuda'] or 'cpu'}.",
+        f"device {', '.join(sorted({r['device'] for r in doc['runs'].values() if r.get('device')})) or doc['machine']['cuda'] or 'cpu'}.",
         "",
         *([doc["note"], ""] if doc.get("note") else []),
         "| method | bits | group | PPL | quantize time (s) | statistics / solve / propagate (s) | peak memory (GiB) |",
@@ -137,12 +137,13 @@ def main() -> None:
                                   "--group-size", str(group), "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
                                   "--seed", str(a.seed), "--device", a.device, "-q", "--json", "-o", qdir])
                     wall = time.time() - t0
-                    timings = json.loads((Path(qdir) / "quant_config.json").read_text()).get("timings", {})
+                    qcfg = json.loads((Path(qdir) / "quant_config.json").read_text())
                     e = run_json(["eval", qdir, *ev])
                 doc["runs"][k] = {"method": method, "bits": bits, "group_size": group, "order": order,
                                   "ppl": e["ppl"], "seconds": q["seconds"], "wall_seconds": round(wall, 2),
                                   "peak_memory_bytes": q["peak_memory_bytes"],
-                                  "phase_seconds": timings.get("phase_seconds")}
+                                  "phase_seconds": qcfg.get("timings", {}).get("phase_seconds"),
+                                  "device": qcfg.get("device")}
                 print(f"{k}: ppl {e['ppl']:.3f}, {q['seconds']:.1f} s", flush=True)
                 out_json.write_text(json.dumps(doc, indent=2) + "\n")
     out_json.write_text(json.dumps(doc, indent=2) + "\n")
