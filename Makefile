@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev,llamacpp]"
+	$(PY) -m pip install -q -e ".[dev,llamacpp,npu]"
 	touch $(STAMP)
 
 # The main job on the default model (SmolLM2-135M), in one command: TurboBoA onto ggml's q4_0 grid (run's

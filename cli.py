@@ -71,6 +71,9 @@ QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
     click.option("--act-bits", type=int, default=None,
                   help="also calibrate static activation quantization of every quantized layer's input: 8 or 16 "
                        "(uint8/uint16 per-tensor, min-max on the calibration set)"),
+    click.option("--act-scope", type=click.Choice(["inputs", "graph"]), default="inputs", show_default=True,
+                  help="with --act-bits: the linear layers' inputs, or every tensor of the decoder graph "
+                       "(what --profile qnn-htp exports)"),
     click.option("--resume", is_flag=True,
                   help="continue an interrupted run from its last finished block (state kept in <output>.partial/); "
                        "the result is identical to an uninterrupted run's"),
@@ -114,6 +117,7 @@ def quantize(model: str, output: str, quiet: bool, as_json: bool, **options: Any
     cfg = quant_config(options)
     act_bits = options["act_bits"]
     summary = api.quantize(model, cfg, output, device=options["device"], progress=not quiet, act_bits=act_bits,
+                           act_scope=options["act_scope"],
                            resume=options["resume"])
     if as_json:
         click.echo(json.dumps({"output": str(summary.output), "layers": summary.layers,
@@ -127,6 +131,8 @@ def quantize(model: str, output: str, quiet: bool, as_json: bool, **options: Any
 @click.argument("qdir")
 @click.option("--act-bits", type=int, required=True,
               help="8 or 16: uint8/uint16 per-tensor encodings (min-max)")
+@click.option("--scope", type=click.Choice(["inputs", "graph"]), default="inputs", show_default=True,
+              help="the linear layers' inputs, or every tensor of the decoder graph (for --profile qnn-htp)")
 @click.option("--calib", default=None, help="calibration data (default: the QDIR's)")
 @click.option("--nsamples", type=int, default=None, help="(default: the QDIR's)")
 @click.option("--seqlen", type=int, default=None, help="(default: the QDIR's)")
@@ -134,22 +140,24 @@ def quantize(model: str, output: str, quiet: bool, as_json: bool, **options: Any
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
-def calibrate(qdir: str, act_bits: int, calib: str | None, nsamples: int | None, seqlen: int | None,
+def calibrate(qdir: str, act_bits: int, scope: str, calib: str | None, nsamples: int | None, seqlen: int | None,
               seed: int | None, device: str, quiet: bool, as_json: bool) -> None:
     """Add (or replace) static activation encodings in QDIR: a per-tensor scale and zero point for the input
-    of every quantized layer, calibrated on the fake-quant model (rewritten atomically)."""
+    of every quantized layer (``--scope graph``: for every tensor of the fully quantized decoder), calibrated
+    on the fake-quant model (rewritten atomically)."""
     import time
 
     from turboboa import api
 
     t0 = time.time()
     enc = api.calibrate(qdir, act_bits, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                        device=device, progress=not quiet)
+                        device=device, progress=not quiet, scope=scope)
     if as_json:
         click.echo(json.dumps({"output": qdir, **enc.summary(), "seconds": round(time.time() - t0, 3)}))
     else:
         calib = enc.calibration
-        click.echo(f"calibrated {len(enc.layers)} layer inputs, {enc.label()}, on {calib['nsamples']} x "
+        what = "tensors of the quantized graph" if scope == "graph" else "layer inputs"
+        click.echo(f"calibrated {len(enc.layers)} {what}, {enc.label()}, on {calib['nsamples']} x "
                    f"{calib['seqlen']} tokens in {time.time() - t0:.1f} s -> {qdir}", err=True)
 
 
@@ -160,8 +168,8 @@ def calibrate(qdir: str, act_bits: int, calib: str | None, nsamples: int | None,
 @click.option("--max-windows", type=int, default=None, help="only the first K windows")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--backend", default="auto", show_default=True,
-              help="auto | torch | llama.cpp | onnxruntime (auto: llama.cpp for a .gguf file, onnxruntime for "
-                   "an .onnx file, torch otherwise)")
+              help="auto | torch | llama.cpp | ort | qnn-htp | openvino (auto: llama.cpp for a .gguf file, "
+                   "onnxruntime for an .onnx file, openvino for an .xml IR, torch otherwise)")
 @click.option("--tokenizer", default=None, help="HF tokenizer folder (or QDIR) for the tokens; default: the model's")
 @click.option("--threads", type=int, default=None, help="llama.cpp / onnxruntime threads (default: all cores)")
 @click.option("-q", "--quiet", is_flag=True)
@@ -185,10 +193,15 @@ def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, devic
 
 @app.command(name="export")
 @click.argument("qdir")
-@click.option("--to", "to", required=True, help="exporter name: gguf, onnx (or one registered by a plugin)")
+@click.option("--to", "to", required=True,
+              help="exporter name: gguf, onnx, openvino (or one registered by a plugin)")
 @click.option("-o", "--output", required=True, help="file to write")
 @click.option("--opset", type=int, default=None, help="onnx: opset (default 21; 25 stores 2-bit grids as int2)")
-@click.option("--profile", default=None, help="onnx: generic (default) | npu (symmetric int4/int8, static shapes)")
+@click.option("--profile", default=None,
+              help="onnx: generic (default) | npu (symmetric int4/int8, static shapes) | qnn-htp (every tensor "
+                   "quantized, what Qualcomm's HTP compiles whole) | openvino: npu (default) or generic")
+@click.option("--qnn-context", is_flag=True,
+              help="onnx --profile qnn-htp: also write the compiled QNN EPContext model <name>_ctx.onnx beside it")
 @click.option("--seqlen", type=int, default=None,
               help="onnx: static sequence length (default: dynamic under generic, 512 under npu)")
 @click.option("--act-bits", type=int, default=None,
@@ -196,17 +209,20 @@ def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, devic
                    "DequantizeLinear on each quantized MatMul's input (emitted whenever the QDIR has them; "
                    "this checks their width)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
-def export_cmd(qdir: str, to: str, output: str, opset: int | None, profile: str | None, seqlen: int | None,
-               act_bits: int | None, quiet: bool) -> None:
+def export_cmd(qdir: str, to: str, output: str, opset: int | None, profile: str | None, qnn_context: bool,
+               seqlen: int | None, act_bits: int | None, quiet: bool) -> None:
     """Pack the quantized checkpoint QDIR into a runtime file (-o), e.g. a llama.cpp GGUF or a QDQ ONNX model."""
     from exporters import export
     from turboboa.checkpoint import load_qdir
 
-    given = {"opset": opset, "profile": profile, "seqlen": seqlen, "act_bits": act_bits}
+    given = {"opset": opset, "profile": profile, "seqlen": seqlen, "act_bits": act_bits,
+             "qnn_context": qnn_context or None}
     options = {k: v for k, v in given.items() if v is not None}
     ckpt = load_qdir(qdir)
     path = export(ckpt, to, output, progress=not quiet, **options)
     data = path.with_name(path.name + ".data")  # an ONNX model's external tensors, when it has them
+    if path.suffix == ".xml":  # an OpenVINO IR's weights
+        data = path.with_suffix(".bin")
     size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
     n_params = sum(q.codes.numel() for q in ckpt.layers.values())
     n_params += sum(t.numel() for t in ckpt.float_tensors.values())
@@ -219,8 +235,9 @@ CHECK_OPTIONS: list[Callable[[F], F]] = [
     click.option("--max-windows", type=int, default=None, help="only the first K windows (default: all)"),
     click.option("--gguf-tol", type=float, default=0.01, show_default=True,
                  help="largest |PPL(llama.cpp) / PPL(fake-quant) - 1| that passes"),
-    click.option("--onnx-tol", type=float, default=0.001, show_default=True,
-                 help="largest |PPL(onnxruntime) / PPL(fake-quant) - 1| that passes"),
+    click.option("--onnx-tol", type=float, default=None,
+                 help="largest |PPL(onnxruntime) / PPL(fake-quant) - 1| that passes (default 0.001; 0.02 for a "
+                      "--profile qnn-htp graph, where every tensor is quantized)"),
     click.option("--threads", type=int, default=None, help="llama.cpp / onnxruntime threads (default: all cores)"),
 ]
 
@@ -254,24 +271,45 @@ def echo_report(report: dict[str, Any], as_json: bool, report_md: str | None) ->
 @click.option("--gguf", type=click.Path(dir_okay=False), default=None, help="GGUF file exported from QDIR")
 @click.option("--onnx", type=click.Path(dir_okay=False), default=None, help="ONNX file exported from QDIR")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="tokens per evaluation window")
+@click.option("--npu", default=None,
+              help="NPU backends, comma-separated: qnn-htp (the --onnx file on Qualcomm's HTP, emulated), openvino "
+                   "(--openvino IR, else the --onnx file), on the first --npu-windows windows")
+@click.option("--npu-windows", type=int, default=4, show_default=True, help="windows the NPU backends score")
+@click.option("--htp-tol", type=float, default=0.02, show_default=True,
+              help="largest |PPL(qnn-htp) / PPL(fake-quant) - 1| on the NPU slice that passes")
+@click.option("--openvino-tol", type=float, default=0.005, show_default=True,
+              help="largest |PPL(openvino) / PPL(fake-quant) - 1| on the NPU slice that passes")
+@click.option("--allow-fallback", is_flag=True, help="qnn-htp: let rejected nodes run on the CPU (listed)")
+@click.option("--localize", is_flag=True,
+              help="qnn-htp: compare each block's output on the HTP with the fake-quant model's (first window)")
+@click.option("--openvino", "openvino_ir", type=click.Path(dir_okay=False), default=None,
+              help="OpenVINO IR (.xml) exported from QDIR, for --npu openvino")
+@click.option("--qnn-context", type=click.Path(dir_okay=False), default=None,
+              help="QNN EPContext model to load back and compare (default: <onnx name>_ctx.onnx when present)")
 @check_options
 @click.option("--device", default="auto", show_default=True, help="torch models: auto | cpu | cuda")
 @click.option("-o", "--output", "report_dir", default=None,
               help="folder to write report.json, report.md and report.png into")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
-def check_cmd(qdir: str, gguf: str | None, onnx: str | None, seqlen: int, data: str, max_windows: int | None,
-              gguf_tol: float, onnx_tol: float, threads: int | None, device: str, report_dir: str | None,
-              quiet: bool, as_json: bool) -> int:
+def check_cmd(qdir: str, gguf: str | None, onnx: str | None, seqlen: int, npu: str | None, npu_windows: int,
+              htp_tol: float, openvino_tol: float, allow_fallback: bool, localize: bool, openvino_ir: str | None,
+              qnn_context: str | None, data: str, max_windows: int | None, gguf_tol: float, onnx_tol: float | None,
+              threads: int | None, device: str, report_dir: str | None, quiet: bool, as_json: bool) -> int:
     """Check exported files against the QDIR they came from: every quantized weight identical, and the float,
-    fake-quant, llama.cpp (--gguf) and onnxruntime (--onnx) models on the same windows (PPL, gap, KL, top-1).
-    Exit code 1 when a check fails, 0 when all pass."""
+    fake-quant, llama.cpp (--gguf) and onnxruntime (--onnx) models on the same windows (PPL, gap, KL, top-1);
+    --npu adds Qualcomm's HTP (emulated) and OpenVINO on a slice of them. Exit code 1 when a check fails, 0
+    when all pass."""
     from runtime_check.checker import CheckSettings, check
+    from runtime_check.npu import parse_npu
     from runtime_check.report import MD_NAME, write_report
 
     settings = CheckSettings(data=data, seqlen=seqlen, max_windows=max_windows, gguf_tol=gguf_tol,
-                             onnx_tol=onnx_tol, threads=threads, device=device)
-    report = check(qdir, gguf=gguf, onnx=onnx, settings=settings, progress=not quiet and not as_json)
+                             onnx_tol=onnx_tol, threads=threads, device=device, npu=parse_npu(npu),
+                             npu_windows=npu_windows, htp_tol=htp_tol, openvino_tol=openvino_tol,
+                             allow_fallback=allow_fallback, localize=localize)
+    report = check(qdir, gguf=gguf, onnx=onnx, settings=settings, progress=not quiet and not as_json,
+                   openvino=openvino_ir, qnn_context=qnn_context)
     written = write_report(report, report_dir) if report_dir is not None else {}
     echo_report(report, as_json, str(written[MD_NAME]) if written else None)
     return 0 if report["passed"] else 1
@@ -287,7 +325,8 @@ def check_cmd(qdir: str, gguf: str | None, onnx: str | None, seqlen: int, data: 
               help="check the exported files against the quantized model (turboboa check)")
 @click.option("--eval-seqlen", type=int, default=512, show_default=True, help="check: tokens per evaluation window")
 @click.option("--onnx-profile", default="generic", show_default=True,
-              help="profile of model.onnx: generic | npu (symmetric int4/int8, static shapes of --eval-seqlen)")
+              help="profile of model.onnx: generic | npu (symmetric int4/int8, static shapes of --eval-seqlen) | "
+                   "qnn-htp (every tensor quantized: needs --act-bits, per-channel --sym or lpbq4)")
 @check_options
 @click.option("-o", "--output", "outdir", required=True,
               help="OUTDIR: qdir/, model.gguf, model.onnx, report.{json,md,png}, SHA256SUMS")
@@ -296,7 +335,7 @@ def check_cmd(qdir: str, gguf: str | None, onnx: str | None, seqlen: int, data: 
 @click.pass_context
 def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, eval_seqlen: int, onnx_profile: str,
             data: str,
-            max_windows: int | None, gguf_tol: float, onnx_tol: float, threads: int | None, outdir: str,
+            max_windows: int | None, gguf_tol: float, onnx_tol: float | None, threads: int | None, outdir: str,
             quiet: bool, as_json: bool, **options: Any) -> int:
     """Quantize MODEL (default smollm2-135m) into OUTDIR/qdir, export OUTDIR/model.gguf and/or model.onnx,
     check them (as turboboa check), and write the reports and a SHA-256 manifest. The last line printed is
@@ -315,7 +354,7 @@ def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, e
     log = None if quiet or as_json else (lambda line: click.echo(line, err=True))
     result = run(model, cfg, outdir, exports, format_given=format_given, check=run_check, settings=settings,
                  device=options["device"], act_bits=options["act_bits"], progress=not quiet and not as_json,
-                 resume=options["resume"], log=log, onnx_profile=onnx_profile)
+                 resume=options["resume"], log=log, onnx_profile=onnx_profile, act_scope=options["act_scope"])
     report = result.report
     if as_json:
         report = {**report, "report_files": {k: str(p) for k, p in result.report_files.items()},

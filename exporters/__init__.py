@@ -22,7 +22,8 @@ from turboboa.io import prepare_output, write_errors_as_user_errors
 Exporter = Callable[..., Path]
 ENTRY_POINT_GROUP = "turboboa.exporters"
 # built-in exporters: name -> "module:function", imported on first use
-_BUILTIN = {"gguf": "exporters.gguf.export:export_gguf", "onnx": "exporters.onnx.export:export_onnx"}
+_BUILTIN = {"gguf": "exporters.gguf.export:export_gguf", "onnx": "exporters.onnx.export:export_onnx",
+            "openvino": "exporters.openvino.export:export_openvino"}
 _REGISTRY: dict[str, Exporter] = {}
 
 

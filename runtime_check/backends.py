@@ -22,17 +22,26 @@ from turboboa.errors import UserError
 from turboboa.eval.perplexity import LogitsFn, torch_logits_fn
 
 FLOAT, FAKEQUANT, LLAMACPP, ONNXRT = "float", "fake-quant", "llama.cpp", "onnxruntime"
+FAKEQUANT_WEIGHTS = "fake-quant (weights only)"
 
 
 @dataclass
 class Backend:
     """One runtime under test: ``logits`` maps ids ``(1, L)`` to logits ``(1, L, V)``; ``settings`` are what
-    decide its numbers (for the report); ``skipped`` says why it did not run (``logits`` is then None)."""
+    decide its numbers (for the report); ``skipped`` says why it did not run (``logits`` is then None).
+    ``max_windows``: it scores only the first windows (the NPU slice); ``keep_first``: keep the first
+    window's logits (``first_logits``); ``runtime``: the object behind ``logits`` (to describe it after the
+    run); ``reference``: the row its PPL gap is taken against, when not the fake-quant model's."""
 
     name: str
     logits: LogitsFn | None
     settings: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None
+    max_windows: int | None = None
+    keep_first: bool = False
+    first_logits: torch.Tensor | None = None
+    runtime: Any = None
+    reference: str | None = None
 
 
 def default_threads(threads: int | None) -> int:
@@ -66,6 +75,16 @@ def open_fakequant(ckpt: Any, device: torch.device) -> Backend:
     if ckpt.activations is not None:
         settings["activations"] = ckpt.activations.label()
     return Backend(FAKEQUANT, torch_logits_fn(model, device), settings)
+
+
+def open_weights_only(ckpt: Any, device: torch.device, windows: int) -> Backend:
+    """The QDIR's fake-quant model with float activations (its activation encodings off), on the NPU slice:
+    the like-for-like reference of a backend that runs activations in float."""
+    from turboboa.checkpoint import load_fakequant_model
+
+    model = load_fakequant_model(ckpt, activations=False).to(device)
+    return Backend(FAKEQUANT_WEIGHTS, torch_logits_fn(model, device),
+                   {"device": str(device), "dtype": "float32", "activations": "float"}, max_windows=windows)
 
 
 def open_llamacpp(path: Path, seqlen: int, threads: int, stack: ExitStack) -> Backend:

@@ -112,7 +112,38 @@ def open_session(path: str | os.PathLike[str], threads: int) -> Any:
         raise UserError(f"onnxruntime cannot load {path} ({detail}); export it again with turboboa export") from None
 
 
-class OnnxLogits:
+class GraphWindows:
+    """What every runtime of an exported decoder graph shares: the windows it takes (``static_seqlen``,
+    ``max_positions``) and the tokenizer recorded at export (``metadata``), for the file ``path``."""
+
+    path: Path
+    static_seqlen: int | None
+    max_positions: int | None
+    metadata: dict[str, str]
+
+    def check_length(self, length: int) -> None:
+        """A UserError when windows of ``length`` tokens do not fit the graph."""
+        if self.static_seqlen is not None and length != self.static_seqlen:
+            raise UserError(f"{self.path} has a static sequence length of {self.static_seqlen} tokens; evaluate "
+                            f"it with --seqlen {self.static_seqlen}, or export with --seqlen {length}")
+        if self.max_positions is not None and length > self.max_positions:
+            raise UserError(f"{self.path} covers {self.max_positions} positions; use --seqlen {self.max_positions} "
+                            f"or less")
+
+    def tokenizer(self, override: str | None = None) -> str:
+        """The tokenizer folder for this model: ``override``, else the one recorded at export."""
+        folder = override or self.metadata.get(TOKENIZER_KEY, "")
+        if not folder:
+            raise UserError(f"{self.path} records no tokenizer; pass --tokenizer (the QDIR it was exported from)")
+        if not override and not Path(folder).is_absolute():  # recorded relative to the model's folder
+            folder = str(self.path.parent / folder)
+        if not Path(folder).is_dir():
+            raise UserError(f"the tokenizer of {self.path} ({folder}) is missing; pass --tokenizer with the QDIR "
+                            f"or a tokenizer folder")
+        return folder
+
+
+class OnnxLogits(GraphWindows):
     """A ``logits_fn``: input ids (1, L) -> onnxruntime's float32 logits (1, L, V) of every position.
 
     A graph with a static sequence length ``T`` takes windows of exactly ``T`` tokens; a dynamic one takes
@@ -122,7 +153,7 @@ class OnnxLogits:
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
         self.path = Path(path)
         self.threads = int(threads or max(1, os.cpu_count() or 1))
-        self.session = open_session(self.path, self.threads)
+        self.session = self._open_session()
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or inputs[0].name != INPUT:
             raise UserError(f"{self.path} is not a turboboa decoder (its inputs are {[i.name for i in inputs]}, "
@@ -133,14 +164,9 @@ class OnnxLogits:
         positions = self.metadata.get(MAX_POSITIONS_KEY, "")
         self.max_positions: int | None = int(positions) if positions.isdigit() else None
 
-    def check_length(self, length: int) -> None:
-        """A UserError when windows of ``length`` tokens do not fit the graph."""
-        if self.static_seqlen is not None and length != self.static_seqlen:
-            raise UserError(f"{self.path} has a static sequence length of {self.static_seqlen} tokens; evaluate "
-                            f"it with --seqlen {self.static_seqlen}, or export with --seqlen {length}")
-        if self.max_positions is not None and length > self.max_positions:
-            raise UserError(f"{self.path} covers {self.max_positions} positions; use --seqlen {self.max_positions} "
-                            f"or less")
+    def _open_session(self) -> Any:
+        """The onnxruntime session on ``self.path`` (CPU here; subclasses open other execution providers)."""
+        return open_session(self.path, self.threads)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Return the logits (1, L, V) onnxruntime computes for ``input_ids`` (1, L)."""
@@ -154,18 +180,6 @@ class OnnxLogits:
     def describe(self) -> dict[str, Any]:
         """The session settings that decide the numbers (for the evaluation's JSON)."""
         return {**SESSION_OPTIONS, "intra_op_num_threads": self.threads, "providers": "CPUExecutionProvider"}
-
-    def tokenizer(self, override: str | None = None) -> str:
-        """The tokenizer folder for this model: ``override``, else the one recorded at export."""
-        folder = override or self.metadata.get(TOKENIZER_KEY, "")
-        if not folder:
-            raise UserError(f"{self.path} records no tokenizer; pass --tokenizer (the QDIR it was exported from)")
-        if not override and not Path(folder).is_absolute():  # recorded relative to the model's folder
-            folder = str(self.path.parent / folder)
-        if not Path(folder).is_dir():
-            raise UserError(f"the tokenizer of {self.path} ({folder}) is missing; pass --tokenizer with the QDIR "
-                            f"or a tokenizer folder")
-        return folder
 
     def close(self) -> None:
         """Release the session."""

@@ -51,8 +51,17 @@ def backend_table(report: dict[str, Any]) -> list[str]:
         if r["skipped"]:
             lines.append(f"| {r['backend']} | skipped: {r['skipped']} | | | | | |")
             continue
-        lines.append(f"| {r['backend']} | {r['ppl']:.4f} | {r['gap']:+.4%} | {r['kl']:.3g} | {r['top1']:.2%} | "
+        if r["ppl"] is None:
+            continue
+        name = f"{r['backend']} ¹" if r.get("slice") and not r["backend"].startswith("fake-quant") else r["backend"]
+        lines.append(f"| {name} | {r['ppl']:.4f} | {r['gap']:+.4%} | {r['kl']:.3g} | {r['top1']:.2%} | "
                      f"{r['tokens']} | {r['seconds']:.1f} |")
+    sliced = [r for r in report["backends"] if r.get("slice")]
+    if sliced:
+        s = report["settings"]
+        lines += ["", f"¹ on the NPU slice: the first {s['npu_windows']} windows of {s['seqlen']} tokens, compared "
+                      f"with the fake-quant model on the same slice (its own row); a backend running activations "
+                      f"in float is compared with the fake-quant model with float activations (weights only)."]
     return lines
 
 
@@ -76,11 +85,30 @@ def check_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for c in report["checks"]:
         mark = "pass" if c["passed"] else "FAIL"
-        if c["limit"] == 0.0:
-            value = f"max difference {c['value']:.3g} (must be 0)"
+        kind = c.get("kind", "exact" if c["limit"] == 0.0 else "gap")
+        if kind == "share":
+            value = f"{c['value']:.2%} of the nodes (must be 100%)"
+            nodes = c.get("fallback_nodes") or []
+            if nodes:
+                value += f"; on the CPU: {', '.join(nodes[:20])}" + (f" and {len(nodes) - 20} more" if len(nodes) > 20 else "")
+        elif kind == "exact":
+            value = c.get("error") or f"max difference {c['value']:.3g} (must be 0)"
         else:
             value = "no value" if c["value"] is None else f"{c['value']:+.4%} (limit ±{c['limit']:.2%})"
         lines.append(f"* {mark}: {c['check']}: {value}")
+    return lines
+
+
+def localize_lines(report: dict[str, Any]) -> list[str]:
+    """``--localize``: per NPU backend, the distance from the fake-quant model after each block."""
+    lines = []
+    for backend, rows in (report.get("localize") or {}).items():
+        lines += [f"{backend} vs the fake-quant model on the first window, after each block (relative L2 error; "
+                  f"differences in quantization steps of that tensor):", "",
+                  "| tensor | rel. error | max steps | mean steps |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['point']} | {r['rel_error']:.2e} | {r['max_steps']:.0f} | {r['mean_steps']:.2f} |"
+                  for r in rows]
+        lines.append("")
     return lines
 
 
@@ -108,6 +136,10 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
                   f"threads",
                   f"* tolerances: llama.cpp |PPL gap| <= {s['gguf_tol']:.2%}, onnxruntime <= {s['onnx_tol']:.2%}, "
                   f"weights exact"]
+        if s.get("npu"):
+            lines.append(f"* NPU backends {', '.join(s['npu'])} on the first {s['npu_windows']} windows; tolerances "
+                         f"qnn-htp <= {s['htp_tol']:.2%}, openvino <= {s['openvino_tol']:.2%}; CPU fallback "
+                         f"{'allowed' if s['allow_fallback'] else 'disabled'}")
     for name, opts in report.get("runtime", {}).items():
         shown = ", ".join(f"{k}={v}" for k, v in opts.items() if k != "file")
         lines.append(f"* {name}: {shown}")
@@ -133,6 +165,8 @@ def render_markdown(report: dict[str, Any], png: bool) -> str:
         lines += ["", "## Weights", "", *weight_lines(report)]
     if report.get("checks"):
         lines += ["", "## Verdict", "", *check_lines(report)]
+    if report.get("localize"):
+        lines += ["", "## Where the NPU leaves the fake-quant model (--localize)", "", *localize_lines(report)]
     settings = settings_lines(report)
     if settings:
         lines += ["", "## Settings", "", *settings]

@@ -59,11 +59,13 @@ def check_output_location(output: Path) -> None:
 
 
 def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: str = "auto",
-             progress: bool = True, act_bits: int | None = None, resume: bool = False) -> QuantizeSummary:
+             progress: bool = True, act_bits: int | None = None, resume: bool = False,
+             act_scope: str = "inputs") -> QuantizeSummary:
     """Quantize ``model`` with ``cfg`` and write the QDIR ``output`` (atomically: nothing half-written).
 
     ``act_bits`` (8 or 16): also calibrate static activation encodings (:func:`calibrate`) on the same
-    calibration batch, right after the weights, and store them in the same QDIR.
+    calibration batch, right after the weights, and store them in the same QDIR; ``act_scope`` "graph"
+    calibrates every tensor of the fully quantized decoder instead (:func:`calibrate` with ``scope="graph"``).
 
     After every finished block the state needed to continue is committed to ``<output>.partial/``
     (:mod:`turboboa.resume`). ``resume``: continue from it when it is there (a run with another model,
@@ -75,6 +77,8 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     """
     t0 = time.time()
     check_act_bits(act_bits)
+    if act_scope not in ("inputs", "graph"):
+        raise UserError(f"unknown activation scope {act_scope!r}; choose inputs or graph")
     output = Path(output)
     check_output_location(output)
     dev = select_device(device)
@@ -113,7 +117,7 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
                         "resumed_from_block": None if point is None else point.next_block},
         }
         activations = None
-        if act_bits is not None:
+        if act_bits is not None and act_scope == "inputs":
             names = [name for name in layers if name != EMBEDDING]
             activations = calibrate_activations(loaded.model, calib, act_bits, names, dev, progress,
                                                 calibration=meta["calibration"])
@@ -122,6 +126,9 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
         saver.discard()  # bad input or non-finite values fail the same way again: nothing to resume
         raise
     saver.discard()
+    if act_bits is not None and act_scope != "inputs":
+        save_activations(output, graph_encodings(load_qdir(output), calib, act_bits, act_scope, dev, progress,
+                                                 {**meta["calibration"]}))
     return QuantizeSummary(output, len(layers), time.time() - t0, result.peak_memory, loaded.source)
 
 
@@ -141,13 +148,14 @@ def pad(model: Any, cfg: QuantConfig, calib: torch.Tensor) -> dict[str, Any]:
 
 def calibrate(qdir: str | os.PathLike, act_bits: int, calib: str | None = None, nsamples: int | None = None,
               seqlen: int | None = None, seed: int | None = None, device: str = "auto",
-              progress: bool = True) -> ActivationEncodings:
+              progress: bool = True, scope: str = "inputs") -> ActivationEncodings:
     """Calibrate static per-tensor activation encodings (uint8/uint16, min-max) for every quantized layer of
     the QDIR ``qdir`` on its fake-quant model, and add them to it (replacing earlier ones) atomically.
 
     The calibration set defaults to the QDIR's own (data, nsamples, seqlen, seed); each argument overrides
     one of them. Each layer's input is observed with every earlier layer's encoding already on
-    (:mod:`turboboa.activations.calibrate`)."""
+    (:mod:`turboboa.activations.calibrate`). ``scope="graph"``: encodings of every tensor of the fully
+    quantized decoder (:mod:`turboboa.activations.simulate`), what ``--profile qnn-htp`` exports."""
     from transformers import AutoTokenizer
 
     check_act_bits(act_bits)
@@ -163,12 +171,26 @@ def calibrate(qdir: str | os.PathLike, act_bits: int, calib: str | None = None, 
     dev = select_device(device)
     tokenizer = AutoTokenizer.from_pretrained(qdir)
     ids = calibration_batch(tokenizer, spec["data"], spec["nsamples"], spec["seqlen"], spec["seed"])
+    calibration = {**spec, "tokens": int(ids.numel())}
+    if scope != "inputs":
+        encodings = graph_encodings(ckpt, ids, act_bits, scope, dev, progress, calibration)
+        save_activations(qdir, encodings)
+        return encodings
     model = load_fakequant_model(ckpt, activations=False)
     layers = [name for name in ckpt.layers if name != EMBEDDING]
-    encodings = calibrate_activations(model, ids, act_bits, layers, dev, progress,
-                                      calibration={**spec, "tokens": int(ids.numel())})
+    encodings = calibrate_activations(model, ids, act_bits, layers, dev, progress, calibration=calibration)
     save_activations(qdir, encodings)
     return encodings
+
+
+def graph_encodings(ckpt: Any, ids: torch.Tensor, act_bits: int, scope: str, device: torch.device,
+                    progress: bool, calibration: dict[str, Any]) -> ActivationEncodings:
+    """``--scope graph`` encodings of ``ckpt`` on ``ids``; another scope is a one-line UserError."""
+    from .activations.simulate import calibrate_graph
+
+    if scope != "graph":
+        raise UserError(f"unknown activation scope {scope!r}; choose inputs or graph")
+    return calibrate_graph(ckpt, ids, act_bits, device, progress, calibration)
 
 
 def load_for_eval(target: str) -> tuple[torch.nn.Module, Any, str]:
@@ -197,11 +219,15 @@ def gguf_tokenizer(path: Path) -> Any:
                         f"({' '.join(str(e).split())[:200]}); pass --tokenizer with a tokenizer folder or QDIR") from None
 
 
+def is_openvino_ir(target: str) -> bool:
+    return str(target).endswith(".xml") and Path(target).is_file()
+
+
 def is_onnx_file(target: str) -> bool:
     return str(target).endswith(".onnx")
 
 
-BACKENDS = ("auto", "torch", "llama.cpp", "onnxruntime")
+BACKENDS = ("auto", "torch", "llama.cpp", "onnxruntime", "ort", "qnn-htp", "openvino")
 
 
 def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
@@ -210,8 +236,9 @@ def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windo
     """Perplexity of ``target`` on ``data``'s evaluation text, non-overlapping windows of ``seqlen`` tokens.
 
     ``target``: a model spec (float torch model), a QDIR (fake-quant torch model), a ``.gguf`` file, which
-    ``backend`` "auto" runs in llama.cpp ("torch" reads it with transformers instead), or an ``.onnx`` file,
-    run in onnxruntime. The tokens always come from a Hugging Face tokenizer: ``tokenizer`` (a folder or
+    ``backend`` "auto" runs in llama.cpp ("torch" reads it with transformers instead), an ``.onnx`` file,
+    run in onnxruntime (``ort``), the emulated QNN HTP (``qnn-htp``) or OpenVINO (``openvino``), or an
+    OpenVINO ``.xml`` IR. The tokens always come from a Hugging Face tokenizer: ``tokenizer`` (a folder or
     QDIR), else the model's own (for a GGUF file, the one transformers builds from its metadata; for an ONNX
     file, the one recorded at export), so every backend scores the same windows.
     """
@@ -221,12 +248,18 @@ def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windo
         raise UserError(f"unknown --backend {backend!r}; choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
     if backend == "llama.cpp" and not is_gguf_file(target):
         raise UserError(f"--backend llama.cpp runs a .gguf file; {target} is not one")
-    if backend == "onnxruntime" and not is_onnx_file(target):
-        raise UserError(f"--backend onnxruntime runs an .onnx file; {target} is not one")
-    if is_onnx_file(target) and backend not in ("auto", "onnxruntime"):
-        raise UserError(f"{target} is an ONNX file; evaluate it with --backend onnxruntime (or auto)")
-    if is_onnx_file(target):
-        return evaluate_onnx(Path(target), data, seqlen, max_windows, progress, tokenizer, threads)
+    backend = "onnxruntime" if backend == "ort" else backend
+    graph = is_onnx_file(target) or is_openvino_ir(target)
+    if backend in GRAPH_RUNTIMES and not graph:
+        raise UserError(f"--backend {backend} runs an exported graph (.onnx, or .xml for openvino); {target} is "
+                        f"not one")
+    if graph and backend not in ("auto", *GRAPH_RUNTIMES):
+        raise UserError(f"{target} is an exported graph; evaluate it with --backend onnxruntime (ort), qnn-htp or openvino")
+    if is_openvino_ir(target) and backend not in ("auto", "openvino"):
+        raise UserError(f"{target} is an OpenVINO IR; evaluate it with --backend openvino (or auto)")
+    if graph:
+        runtime = backend if backend != "auto" else ("openvino" if is_openvino_ir(target) else "onnxruntime")
+        return evaluate_graph(Path(target), data, seqlen, max_windows, progress, tokenizer, threads, runtime)
     if is_gguf_file(target) and backend != "torch":
         return evaluate_gguf(Path(target), data, seqlen, max_windows, progress, tokenizer, threads)
     dev = select_device(device)
@@ -245,23 +278,45 @@ def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windo
     return result
 
 
-def evaluate_onnx(path: Path, data: str, seqlen: int, max_windows: int | None, progress: bool,
-                  tokenizer: str | None = None, threads: int | None = None) -> PerplexityResult:
-    """Perplexity of an exported ONNX decoder in onnxruntime (CPU, float activations: see
-    :mod:`runtime_check.onnxrt`) on the windows of its recorded tokenizer (or ``tokenizer``); the session
-    settings used are in ``extra["onnxruntime"]``."""
+GRAPH_RUNTIMES = ("onnxruntime", "qnn-htp", "openvino")
+
+
+def graph_logits_fn(path: Path, runtime: str, threads: int | None = None, allow_fallback: bool = False) -> Any:
+    """The logits function of an exported graph (``.onnx``, or an OpenVINO ``.xml`` IR) in ``runtime``:
+    onnxruntime CPU, the QNN HTP backend (emulated on x86_64; ``allow_fallback`` lets nodes HTP rejects run
+    on the CPU) or OpenVINO's CPU plugin."""
+    if runtime == "qnn-htp":
+        from runtime_check.qnn import qnn_logits_fn
+
+        return qnn_logits_fn(path, threads=threads, allow_fallback=allow_fallback)
+    if runtime == "openvino":
+        from runtime_check.openvinort import openvino_logits_fn
+
+        return openvino_logits_fn(path, threads=threads)
+    from runtime_check.onnxrt import onnx_logits_fn
+
+    return onnx_logits_fn(path, threads=threads)
+
+
+def evaluate_graph(path: Path, data: str, seqlen: int, max_windows: int | None, progress: bool,
+                   tokenizer: str | None = None, threads: int | None = None,
+                   runtime: str = "onnxruntime") -> PerplexityResult:
+    """Perplexity of an exported decoder graph in ``runtime`` (:func:`graph_logits_fn`; onnxruntime keeps
+    float activations: see :mod:`runtime_check.onnxrt`) on the windows of its recorded tokenizer (or
+    ``tokenizer``); the runtime's settings are in ``extra[runtime]``."""
     from transformers import AutoTokenizer
 
-    from runtime_check.onnxrt import onnx_logits_fn, validate_onnx
+    if path.suffix == ".onnx":
+        from runtime_check.onnxrt import validate_onnx
 
-    validate_onnx(path)
-    with onnx_logits_fn(path, threads=threads) as fn:
+        validate_onnx(path)
+    with graph_logits_fn(path, runtime, threads) as fn:
         fn.check_length(seqlen)
         folder = fn.tokenizer(tokenizer)
         tok = AutoTokenizer.from_pretrained(folder)
         windows = make_windows(eval_tokens(tok, data), seqlen, max_windows)
-        result = perplexity(fn, windows, "onnxruntime", progress=progress)
-        result.extra["onnxruntime"] = fn.describe()
+        result = perplexity(fn, windows, runtime, progress=progress)
+        result.extra[runtime] = fn.describe()
         activations = fn.metadata.get("turboboa.activations", "none")
         if activations != "none":  # static activation quantization in the graph
             result.extra["activations"] = json.loads(activations)

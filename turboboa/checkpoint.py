@@ -311,10 +311,18 @@ def load_fakequant_model(ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.f
     """The torch model whose quantized linear weights are ``scale * (codes - zero)``; needs only the QDIR.
 
     When the QDIR has activation encodings (and ``activations``), every encoded layer's input is
-    fake-quantized by a forward pre-hook (:func:`~turboboa.activations.encodings.fake_quant`)."""
+    fake-quantized by a forward pre-hook (:func:`~turboboa.activations.encodings.fake_quant`); encodings of
+    the whole graph (``--scope graph``) give the fully quantized decoder of
+    :class:`~turboboa.activations.simulate.QuantizedGraphModel` instead."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .activations.program import GRAPH_SCHEME
+
     assert ckpt.path is not None
+    if activations and ckpt.activations is not None and ckpt.activations.scheme == GRAPH_SCHEME:
+        from .activations.simulate import QuantizedGraphModel
+
+        return QuantizedGraphModel(ckpt, ckpt.activations)
     hf_config = AutoConfig.from_pretrained(ckpt.path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)

@@ -104,9 +104,15 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
                             f"from --export")
         for fmt in sorted(formats):
             check_onnx_format(fmt, onnx_profile)
-        if onnx_profile == "npu" and "int" in formats and not cfg.sym:
-            raise UserError("--onnx-profile npu needs symmetric weights (zero point 0); add --sym, or use "
-                            "--onnx-profile generic")
+        if onnx_profile in ("npu", "qnn-htp") and "int" in formats and not cfg.sym:
+            raise UserError(f"--onnx-profile {onnx_profile} needs symmetric weights (zero point 0); add --sym, or "
+                            f"use --onnx-profile generic")
+        if onnx_profile == "qnn-htp" and act_bits is None:
+            raise UserError("--onnx-profile qnn-htp quantizes every activation; add --act-bits 16 (W4A16) or 8 "
+                            "(W8A8)")
+        if onnx_profile == "qnn-htp" and "int" in formats and 0 < cfg.group_size < 2**31:
+            raise UserError("--onnx-profile qnn-htp takes uniform grids per output channel only; add "
+                            "--group-size -1, or --format lpbq4 for blocks")
 
 
 def is_run_output(name: str) -> bool:
@@ -174,11 +180,13 @@ class RunResult:
 
 def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ...], *, format_given: bool = True,
         check: bool = True, settings: Any = None, device: str = "auto", act_bits: int | None = None,
-        progress: bool = True, resume: bool = False, log: Any = None, onnx_profile: str = "generic") -> RunResult:
+        progress: bool = True, resume: bool = False, log: Any = None, onnx_profile: str = "generic",
+        act_scope: str = "inputs") -> RunResult:
     """Quantize ``model`` with ``cfg`` into ``OUTDIR/qdir``, export every format of ``exports``, check the
     files against the QDIR (``settings``: a :class:`runtime_check.checker.CheckSettings`), write the reports
     and the SHA-256 manifest. ``onnx_profile``: the ONNX export's profile (``npu``: static shapes of the
-    check's window length). ``resume`` continues an interrupted quantization into the same OUTDIR
+    check's window length; ``qnn-htp``: every tensor quantized, so the activations are calibrated with
+    ``act_scope="graph"``). ``resume`` continues an interrupted quantization into the same OUTDIR
     (:func:`turboboa.api.quantize`). ``log`` (a callable taking a line) hears one line per step."""
     from exporters import export
     from runtime_check.checker import CheckSettings, quantization_summary
@@ -201,8 +209,10 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
+    if onnx_profile == "qnn-htp" and "onnx" in exports:
+        act_scope = "graph"
     summary = api.quantize(model, cfg, outdir / QDIR_NAME, device=device, progress=progress, act_bits=act_bits,
-                           resume=resume)
+                           resume=resume, act_scope=act_scope)
     timings["quantize"] = round(time.perf_counter() - t0, 3)
     say(summary.line(cfg))
     ckpt = load_qdir(outdir / QDIR_NAME)

@@ -17,8 +17,8 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
+from turboboa.models.decoder import EMBEDDING
 
-from .arch import EMBEDDING
 from .weights import WEIGHT_SUFFIX
 
 

@@ -20,12 +20,13 @@ from onnx import ModelProto, helper
 
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
+from turboboa.models.decoder import decoder_spec
 
-from .arch import decoder_spec
 from .check import check_onnx_weights
 from .graph import build_decoder
 from .metadata import has_tokenizer, metadata_props, package_version
-from .profiles import make_profile
+from .profiles import PROFILES, make_profile
+from .qnn import build_quantized_decoder
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "check_onnx_weights", "export_onnx", "external_data_path"]
 
@@ -43,6 +44,16 @@ def tensor_bytes(model: ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
+def staging_folder(output: Path) -> Path:
+    """A new temporary folder beside ``output`` to write its files in before renaming them into place; an
+    unwritable location is a one-line UserError."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    except OSError as e:
+        raise UserError(f"cannot write {output} ({e.strerror}); choose another -o location") from None
+
+
 def write_model(model: ModelProto, output: Path) -> Path:
     """Write ``model`` to ``output`` through a temporary folder beside it: save (external data when large),
     run the full checker on the file, then rename into place. Nothing is left half-written."""
@@ -50,11 +61,7 @@ def write_model(model: ModelProto, output: Path) -> Path:
         raise UserError(f"{output} is a folder; pass a file name ending in .onnx")
     external = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data = external_data_path(output)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    except OSError as e:
-        raise UserError(f"cannot write {output} ({e.strerror}); choose another -o location") from None
+    tmp_dir = staging_folder(output)
     try:
         tmp = tmp_dir / output.name
         if external:
@@ -75,10 +82,28 @@ def write_model(model: ModelProto, output: Path) -> Path:
     return output
 
 
-def activation_bits(ckpt: QuantizedCheckpoint, act_bits: int | None) -> int | None:
+def activation_bits(ckpt: QuantizedCheckpoint, act_bits: int | None, profile: str = "generic") -> int | None:
     """The static activation bits of the export: the QDIR's encodings' (``act_bits``, when given, must match
-    them), None for a QDIR without encodings; a mismatch or a missing calibration is a one-line UserError."""
+    them), None for a QDIR without encodings; a mismatch or a missing calibration is a one-line UserError.
+
+    A profile that quantizes the whole graph (``qnn-htp``) needs ``static-graph`` encodings (``turboboa
+    calibrate --scope graph``); the other profiles need encodings of the linear layers' inputs, and export a
+    QDIR calibrated for the whole graph with float activations."""
+    from turboboa.activations.program import GRAPH_SCHEME
+
     encodings = ckpt.activations
+    whole = PROFILES[profile].quantized_graph if profile in PROFILES else False
+    graph = encodings is not None and encodings.scheme == GRAPH_SCHEME
+    if whole and not graph:
+        bits = act_bits or 16
+        raise UserError(f"--profile {profile} quantizes every activation, but {ckpt.path} has "
+                        f"{'no activation encodings' if encodings is None else 'encodings of linear inputs only'}; "
+                        f"run turboboa calibrate {ckpt.path} --act-bits {bits} --scope graph first")
+    if graph and not whole:
+        if act_bits is not None:
+            raise UserError(f"{ckpt.path} is calibrated for a fully quantized graph (--scope graph); export it "
+                            f"with --profile qnn-htp, or calibrate again with --scope inputs")
+        return None
     if act_bits is None:
         return None if encodings is None else encodings.bits
     if encodings is None:
@@ -103,10 +128,13 @@ def build_model(ckpt: QuantizedCheckpoint, opset: int | None = None, profile: st
     if ckpt.path is None:
         raise UserError("the checkpoint has no folder; load it with load_qdir")
     check_act_bits(act_bits)
-    rules = make_profile(profile, opset, seqlen, activation_bits(ckpt, act_bits))
+    rules = make_profile(profile, opset, seqlen, activation_bits(ckpt, act_bits, profile))
     hf_config = AutoConfig.from_pretrained(ckpt.path)
     spec = decoder_spec(hf_config)
-    graph, built = build_decoder(ckpt, spec, hf_config, rules)
+    if rules.quantized_graph:
+        graph, built = build_quantized_decoder(ckpt, spec, hf_config, rules)
+    else:
+        graph, built = build_decoder(ckpt, spec, hf_config, rules)
     tok = Path(tokenizer) if tokenizer is not None else Path(ckpt.path)
     if tokenizer is not None and not has_tokenizer(tok):
         raise UserError(f"--tokenizer {tok} holds no Hugging Face tokenizer files; pass a tokenizer folder or QDIR")
@@ -125,7 +153,7 @@ def build_model(ckpt: QuantizedCheckpoint, opset: int | None = None, profile: st
 
 def export_onnx(ckpt: QuantizedCheckpoint, output: Path, opset: int | None = None, profile: str = "generic",
                 seqlen: int | None = None, tokenizer: str | os.PathLike[str] | None = None,
-                act_bits: int | None = None, **options: Any) -> Path:
+                act_bits: int | None = None, qnn_context: bool = False, **options: Any) -> Path:
     """Write ``ckpt`` as the QDQ ONNX file ``output`` and return its path.
 
     ``profile``: ``generic`` (default opset 21, up to 25; dynamic sequence length unless ``seqlen``) or
@@ -134,11 +162,27 @@ def export_onnx(ckpt: QuantizedCheckpoint, output: Path, opset: int | None = Non
     QDIR has static activation encodings, every quantized MatMul's input goes through their
     QuantizeLinear -> DequantizeLinear; ``act_bits`` (8 or 16) asserts their width. The same checkpoint and
     options give a byte-identical file.
+
+    ``qnn_context`` (``--profile qnn-htp`` only): also compile the graph on the QNN HTP backend (CPU fallback
+    disabled) and write the precompiled EPContext model, the form that ships to Snapdragon devices, beside
+    it as :func:`qnn_context_path` (``<name>_ctx.onnx``).
     """
     if options:
         raise UserError(f"the onnx exporter takes no options {sorted(options)}; it takes opset, profile, "
-                        f"seqlen, act_bits")
+                        f"seqlen, act_bits, qnn_context")
+    if qnn_context and profile != "qnn-htp":
+        raise UserError("--qnn-context compiles a --profile qnn-htp graph; export with --profile qnn-htp")
     output = Path(output)
     if output.suffix != ".onnx":
         raise UserError(f"the ONNX file name {output.name} must end in .onnx (turboboa eval recognizes it by that)")
-    return write_model(build_model(ckpt, opset, profile, seqlen, tokenizer, act_bits, output.parent), output)
+    path = write_model(build_model(ckpt, opset, profile, seqlen, tokenizer, act_bits, output.parent), output)
+    if qnn_context:
+        from runtime_check.qnn import open_qnn_session
+
+        open_qnn_session(path, context_out=qnn_context_path(path))
+    return path
+
+
+def qnn_context_path(path: Path) -> Path:
+    """Where the EPContext model of the ONNX file ``path`` is written: ``<stem>_ctx.onnx`` beside it."""
+    return path.with_name(f"{path.stem}_ctx.onnx")

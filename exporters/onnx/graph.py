@@ -28,11 +28,11 @@ from onnx import GraphProto, TensorProto, helper
 
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
+from turboboa.models.decoder import ATTENTION, EMBEDDING, FINAL_NORM, HEAD, MLP, DecoderSpec
+from turboboa.models.rope import rope_tables
 
-from .arch import ATTENTION, EMBEDDING, FINAL_NORM, HEAD, MLP, DecoderSpec
 from .builder import GraphBuilder
 from .profiles import ExportProfile
-from .rope import rope_tables
 from .weights import EncodedWeight, encode_weight
 
 INPUT = "input_ids"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.formats import get_format
+from turboboa.models.decoder import DecoderSpec
 from turboboa.quantized import UNIFORM
 
-from .arch import DecoderSpec
 from .containers import LEVEL_FORMATS
 from .profiles import ExportProfile
 from .weights import EncodedWeight

@@ -4,6 +4,12 @@
   DequantizeLinear, blocked or per channel); opsets 22 to 25 on request, and at 25 the 2-bit grids use the
   native int2/uint2 types. Any group size (ragged last groups included), symmetric or asymmetric grids,
   dynamic sequence length unless ``seqlen`` is given.
+* ``qnn-htp``: what Qualcomm's HTP compiler takes whole (:mod:`.qnn`): every tensor quantized (uint8/uint16
+  activations from the QDIR's ``static-graph`` encodings), symmetric int4/int8 weights per output channel
+  with explicit zero points, or LPBQ layers; opset 23, a static sequence length (128 unless ``seqlen``).
+* ``openvino``: what OpenVINO's CPU and NPU plugins compress: int4/int8 weights (uint4/uint8 with a zero point
+  for asymmetric grids), per channel or blocks of 32, 64 or 128, opset 21, dynamic sequence length unless
+  ``seqlen`` is given; the OpenVINO exporter (:mod:`exporters.openvino`) uses it by default.
 * ``npu``: what NPU toolchains (Qualcomm QNN HTP, Intel NPU, AMD) take: symmetric weights with zero point 0
   in int4 or int8 containers, per output channel or blocks of 32, 64 or 128, opset 21, a static sequence
   length (512 unless ``seqlen`` is given).
@@ -22,6 +28,7 @@ from dataclasses import dataclass, replace
 
 from turboboa.errors import UserError
 from turboboa.formats import get_format
+from turboboa.formats.lpbq import LPBQ_BLOCKS
 from turboboa.quantized import UNIFORM, QuantizedLinear
 
 from .containers import LEVEL_FORMATS, Container, container_for, level_container
@@ -36,7 +43,10 @@ class ExportProfile:
     ``symmetric_only``: refuse grids with a zero point other than ``2^(b-1)``. ``containers``: allowed
     container names (None: any). ``group_sizes``: allowed block sizes besides per channel (None: any).
     ``native_int2``: 2-bit grids in int2/uint2 when the opset has them. ``act_bits``: bits of static
-    activation quantization (None: float activations).
+    activation quantization (None: float activations). ``explicit_zero_point``: every weight
+    DequantizeLinear gets a zero-point input (zeros for signed containers). ``quantized_graph``: every tensor
+    of the graph is quantized (:mod:`.qnn`), not only the linear layers' inputs. ``blocked_lpbq_only``: blocks
+    only in LPBQ's form (uniform grids and ggml types per channel, or refused).
     """
 
     name: str
@@ -49,6 +59,9 @@ class ExportProfile:
     group_sizes: tuple[int, ...] | None = None
     native_int2: bool = True
     act_bits: int | None = None
+    explicit_zero_point: bool = False
+    quantized_graph: bool = False
+    blocked_lpbq_only: bool = False
 
     @property
     def static(self) -> bool:
@@ -87,6 +100,10 @@ class ExportProfile:
         ``columns`` its width (a single block is per channel)."""
         if fmt == UNIFORM:
             return
+        if self.blocked_lpbq_only and fmt not in LPBQ_BLOCKS.values():
+            raise UserError(f"--profile {self.name} takes symmetric int4/int8 weights per channel or LPBQ blocks, "
+                            f"not --format {fmt}; quantize again with --format int --sym --group-size -1, or "
+                            f"--format lpbq4")
         block = get_format(fmt).group_size
         if not self.takes_block(block, columns):
             allowed = ", ".join(map(str, self.group_sizes or ()))
@@ -101,6 +118,10 @@ class ExportProfile:
                             f"asymmetric {q.bits}-bit grid; quantize again with --sym")
         if q.fmt != UNIFORM:
             self.check_format(q.fmt, name, q.shape[1])
+        elif self.blocked_lpbq_only and 0 < q.group_size < q.shape[1]:
+            raise UserError(f"--profile {self.name} takes uniform grids per output channel only (blocks need "
+                            f"LPBQ), but {name} has groups of {q.group_size}; quantize again with --group-size -1, "
+                            f"or --format lpbq4")
         elif not self.takes_block(q.group_size, q.shape[1]):
             allowed = ", ".join(map(str, self.group_sizes or ()))
             raise UserError(f"--profile {self.name} takes per-channel grids or blocks of {allowed}, but {name} "
@@ -116,6 +137,12 @@ PROFILES = {
     "generic": ExportProfile("generic", opsets=(21, 22, 23, 24, 25)),
     "npu": ExportProfile("npu", opsets=(21,), default_seqlen=512, symmetric_only=True,
                          containers=frozenset({"int4", "int8"}), group_sizes=(32, 64, 128), native_int2=False),
+    "openvino": ExportProfile("openvino", opsets=(21,), containers=frozenset({"int4", "uint4", "int8", "uint8"}),
+                              group_sizes=(32, 64, 128), native_int2=False),
+    "qnn-htp": ExportProfile("qnn-htp", opsets=(23,), default_seqlen=128, symmetric_only=True,
+                             containers=frozenset({"int4", "int8"}), group_sizes=(16, 32, 64, 128),
+                             native_int2=False, explicit_zero_point=True, quantized_graph=True,
+                             blocked_lpbq_only=True),
 }
 
 
@@ -130,6 +157,7 @@ def make_profile(name: str = "generic", opset: int | None = None, seqlen: int | 
     base = PROFILES.get(name)
     if base is None:
         raise UserError(f"unknown --profile {name!r}; choose one of {', '.join(PROFILES)}")
+
     opset = base.opsets[0] if opset is None else int(opset)
     if opset not in base.opsets:
         allowed = ", ".join(map(str, base.opsets))

@@ -6,7 +6,9 @@ For a layer with codes ``Z`` ``(N, K)`` (HF layout: one row per output), scales 
 * ``<layer>.weight_q``: ``Z^T`` (or ``(Z - Z0)^T``, see :mod:`.containers`) in the layer's container;
 * ``<layer>.weight_scale``: ``S^T`` float32, an exact copy: ``[ceil(K/g), N]`` for groups of ``g`` (the last
   group may be short), ``[N]`` per output channel;
-* ``<layer>.weight_zero_point``: ``Z0^T`` in the same container, only for containers with a zero point;
+* ``<layer>.weight_zero_point``: ``Z0^T`` in the same container, only for containers with a zero point (zeros
+  in the signed container when the profile asks for an explicit zero point: QNN HTP computes int4 weights
+  wrongly without one);
 * ``DequantizeLinear(axis=0, block_size=g)`` (blocked) or ``DequantizeLinear(axis=1)`` (per channel), whose
   output ``<layer>.weight_dq`` ``[K, N]`` feeds the MatMul directly and equals
   ``QuantizedLinear.dequantize().T`` bit for bit: ``(x - zp) * s`` with an exact integer ``x - zp``.
@@ -98,6 +100,11 @@ def _fit(name: str, values: np.ndarray, container: Container, what: str) -> np.n
     return np.ascontiguousarray(values.astype(container.dtype))
 
 
+def inputs_shape(scale: np.ndarray, per_channel: bool) -> tuple[int, ...]:
+    """Shape of the DequantizeLinear scale (and zero point) input of a layer with scales ``scale`` ``(N, g)``."""
+    return (scale.shape[0],) if per_channel else (scale.shape[1], scale.shape[0])
+
+
 def encode_uniform(b: GraphBuilder, name: str, q: QuantizedLinear, profile: ExportProfile) -> EncodedWeight:
     """Emit the initializers and the DequantizeLinear of a uniform-grid layer (see the module docstring)."""
     codes, scale, zero = _checked_arrays(name, q)
@@ -114,6 +121,8 @@ def encode_uniform(b: GraphBuilder, name: str, q: QuantizedLinear, profile: Expo
     inputs = [b.const(f"{name}.weight_q", weight, scoped=False),
               b.const(f"{name}.weight_scale", np.ascontiguousarray(scale[:, 0] if per_channel else scale.T),
                       scoped=False)]
+    if zero_point is None and profile.explicit_zero_point:  # the same x - 0, but HTP needs the input
+        zero_point = np.zeros(inputs_shape(scale, per_channel), dtype=container.dtype)
     if zero_point is not None:
         inputs.append(b.const(f"{name}.weight_zero_point", zero_point, scoped=False))
     attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": int(q.group_size)}

@@ -1,10 +1,11 @@
-"""The decoder the ONNX graph computes, read from the QDIR's Hugging Face config: sizes, epsilon, tensor names.
+"""The decoder the exported graphs (and the fully quantized simulation) compute, read from the QDIR's
+Hugging Face config: sizes, epsilon, tensor names.
 
 Llama and Qwen2 share the block (pre-norm RMSNorm, q/k/v with optional bias, rotate-half RoPE, grouped-query
 causal softmax attention, o_proj, SiLU-gated MLP) and the tensor names; Qwen2 has q/k/v biases, found in the
 checkpoint's float tensors. Any other architecture, or a feature the graph does not compute (sliding-window
-attention, another activation), is a one-line :class:`UserError`. This module is the only place in the ONNX
-exporter that knows the families' module names.
+attention, another activation), is a one-line :class:`UserError`. This module is the only place in the exporters
+that knows the families' module names.
 """
 
 from __future__ import annotations

@@ -1,0 +1,185 @@
+"""The fully quantized Llama-family decoder, written once as a program over an abstract set of operations.
+
+NPU compilers such as Qualcomm's QNN HTP take a graph only when *every* tensor in it is quantized: each op
+reads DequantizeLinear outputs and writes into a QuantizeLinear. :func:`run_decoder` states that decoder; a
+backend (:class:`Ops`) either computes it in torch (:mod:`.simulate`: the fake-quant reference and the
+calibration) or emits it as ONNX (``exporters.onnx.qnn``), so the simulation and the exported graph are the
+same function by construction. Every op output is a named *point* with one static per-tensor encoding;
+movement ops (reshape, transpose, head gathers) keep their input's encoding.
+
+Per block ``b`` (``D`` hidden, ``H`` heads over ``G`` KV heads of size ``d``, ``Q(.)`` the point's
+quantizer)::
+
+    x      = Q(RMSNorm(h) * Q(gamma))                              b.input_layernorm
+    q,k,v  = Q(x W^T (+ bias)),  split into heads                  b.self_attn.{q,k,v}_proj
+    q~     = Q(Q(q * C_q) + Q(swap(q) * S'_q))                     b.self_attn.q_{cos,sin,rope}
+    k~     = Q(Q(k * C)   + Q(swap(k) * S'))                       b.self_attn.k_{cos,sin,rope}
+    s      = Q(q~ k~^T),  m = Q(where(future, f, s))               b.self_attn.{scores,masked}
+    v'     = Q(v)  (v's heads in the encoding of the product)        b.self_attn.v
+    p      = Q(softmax(m)),  o = Q(p v')                           b.self_attn.{probs,context}
+    h      = Q(h + Q(o W_o^T))                                     b.self_attn.o_proj, b.attn_residual
+    y      = Q(RMSNorm(h) * Q(gamma'))                             b.post_attention_layernorm
+    g      = Q(y W_gate^T),  u = Q(y W_up^T)                       b.mlp.{gate,up}_proj
+    a      = Q(g * Q(sigmoid(g))),  z = Q(a * u)                   b.mlp.{gate_sigmoid,silu,gated}
+    h      = Q(h + Q(z W_down^T))                                  b.mlp.down_proj, b.mlp_residual
+
+with ``swap(x) = cat(x_2, x_1)`` (the halves of each head exchanged: a Gather, data movement) and the
+sign of ``rotate_half(x) = cat(-x_2, x_1)`` folded into the sine table, ``S' = cat(-S_1, S_2)``, so
+``rotate_half(x) * S = swap(x) * S'`` exactly with no extra rounding (a MatMul by the signed permutation,
+or a Neg, costs the HTP many steps); the RoPE tables ``C, S'`` (float ``[T, d]``, quantized as constants)
+and ``C_q = C / sqrt(d)``, ``S'_q = S' / sqrt(d)`` (the attention scale folded into the query's tables), and the mask fill ``f`` just below the
+scores' calibrated range (``lo - MASK_MARGIN``: ``exp(-MASK_MARGIN)`` of a row's mass, and the masked tensor
+keeps nearly the scores' resolution, where a float32-min fill would leave it none). The embedding is a
+Gather from the table quantized per tensor (its output keeps the table's encoding); the head is an int8
+per-output-channel symmetric weight (the QDIR's own when ``lm_head`` is quantized).
+
+Encodings (:func:`point_dtype`): ``uint{b}`` asymmetric min-max, except at 16 bits the operands of the two
+activation-by-activation products (``q_rope``, ``k_rope``, ``v``, ``probs``) are int16 symmetric, the
+pairing HTP multiplies correctly (its uint16 x uint16 MatMul does not); ``v`` is converted to it after its
+projection (HTP's weight MatMul does not write int16).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from turboboa.models.decoder import ATTENTION, EMBEDDING, FINAL_NORM, HEAD, MLP, DecoderSpec
+
+from .encodings import TensorEncoding
+
+MASK_MARGIN = 20.0
+SYMMETRIC_POINTS = ("self_attn.q_rope", "self_attn.k_rope", "self_attn.v", "self_attn.probs")
+GRAPH_SCHEME = "static-graph"
+
+
+def point_dtype(point: str, bits: int) -> str:
+    """The integer type of ``point`` at ``bits``: ``int16`` for the operands of activation products at 16
+    bits, else ``uint{bits}``."""
+    if bits == 16 and point.endswith(SYMMETRIC_POINTS):
+        return "int16"
+    return f"uint{bits}"
+
+
+def dtype_range(dtype: str) -> tuple[int, int]:
+    """``(qmin, qmax)`` of ``uint8``, ``uint16`` or ``int16``."""
+    return {"uint8": (0, 255), "uint16": (0, 65535), "int16": (-32768, 32767)}[dtype]
+
+
+def encoding_for(lo: float, hi: float, dtype: str) -> TensorEncoding:
+    """Min-max encoding of ``[min(lo, 0), max(hi, 0)]`` in ``dtype``: asymmetric for unsigned types (0 exact,
+    ``s = (hi - lo) / qmax``), symmetric for int16 (``zp = 0``, ``s = max(|lo|, |hi|) / 32767``)."""
+    qmin, qmax = dtype_range(dtype)
+    lo_, hi_ = min(float(lo), 0.0), max(float(hi), 0.0)
+    if qmin < 0:
+        span = max(-lo_, hi_) / qmax
+        scale = np.float32(span) if span > 0 and np.isfinite(span) else np.float32(1.0)
+        return TensorEncoding(torch.tensor(scale), 0, float(lo), float(hi))
+    span = (hi_ - lo_) / qmax
+    if not (span > 0 and np.isfinite(span)):
+        return TensorEncoding(torch.tensor(1.0, dtype=torch.float32), 0, float(lo), float(hi))
+    scale = np.float32(span)
+    zero_point = int(min(max(round(-lo_ / float(scale)), 0), qmax))
+    return TensorEncoding(torch.tensor(scale), zero_point, float(lo), float(hi))
+
+
+def quantize_codes(x: np.ndarray, enc: TensorEncoding, dtype: str) -> np.ndarray:
+    """``clamp(round_half_even(x / s) + zp, qmin, qmax)`` as ``dtype`` (what QuantizeLinear stores)."""
+    qmin, qmax = dtype_range(dtype)
+    s = np.float32(float(enc.scale))
+    q = np.clip(np.round(x.astype(np.float32) / s) + enc.zero_point, qmin, qmax)
+    return q.astype(np.dtype(dtype))
+
+
+def dequantize_codes(q: np.ndarray, enc: TensorEncoding) -> np.ndarray:
+    """``(q - zp) * s`` in float32 (what DequantizeLinear computes)."""
+    return ((q.astype(np.float32) - np.float32(enc.zero_point)) * np.float32(float(enc.scale))).astype(np.float32)
+
+
+def swap_index(d: int) -> np.ndarray:
+    """Indices of ``swap(x) = cat(x[d/2:], x[:d/2])`` along the last axis (int64)."""
+    half = d // 2
+    return np.concatenate([np.arange(half, d), np.arange(half)]).astype(np.int64)
+
+
+def signed_sine(sin: np.ndarray) -> np.ndarray:
+    """``S' = cat(-S[:, :d/2], S[:, d/2:])``: ``rotate_half(x) * S == swap(x) * S'``."""
+    half = sin.shape[-1] // 2
+    return np.concatenate([-sin[..., :half], sin[..., half:]], axis=-1)
+
+
+def int8_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 RTN per output row of ``weight`` ``[N, K]``: codes ``round(w / s)`` in ``[-127, 127]``
+    and ``s = max|w_row| / 127`` (1 for an all-zero row)."""
+    amax = np.abs(weight).max(axis=1).astype(np.float32)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    codes = np.clip(np.round(weight / scale[:, None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+class Ops(Protocol):
+    """What :func:`run_decoder` needs from a backend; every op returns a quantized value at its point."""
+
+    def embed(self, ids: Any) -> Any: ...
+    def rms_norm(self, x: Any, name: str) -> Any: ...
+    def linear(self, x: Any, name: str) -> Any: ...
+    def head(self, x: Any) -> Any: ...
+    def heads(self, x: Any, n: int, name: str) -> Any: ...
+    def merge_heads(self, x: Any, name: str) -> Any: ...
+    def repeat_kv(self, x: Any, name: str) -> Any: ...
+    def transpose_keys(self, x: Any, name: str) -> Any: ...
+    def swap_halves(self, x: Any, name: str) -> Any: ...
+    def rope_table(self, which: str) -> Any: ...
+    def matmul(self, a: Any, b: Any, name: str) -> Any: ...
+    def mul(self, a: Any, b: Any, name: str) -> Any: ...
+    def add(self, a: Any, b: Any, name: str) -> Any: ...
+    def sigmoid(self, x: Any, name: str) -> Any: ...
+    def softmax(self, x: Any, name: str) -> Any: ...
+    def convert(self, x: Any, name: str) -> Any: ...
+    def mask(self, scores: Any, name: str) -> Any: ...
+
+
+def rope(ops: Ops, x: Any, name: str, which: str) -> Any:
+    """``Q(Q(x * C) + Q(swap(x) * S'))`` with the tables of ``which`` (``q`` or ``k``)."""
+    cos, sin = ops.rope_table(f"{which}_cos"), ops.rope_table(f"{which}_sin")
+    swapped = ops.swap_halves(x, f"{name}_swap")
+    return ops.add(ops.mul(x, cos, f"{name}_cos"), ops.mul(swapped, sin, f"{name}_sin"), f"{name}_rope")
+
+
+def run_block(ops: Ops, spec: DecoderSpec, i: int, h: Any) -> Any:
+    """Decoder block ``i`` on the residual stream ``h`` (module docstring)."""
+    b = spec.block(i)
+    q_name, k_name, v_name, o_name = (f"{b}.{n}" for n in ATTENTION)
+    gate_name, up_name, down_name = (f"{b}.{n}" for n in MLP)
+    x = ops.rms_norm(h, f"{b}.input_layernorm")
+    q = ops.heads(ops.linear(x, q_name), spec.heads, q_name)
+    k = ops.heads(ops.linear(x, k_name), spec.kv_heads, k_name)
+    v = ops.repeat_kv(ops.heads(ops.linear(x, v_name), spec.kv_heads, v_name), v_name)
+    v = ops.convert(v, f"{b}.self_attn.v")
+    q = rope(ops, q, f"{b}.self_attn.q", "q")
+    k = ops.transpose_keys(ops.repeat_kv(rope(ops, k, f"{b}.self_attn.k", "k"), f"{b}.self_attn.k_rope"),
+                           f"{b}.self_attn.k_rope")
+    scores = ops.matmul(q, k, f"{b}.self_attn.scores")
+    probs = ops.softmax(ops.mask(scores, f"{b}.self_attn.masked"), f"{b}.self_attn.probs")
+    context = ops.merge_heads(ops.matmul(probs, v, f"{b}.self_attn.context"), f"{b}.self_attn.context")
+    h = ops.add(h, ops.linear(context, o_name), f"{b}.attn_residual")
+    y = ops.rms_norm(h, f"{b}.post_attention_layernorm")
+    gate = ops.linear(y, gate_name)
+    silu = ops.mul(gate, ops.sigmoid(gate, f"{b}.mlp.gate_sigmoid"), f"{b}.mlp.silu")
+    gated = ops.mul(silu, ops.linear(y, up_name), f"{b}.mlp.gated")
+    return ops.add(h, ops.linear(gated, down_name), f"{b}.mlp_residual")
+
+
+def run_decoder(ops: Ops, spec: DecoderSpec, ids: Any) -> Any:
+    """Embedding, every block, the final norm and the head: the quantized logits."""
+    h = ops.embed(ids)
+    for i in range(spec.layers):
+        h = run_block(ops, spec, i, h)
+    return ops.head(ops.rms_norm(h, FINAL_NORM))
+
+
+__all__ = ["EMBEDDING", "FINAL_NORM", "GRAPH_SCHEME", "HEAD", "MASK_MARGIN", "Ops",
+           "dequantize_codes", "dtype_range", "encoding_for", "int8_per_channel", "point_dtype", "quantize_codes",
+           "run_block", "run_decoder", "signed_sine", "swap_index"]
