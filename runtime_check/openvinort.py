@@ -113,7 +113,9 @@ class OpenVinoLogits(GraphWindows):
         self.max_positions: int | None = int(positions) if positions.isdigit() else None
         self.stripped = stripped_activation_quantizers(model) if device.startswith("CPU") else 0
         # activations run in float here: the graph has no activation quantizers, or the CPU plugin dropped them
-        self.float_activations = self.metadata.get("turboboa.act_bits", "none") == "none" or bool(self.stripped)
+        # all (a 16-bit graph; an 8-bit qnn-htp graph keeps its uint8 ones and is compared as quantized)
+        act_bits = self.metadata.get("turboboa.act_bits", "none")
+        self.float_activations = act_bits == "none" or (act_bits == "16" and bool(self.stripped))
         try:
             self.compiled = core.compile_model(model, device, compile_properties(core, device, self.threads))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types

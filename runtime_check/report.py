@@ -91,6 +91,9 @@ def check_lines(report: dict[str, Any]) -> list[str]:
             nodes = c.get("fallback_nodes") or []
             if nodes:
                 value += f"; on the CPU: {', '.join(nodes[:20])}" + (f" and {len(nodes) - 20} more" if len(nodes) > 20 else "")
+        elif c.get("types"):  # the OpenVINO IR's weight constants
+            value = "every quantized layer one integer constant (" + ", ".join(
+                f"{t} x{n}" for t, n in sorted(c["types"].items())) + ")"
         elif kind == "exact":
             value = c.get("error") or f"max difference {c['value']:.3g} (must be 0)"
         else:

@@ -102,17 +102,17 @@ def test_onnx_graph_equals_simulation(tmp_path, tiny, tiny_qwen, windows, bits, 
             assert gap.max() <= 8 * step and gap.mean() <= 0.5 * step
 
 
-@pytest.mark.parametrize("fmt", ["int", "lpbq4"])
-def test_htp_takes_the_whole_graph(tmp_path, tiny, windows, fmt) -> None:
-    """CPU fallback disabled: the session only builds when HTP accepts every node, int4 per channel or LPBQ
-    blocks of 32 (measured: the HTP's logits within 0.12% and 0.02% of the largest logit of onnxruntime CPU's
-    on the same graph)."""
+@pytest.mark.parametrize("grid,bits", [("w4", 16), ("lpbq4", 16), ("w8", 8)])
+def test_htp_takes_the_whole_graph(tmp_path, tiny, windows, grid, bits) -> None:
+    """CPU fallback disabled: the session only builds when HTP accepts every node: W4A16 per channel, LPBQ
+    blocks of 32 with 16-bit activations, W8A8 (measured: the HTP's logits within 0.12%, 0.02% and 1.2% of
+    the largest logit of onnxruntime CPU's on the same graph)."""
     pytest.importorskip("onnxruntime_qnn")
     from runtime_check.qnn import qnn_logits_fn
 
-    ckpt = quantize(tiny, tmp_path / "q", **({"format": "lpbq4", "group_size": 32, "sym": False} if fmt == "lpbq4"
-                                             else {}))
-    path = export_onnx(ckpt, tmp_path / "m.onnx", profile="qnn-htp", seqlen=SEQLEN, act_bits=16)
+    cfg = {"w4": {}, "lpbq4": {"format": "lpbq4", "group_size": 32}, "w8": {"bits": 8}}[grid]
+    ckpt = quantize(tiny, tmp_path / "q", act_bits=bits, **cfg)
+    path = export_onnx(ckpt, tmp_path / "m.onnx", profile="qnn-htp", seqlen=SEQLEN, act_bits=bits)
     with qnn_logits_fn(path) as htp, onnx_logits_fn(path) as cpu:
         assert htp.qnn.npu_share == 1.0 and not htp.qnn.fallback_nodes
         got, ref = htp(windows[0][None]), cpu(windows[0][None])

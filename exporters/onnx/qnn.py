@@ -59,7 +59,7 @@ class OnnxOps:
         self._tables: dict[str, str] = {}
         self._swap: str | None = None
         self._future: str | None = None
-        self.embedding_note = f"uint{self.bits} per tensor (its Gather keeps the table's encoding)"
+        self.embedding_note = "uint16 per tensor (its Gather keeps the table's encoding)"
 
     # --- quantization --------------------------------------------------------------------------------
 

@@ -119,12 +119,22 @@ class ActivationEncodings:
         names = sorted({key.rsplit(".", 1)[0] for key in tensors})
         layers = {n: TensorEncoding(tensors[f"{n}.scale"].to(torch.float32), int(tensors[f"{n}.zero_point"]),
                                     float(tensors[f"{n}.min"]), float(tensors[f"{n}.max"])) for n in names}
+        scheme = summary.get("scheme", SCHEME)
         for n, e in layers.items():
-            if not (float(e.scale) > 0 and 0 <= e.zero_point <= 2**bits - 1):
+            lo, hi = zero_point_range(n, bits, scheme)
+            if not (float(e.scale) > 0 and lo <= e.zero_point <= hi):
                 raise UserError(f"the activation encoding of {n} is damaged (scale {float(e.scale)}, "
                                 f"zero point {e.zero_point}); run turboboa calibrate again")
-        return cls(bits, layers, summary.get("scheme", SCHEME), summary.get("granularity", GRANULARITY),
+        return cls(bits, layers, scheme, summary.get("granularity", GRANULARITY),
                    summary.get("observer", OBSERVER), dict(summary.get("calibration", {})))
+
+
+def zero_point_range(name: str, bits: int, scheme: str) -> tuple[int, int]:
+    """The integer range of the zero point of ``name``'s encoding: ``[0, 2^bits - 1]`` for the linear inputs;
+    the point's own type for the whole-graph scheme (:func:`~.program.point_dtype`)."""
+    from .program import GRAPH_SCHEME, dtype_range, point_dtype
+
+    return dtype_range(point_dtype(name, bits)) if scheme == GRAPH_SCHEME else (0, 2**bits - 1)
 
 
 def _input_hook(encoding: TensorEncoding, bits: int) -> Callable[[nn.Module, tuple], tuple]:

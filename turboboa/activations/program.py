@@ -33,10 +33,15 @@ keeps nearly the scores' resolution, where a float32-min fill would leave it non
 Gather from the table quantized per tensor (its output keeps the table's encoding); the head is an int8
 per-output-channel symmetric weight (the QDIR's own when ``lm_head`` is quantized).
 
-Encodings (:func:`point_dtype`): ``uint{b}`` asymmetric min-max, except at 16 bits the operands of the two
-activation-by-activation products (``q_rope``, ``k_rope``, ``v``, ``probs``) are int16 symmetric, the
+Encodings (:func:`point_dtype`): uint16 asymmetric min-max, except the operands of the two
+activation-by-activation products (``q_rope``, ``k_rope``, ``v``, ``probs``), which are int16 symmetric, the
 pairing HTP multiplies correctly (its uint16 x uint16 MatMul does not); ``v`` is converted to it after its
-projection (HTP's weight MatMul does not write int16).
+projection (HTP's weight MatMul does not write int16). ``--act-bits 8`` (W8A8) runs the block's weight
+layers in uint8: their input is converted to a uint8 point (``<point>.a8``), their output is uint8 (HTP's
+MatMul with a uint8 input writes uint8) and is converted back to uint16 (``<name>.a16``); every other tensor
+(residual stream, norms, attention, element-wise ops, head, logits) stays at 16 bits, as W8A8 deployments
+keep them: the residual stream's massive activations (|x| up to ~27000 on SmolLM2) would leave an 8-bit
+residual a step of ~100.
 """
 
 from __future__ import annotations
@@ -52,15 +57,21 @@ from .encodings import TensorEncoding
 
 MASK_MARGIN = 20.0
 SYMMETRIC_POINTS = ("self_attn.q_rope", "self_attn.k_rope", "self_attn.v", "self_attn.probs")
+LINEAR_POINTS = tuple(ATTENTION + MLP)
+A8, A16 = ".a8", ".a16"
 GRAPH_SCHEME = "static-graph"
 
 
 def point_dtype(point: str, bits: int) -> str:
-    """The integer type of ``point`` at ``bits``: ``int16`` for the operands of activation products at 16
-    bits, else ``uint{bits}``."""
-    if bits == 16 and point.endswith(SYMMETRIC_POINTS):
+    """The integer type of ``point`` at ``bits`` (module docstring): at 8 bits ``uint8`` for the inputs
+    (``<point>.a8``) and outputs (the layer's name, ``<name>.matmul`` before a bias) of the block's weight
+    layers; ``int16`` for the operands of the activation products (:data:`SYMMETRIC_POINTS`); ``uint16`` for
+    the rest (the embedding, constants, head and logits included)."""
+    if bits == 8 and (point.endswith((A8, ".matmul")) or point.endswith(LINEAR_POINTS)):
+        return "uint8"
+    if point.endswith(SYMMETRIC_POINTS):
         return "int16"
-    return f"uint{bits}"
+    return "uint16"
 
 
 def dtype_range(dtype: str) -> tuple[int, int]:
@@ -138,6 +149,7 @@ class Ops(Protocol):
     def sigmoid(self, x: Any, name: str) -> Any: ...
     def softmax(self, x: Any, name: str) -> Any: ...
     def convert(self, x: Any, name: str) -> Any: ...
+    bits: int
     def mask(self, scores: Any, name: str) -> Any: ...
 
 
@@ -148,15 +160,27 @@ def rope(ops: Ops, x: Any, name: str, which: str) -> Any:
     return ops.add(ops.mul(x, cos, f"{name}_cos"), ops.mul(swapped, sin, f"{name}_sin"), f"{name}_rope")
 
 
+def weight_input(ops: Ops, x: Any, point: str) -> Any:
+    """``x`` as the input of weight layers: unchanged, or at 8 bits converted to its uint8 point ``<point>.a8``."""
+    return ops.convert(x, f"{point}{A8}") if ops.bits == 8 else x
+
+
+def linear(ops: Ops, x: Any, name: str) -> Any:
+    """Weight layer ``name`` on ``x``; at 8 bits its uint8 output is converted to the uint16 point
+    ``<name>.a16`` for what follows."""
+    y = ops.linear(x, name)
+    return ops.convert(y, f"{name}{A16}") if ops.bits == 8 else y
+
+
 def run_block(ops: Ops, spec: DecoderSpec, i: int, h: Any) -> Any:
     """Decoder block ``i`` on the residual stream ``h`` (module docstring)."""
     b = spec.block(i)
     q_name, k_name, v_name, o_name = (f"{b}.{n}" for n in ATTENTION)
     gate_name, up_name, down_name = (f"{b}.{n}" for n in MLP)
-    x = ops.rms_norm(h, f"{b}.input_layernorm")
-    q = ops.heads(ops.linear(x, q_name), spec.heads, q_name)
-    k = ops.heads(ops.linear(x, k_name), spec.kv_heads, k_name)
-    v = ops.repeat_kv(ops.heads(ops.linear(x, v_name), spec.kv_heads, v_name), v_name)
+    x = weight_input(ops, ops.rms_norm(h, f"{b}.input_layernorm"), f"{b}.input_layernorm")
+    q = ops.heads(linear(ops, x, q_name), spec.heads, q_name)
+    k = ops.heads(linear(ops, x, k_name), spec.kv_heads, k_name)
+    v = ops.repeat_kv(ops.heads(linear(ops, x, v_name), spec.kv_heads, v_name), v_name)
     v = ops.convert(v, f"{b}.self_attn.v")
     q = rope(ops, q, f"{b}.self_attn.q", "q")
     k = ops.transpose_keys(ops.repeat_kv(rope(ops, k, f"{b}.self_attn.k", "k"), f"{b}.self_attn.k_rope"),
@@ -164,12 +188,13 @@ def run_block(ops: Ops, spec: DecoderSpec, i: int, h: Any) -> Any:
     scores = ops.matmul(q, k, f"{b}.self_attn.scores")
     probs = ops.softmax(ops.mask(scores, f"{b}.self_attn.masked"), f"{b}.self_attn.probs")
     context = ops.merge_heads(ops.matmul(probs, v, f"{b}.self_attn.context"), f"{b}.self_attn.context")
-    h = ops.add(h, ops.linear(context, o_name), f"{b}.attn_residual")
-    y = ops.rms_norm(h, f"{b}.post_attention_layernorm")
-    gate = ops.linear(y, gate_name)
+    context = weight_input(ops, context, f"{b}.self_attn.context")
+    h = ops.add(h, linear(ops, context, o_name), f"{b}.attn_residual")
+    y = weight_input(ops, ops.rms_norm(h, f"{b}.post_attention_layernorm"), f"{b}.post_attention_layernorm")
+    gate = linear(ops, y, gate_name)
     silu = ops.mul(gate, ops.sigmoid(gate, f"{b}.mlp.gate_sigmoid"), f"{b}.mlp.silu")
-    gated = ops.mul(silu, ops.linear(y, up_name), f"{b}.mlp.gated")
-    return ops.add(h, ops.linear(gated, down_name), f"{b}.mlp_residual")
+    gated = ops.mul(silu, linear(ops, y, up_name), f"{b}.mlp.gated")
+    return ops.add(h, linear(ops, weight_input(ops, gated, f"{b}.mlp.gated"), down_name), f"{b}.mlp_residual")
 
 
 def run_decoder(ops: Ops, spec: DecoderSpec, ids: Any) -> Any:

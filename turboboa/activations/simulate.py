@@ -49,7 +49,7 @@ class GraphConstants:
 
     def __init__(self, ckpt: Any, spec: DecoderSpec, hf_config: Any, bits: int) -> None:
         self.ckpt, self.spec, self.hf_config, self.bits = ckpt, spec, hf_config, bits
-        self.dtype = f"uint{bits}"
+        self.dtype = "uint16"  # constants feed 16-bit ops at both widths (program.point_dtype)
 
     def float_tensor(self, name: str) -> np.ndarray:
         """The float32 tensor ``name`` of the checkpoint (a missing one means an incomplete QDIR)."""
@@ -59,7 +59,7 @@ class GraphConstants:
         return np.ascontiguousarray(t.float().numpy())
 
     def constant(self, values: np.ndarray) -> tuple[np.ndarray, TensorEncoding]:
-        """``values`` quantized per tensor (min-max, ``uint{bits}``): codes and encoding."""
+        """``values`` quantized per tensor (min-max, uint16): codes and encoding."""
         enc = encoding_for(float(values.min()), float(values.max()), self.dtype)
         return quantize_codes(values, enc, self.dtype), enc
 
