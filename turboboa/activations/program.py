@@ -53,7 +53,7 @@ import torch
 
 from turboboa.models.decoder import ATTENTION, EMBEDDING, FINAL_NORM, HEAD, MLP, DecoderSpec
 
-from .encodings import TensorEncoding
+from .encodings import TensorEncoding, encoding_from_range
 
 MASK_MARGIN = 20.0
 SYMMETRIC_POINTS = ("self_attn.q_rope", "self_attn.k_rope", "self_attn.v", "self_attn.probs")
@@ -88,12 +88,7 @@ def encoding_for(lo: float, hi: float, dtype: str) -> TensorEncoding:
         span = max(-lo_, hi_) / qmax
         scale = np.float32(span) if span > 0 and np.isfinite(span) else np.float32(1.0)
         return TensorEncoding(torch.tensor(scale), 0, float(lo), float(hi))
-    span = (hi_ - lo_) / qmax
-    if not (span > 0 and np.isfinite(span)):
-        return TensorEncoding(torch.tensor(1.0, dtype=torch.float32), 0, float(lo), float(hi))
-    scale = np.float32(span)
-    zero_point = int(min(max(round(-lo_ / float(scale)), 0), qmax))
-    return TensorEncoding(torch.tensor(scale), zero_point, float(lo), float(hi))
+    return encoding_from_range(lo, hi, qmax.bit_length())
 
 
 def quantize_codes(x: np.ndarray, enc: TensorEncoding, dtype: str) -> np.ndarray:
