@@ -68,12 +68,26 @@ QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
     click.option("--seqlen", type=int, default=2048, show_default=True),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda"),
+    click.option("--rotate", default="none", show_default=True,
+                  help="none | hadamard (randomized Hadamard) | random (orthogonal): QuaRot rotation fused into the "
+                       "weights (norms folded; the model stays a plain Llama)"),
+    click.option("--rotate-seed", type=int, default=0, show_default=True, help="seed of the rotation's signs/matrix"),
+    click.option("--online-rotate", default="auto", show_default=True,
+                  help="none | down | qk | down,qk: online Hadamard of the down_proj input / of queries and keys "
+                       "(weight-activation quantization only; auto: what --act-bits/--kv-bits need under --rotate)"),
     click.option("--act-bits", type=int, default=None,
-                  help="also calibrate static activation quantization of every quantized layer's input: 8 or 16 "
-                       "(uint8/uint16 per-tensor, min-max on the calibration set)"),
-    click.option("--act-scope", type=click.Choice(["inputs", "graph"]), default="inputs", show_default=True,
-                  help="with --act-bits: the linear layers' inputs, or every tensor of the decoder graph "
-                       "(what --profile qnn-htp exports)"),
+                  help="activation quantization: 4 or 6 (or 8 with --act-scope token): per-token dynamic min-max "
+                       "of every block layer's input (the papers' WxAy); 8 or 16 otherwise: static per-tensor "
+                       "uint8/uint16 calibrated on the calibration set (the NPU profiles')"),
+    click.option("--act-scope", type=click.Choice(["auto", "inputs", "graph", "token"]), default="auto",
+                  show_default=True,
+                  help="token: per-token dynamic; inputs: static, the linear layers' inputs; graph: static, every "
+                       "tensor of the decoder graph (what --profile qnn-htp exports); auto: token for --act-bits "
+                       "4/6 or with --kv-bits, else inputs"),
+    click.option("--act-asym", is_flag=True, help="per-token activations asymmetric (default symmetric)"),
+    click.option("--kv-bits", type=int, default=None,
+                  help="4, 8 or 16: keys and values quantized per token and head, dynamic min-max (asymmetric)"),
+    click.option("--kv-sym", is_flag=True, help="symmetric key/value quantization (default asymmetric)"),
     click.option("--resume", is_flag=True,
                   help="continue an interrupted run from its last finished block (state kept in <output>.partial/); "
                        "the result is identical to an uninterrupted run's"),
@@ -87,12 +101,24 @@ def quantize_options(fn: F) -> F:
     return fn
 
 
+def activation_scheme(options: dict[str, Any]) -> tuple[str, int | None]:
+    """``(scope, static bits)``: how ``--act-bits`` reads (``--act-scope``, auto resolved: per-token "token" for
+    4/6 bits or with ``--kv-bits``, else static "inputs") and the static width it leaves to the command (None
+    when activations are per-token or float)."""
+    bits, scope = options["act_bits"], options["act_scope"]
+    if scope == "auto":
+        scope = "token" if bits in (4, 6) or options["kv_bits"] is not None else "inputs"
+    return scope, (bits if scope != "token" else None)
+
+
 def quant_config(options: dict[str, Any]) -> QuantConfig:
     """The :class:`QuantConfig` of the quantize options ``options`` (click parameter names; the options that
-    are no QuantConfig field, such as ``device`` and ``act_bits``, are left to the command)."""
+    are no QuantConfig field, such as ``device`` and the static ``act_bits``, are left to the command)."""
     from turboboa.config import QuantConfig
 
     o = options
+    scope, _ = activation_scheme(o)
+    dyn_bits = (o["act_bits"] or 16) if scope == "token" else 16
     return QuantConfig(method=o["method"], bits=o["bits"], group_size=o["group_size"], sym=o["sym"],
                        grid=o["grid"], format=o["fmt"], tensor_formats=o["tensor_formats"], preset=o["preset"],
                        embed_format=o["embed_format"], pad_to=o["pad_to"], pad_order=o["pad_order"],
@@ -101,7 +127,9 @@ def quant_config(options: dict[str, Any]) -> QuantConfig:
                        alpha=o["alpha"], use_dx=not o["no_dx"], adaptive_grid=not o["no_adaptive_grid"],
                        refine_iters=o["refine_iters"], act_order_col=o["act_order_col"],
                        act_order_row=o["act_order_row"], calib=o["calib"], nsamples=o["nsamples"],
-                       seqlen=o["seqlen"], seed=o["seed"])
+                       seqlen=o["seqlen"], seed=o["seed"], rotate=o["rotate"], rotate_seed=o["rotate_seed"],
+                       online_rotate=o["online_rotate"], dyn_act_bits=dyn_bits, dyn_act_sym=not o["act_asym"],
+                       kv_bits=o["kv_bits"] or 16, kv_sym=o["kv_sym"])
 
 
 @app.command()
@@ -115,14 +143,14 @@ def quantize(model: str, output: str, quiet: bool, as_json: bool, **options: Any
     from turboboa import api
 
     cfg = quant_config(options)
-    act_bits = options["act_bits"]
+    scope, act_bits = activation_scheme(options)
     summary = api.quantize(model, cfg, output, device=options["device"], progress=not quiet, act_bits=act_bits,
-                           act_scope=options["act_scope"],
+                           act_scope="inputs" if scope == "token" else scope,
                            resume=options["resume"])
     if as_json:
         click.echo(json.dumps({"output": str(summary.output), "layers": summary.layers,
                                "seconds": round(summary.seconds, 3), "peak_memory_bytes": summary.peak_memory,
-                               "config": cfg.to_dict(), "act_bits": act_bits}))
+                               "config": cfg.to_dict(), "act_bits": act_bits, "rotation": summary.rotation}))
     else:
         click.echo(summary.line(cfg) + (f", activations uint{act_bits}" if act_bits else ""), err=True)
 
@@ -172,21 +200,33 @@ def calibrate(qdir: str, act_bits: int, scope: str, calib: str | None, nsamples:
                    "onnxruntime for an .onnx file, openvino for an .xml IR, torch otherwise)")
 @click.option("--tokenizer", default=None, help="HF tokenizer folder (or QDIR) for the tokens; default: the model's")
 @click.option("--threads", type=int, default=None, help="llama.cpp / onnxruntime threads (default: all cores)")
+@click.option("--rotate", default="none", show_default=True,
+              help="a float model with this rotation fused (hadamard | random): proves it function-preserving")
+@click.option("--rotate-seed", type=int, default=0, show_default=True)
+@click.option("--act-bits", type=int, default=None,
+              help="a QDIR: simulate its weights under per-token activations of this width (4, 6, 8, 16)")
+@click.option("--kv-bits", type=int, default=None, help="a QDIR: ... and keys/values of this width (4, 8, 16)")
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, device: str, backend: str,
-             tokenizer: str | None, threads: int | None, quiet: bool, as_json: bool) -> None:
+             tokenizer: str | None, threads: int | None, rotate: str, rotate_seed: int, act_bits: int | None,
+             kv_bits: int | None, quiet: bool, as_json: bool) -> None:
     """Perplexity of TARGET: a model (default smollm2-135m), a QDIR (its fake-quant model), a .gguf file
     (run in llama.cpp) or an .onnx file (run in onnxruntime)."""
     from turboboa import api
 
     res = api.evaluate(target, data=data, seqlen=seqlen, max_windows=max_windows, device=device,
-                       progress=not quiet and not as_json, backend=backend, tokenizer=tokenizer, threads=threads)
+                       progress=not quiet and not as_json, backend=backend, tokenizer=tokenizer, threads=threads,
+                       rotate=rotate, rotate_seed=rotate_seed,
+                       dynamic={"act_bits": act_bits, "kv_bits": kv_bits} if act_bits or kv_bits else None)
     if as_json:
         click.echo(json.dumps(res.to_dict()))
     else:
         act = res.extra.get("activations")
         note = f", activations {act['scheme']} {act['dtype']} {act['granularity']}" if act else ""
+        dyn = res.extra.get("dynamic_activations")
+        if dyn:
+            note += f", per-token activations A{dyn['act_bits']} KV{dyn['kv_bits']}"
         click.echo(f"{res.backend}: ppl {res.ppl:.4f} over {res.tokens} tokens "
                    f"({res.windows} windows of {res.seqlen}) in {res.seconds:.1f} s{note}")
 
@@ -348,13 +388,15 @@ def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, e
 
     exports = parse_exports(export_list)
     cfg = quant_config(options)
+    scope, act_bits = activation_scheme(options)
     settings = CheckSettings(data=data, seqlen=eval_seqlen, max_windows=max_windows, gguf_tol=gguf_tol,
                              onnx_tol=onnx_tol, threads=threads, device=options["device"])
     format_given = ctx.get_parameter_source("fmt") != ParameterSource.DEFAULT
     log = None if quiet or as_json else (lambda line: click.echo(line, err=True))
     result = run(model, cfg, outdir, exports, format_given=format_given, check=run_check, settings=settings,
-                 device=options["device"], act_bits=options["act_bits"], progress=not quiet and not as_json,
-                 resume=options["resume"], log=log, onnx_profile=onnx_profile, act_scope=options["act_scope"])
+                 device=options["device"], act_bits=act_bits, progress=not quiet and not as_json,
+                 resume=options["resume"], log=log, onnx_profile=onnx_profile,
+                 act_scope="inputs" if scope == "token" else scope)
     report = result.report
     if as_json:
         report = {**report, "report_files": {k: str(p) for k, p in result.report_files.items()},

@@ -43,6 +43,24 @@ def run_json(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def load_doc(path: Path, settings: dict, note: str | None) -> dict:
+    """The results so far in ``path`` when they were measured with ``settings`` (a benchmark resumes),
+    else a fresh document; with this machine's description and ``note``."""
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    if doc.get("settings") != settings:
+        doc = {"settings": settings, "runs": {}}
+    doc["machine"] = machine()
+    if note:
+        doc["note"] = note
+    return doc
+
+
+def eval_args(seqlen: int, max_windows: int | None, device: str) -> list[str]:
+    """``turboboa eval`` options of a benchmark's evaluation windows."""
+    return ["--seqlen", str(seqlen), "--json", "-q", "--device", device] + (
+        ["--max-windows", str(max_windows)] if max_windows else [])
+
+
 def key(method: str, bits: int, group: int) -> str:
     return f"{method}-w{bits}-g{group}"
 
@@ -112,15 +130,8 @@ def main() -> None:
     settings = {"methods": a.methods.split(","), "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed,
                 "eval_seqlen": a.eval_seqlen, "max_windows": a.max_windows, "model": "smollm2-135m"}
     out_json = a.out / "methods.json"
-    doc = json.loads(out_json.read_text()) if out_json.exists() else {}
-    if doc.get("settings") != settings:
-        doc = {"settings": settings, "runs": {}}
-    doc["machine"] = machine()
-    if a.note:
-        doc["note"] = a.note
-    ev = ["--seqlen", str(a.eval_seqlen), "--json", "-q", "--device", a.device]
-    if a.max_windows:
-        ev += ["--max-windows", str(a.max_windows)]
+    doc = load_doc(out_json, settings, a.note)
+    ev = eval_args(a.eval_seqlen, a.max_windows, a.device)
     if "float" not in doc:
         doc["float"] = run_json(["eval", "smollm2-135m", *ev])
     order = 0

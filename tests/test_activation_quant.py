@@ -290,8 +290,8 @@ def test_cli_calibrate_export_eval_and_errors(tmp_path, tiny_llama) -> None:
     export = ("export", str(q), "--to", "onnx", "--profile", "npu", "--seqlen", "64", "-o", str(out))
     assert_one_line_error(run_cli(*export, "--act-bits", "8"), "no activation encodings",
                           "turboboa calibrate")
-    assert_one_line_error(run_cli("quantize", str(tiny_llama), "--act-bits", "4", "-o", str(tmp_path / "x")),
-                          "--act-bits 4", "8 or 16")
+    assert_one_line_error(run_cli("quantize", str(tiny_llama), "--act-bits", "4", "--act-scope", "inputs", "-o",
+                                  str(tmp_path / "x")), "--act-bits 4", "8 or 16")
     assert_one_line_error(run_cli("calibrate", str(tmp_path), "--act-bits", "8"), "not a turboboa QDIR")
     r = run_cli("calibrate", str(q), "--act-bits", "16", "--nsamples", "2", "--seqlen", "32", "-q", "--json")
     assert r.returncode == 0, r.stderr

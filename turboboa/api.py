@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .activations import ActivationEncodings, calibrate_activations, check_act_bits
+from .activations.dynamic import DynamicSpec
 from .checkpoint import (
     estimate_qdir_bytes,
     is_qdir,
@@ -41,12 +42,19 @@ class QuantizeSummary:
     seconds: float
     peak_memory: int
     source: str
+    rotation: dict[str, Any] | None = None
 
     def line(self, cfg: QuantConfig) -> str:
         g = "per-channel" if cfg.group_size <= 0 else f"g{cfg.group_size}"
         grid = f"w{cfg.bits} {g}" if cfg.format == "int" else f"format {cfg.format}"
         if cfg.preset:
             grid = f"preset {cfg.preset}"
+        if cfg.is_weight_activation:
+            grid += " " + DynamicSpec.from_config(cfg).label().lower()
+        if cfg.rotate != "none":
+            grid += f", rotate {cfg.rotate}" + ("" if cfg.online_rotate == "none" else f" (online {cfg.online_rotate})")
+            if self.rotation and self.rotation.get("untied_head"):
+                grid += ", head untied from the embedding (the final norm's weight folded into it)"
         return (f"quantized {self.layers} layers with {cfg.method} {grid} in {self.seconds:.1f} s, "
                 f"peak memory {self.peak_memory / 2**30:.2f} GiB -> {self.output}")
 
@@ -79,6 +87,9 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     check_act_bits(act_bits)
     if act_scope not in ("inputs", "graph"):
         raise UserError(f"unknown activation scope {act_scope!r}; choose inputs or graph")
+    if act_bits is not None and cfg.is_weight_activation:
+        raise UserError("static activation encodings cannot be combined with per-token --act-bits/--kv-bits "
+                        "quantization; choose one activation scheme")
     output = Path(output)
     check_output_location(output)
     dev = select_device(device)
@@ -88,6 +99,7 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
 
     calib = calibration_batch(loaded.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     padding = pad(loaded.model, cfg, calib) if cfg.pad_to else None
+    rotation = rotate(loaded.model, cfg)
     adapter = get_adapter(loaded.model)
     check_group_size(loaded.model, adapter, cfg)
     prepare_output(output, estimate_qdir_bytes(loaded.model), "the QDIR")
@@ -109,6 +121,8 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
                             "tokens": int(calib.numel())},
             "device": str(dev),
             "padding": padding,
+            "rotation": rotation,
+            "dynamic_activations": DynamicSpec.from_config(cfg).summary() if cfg.is_weight_activation else None,
             "timings": {"quantize_seconds": round(sum(saver.block_seconds) + result.seconds
                                                   - sum(result.block_seconds), 3),
                         "block_seconds": [round(s, 3) for s in saver.block_seconds],
@@ -129,7 +143,25 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     if act_bits is not None and act_scope != "inputs":
         save_activations(output, graph_encodings(load_qdir(output), calib, act_bits, act_scope, dev, progress,
                                                  {**meta["calibration"]}))
-    return QuantizeSummary(output, len(layers), time.time() - t0, result.peak_memory, loaded.source)
+    return QuantizeSummary(output, len(layers), time.time() - t0, result.peak_memory, loaded.source, rotation)
+
+
+def rotate(model: Any, cfg: QuantConfig) -> dict[str, Any] | None:
+    """``--rotate``: fold the norms and fuse the rotations into ``model`` (in place, after any padding), and
+    install the online down_proj rotation the calibration must see; returns the QDIR's report (or None)."""
+    from .rotation import install_online_down, rotate_model
+
+    spec = DynamicSpec.from_config(cfg)
+    if cfg.rotate == "none":
+        if spec.online_down:
+            raise UserError("--online-rotate down needs --rotate hadamard or random (the down_proj weights "
+                            "absorb the rotation there)")
+        return None
+    report = rotate_model(model, cfg.rotate, cfg.rotate_seed, online_down=spec.online_down)
+    if spec.online_down:
+        install_online_down(model)
+    report["online_qk"] = spec.online_qk
+    return report
 
 
 def pad(model: Any, cfg: QuantConfig, calib: torch.Tensor) -> dict[str, Any]:
@@ -193,14 +225,37 @@ def graph_encodings(ckpt: Any, ids: torch.Tensor, act_bits: int, scope: str, dev
     return calibrate_graph(ckpt, ids, act_bits, device, progress, calibration)
 
 
-def load_for_eval(target: str) -> tuple[torch.nn.Module, Any, str]:
-    """(model, tokenizer, backend name) for a QDIR (fake-quant torch model) or a float model spec."""
+def load_for_eval(target: str, rotate: str = "none", rotate_seed: int = 0,
+                  dynamic: dict[str, int] | None = None) -> tuple[torch.nn.Module, Any, str]:
+    """(model, tokenizer, backend name) for a QDIR (fake-quant torch model) or a float model spec (``rotate``:
+    with its norms folded and that rotation fused, :func:`turboboa.rotation.rotate_model`). ``dynamic``
+    (``act_bits``/``kv_bits``): simulate a QDIR's weights under these per-token activation widths instead of
+    its own."""
     if is_qdir(target):
         from transformers import AutoTokenizer
 
+        if rotate != "none":
+            raise UserError(f"--rotate applies to a float model; the QDIR {target} holds its own rotation")
         ckpt = load_qdir(target)
-        return load_fakequant_model(ckpt), AutoTokenizer.from_pretrained(target), "torch-fakequant"
+        spec = None
+        if dynamic:
+            import dataclasses
+
+            spec = DynamicSpec.from_config(ckpt.config)
+            spec = dataclasses.replace(spec, act_bits=dynamic.get("act_bits") or spec.act_bits,
+                                       kv_bits=dynamic.get("kv_bits") or spec.kv_bits)
+            from .activations.dynamic import check_dynamic_bits
+
+            check_dynamic_bits(spec.act_bits, spec.kv_bits)
+        return load_fakequant_model(ckpt, dynamic=spec), AutoTokenizer.from_pretrained(target), "torch-fakequant"
+    if dynamic:
+        raise UserError("--act-bits/--kv-bits on eval simulate a QDIR's activations; quantize the model first")
     loaded = load_float_model(target)
+    if rotate != "none":
+        from .rotation import rotate_model
+
+        rotate_model(loaded.model, rotate, rotate_seed)
+        return loaded.model, loaded.tokenizer, f"torch-float-rotated-{rotate}"
     return loaded.model, loaded.tokenizer, "torch-float"
 
 
@@ -232,13 +287,15 @@ BACKENDS = ("auto", "torch", "llama.cpp", "onnxruntime", "ort", "qnn-htp", "open
 
 def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
              device: str = "auto", progress: bool = True, backend: str = "auto",
-             tokenizer: str | None = None, threads: int | None = None) -> PerplexityResult:
+             tokenizer: str | None = None, threads: int | None = None, rotate: str = "none",
+             rotate_seed: int = 0, dynamic: dict[str, int] | None = None) -> PerplexityResult:
     """Perplexity of ``target`` on ``data``'s evaluation text, non-overlapping windows of ``seqlen`` tokens.
 
     ``target``: a model spec (float torch model), a QDIR (fake-quant torch model), a ``.gguf`` file, which
     ``backend`` "auto" runs in llama.cpp ("torch" reads it with transformers instead), an ``.onnx`` file,
     run in onnxruntime (``ort``), the emulated QNN HTP (``qnn-htp``) or OpenVINO (``openvino``), or an
-    OpenVINO ``.xml`` IR. The tokens always come from a Hugging Face tokenizer: ``tokenizer`` (a folder or
+    OpenVINO ``.xml`` IR. ``rotate``: a float model with that rotation fused (function-preserving: the PPL
+    must equal the float PPL up to float rounding). The tokens always come from a Hugging Face tokenizer: ``tokenizer`` (a folder or
     QDIR), else the model's own (for a GGUF file, the one transformers builds from its metadata; for an ONNX
     file, the one recorded at export), so every backend scores the same windows.
     """
@@ -257,13 +314,15 @@ def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windo
         raise UserError(f"{target} is an exported graph; evaluate it with --backend onnxruntime (ort), qnn-htp or openvino")
     if is_openvino_ir(target) and backend not in ("auto", "openvino"):
         raise UserError(f"{target} is an OpenVINO IR; evaluate it with --backend openvino (or auto)")
+    if (rotate != "none" or dynamic) and (graph or is_gguf_file(target)):
+        raise UserError(f"--rotate, --act-bits and --kv-bits apply to torch models; {target} is an exported file")
     if graph:
         runtime = backend if backend != "auto" else ("openvino" if is_openvino_ir(target) else "onnxruntime")
         return evaluate_graph(Path(target), data, seqlen, max_windows, progress, tokenizer, threads, runtime)
     if is_gguf_file(target) and backend != "torch":
         return evaluate_gguf(Path(target), data, seqlen, max_windows, progress, tokenizer, threads)
     dev = select_device(device)
-    model, tok, name = load_for_eval(target)
+    model, tok, name = load_for_eval(target, rotate, rotate_seed, dynamic)
     if tokenizer is not None:
         from transformers import AutoTokenizer
 
@@ -275,6 +334,10 @@ def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windo
         summary = dict(read_meta(Path(target))["activations"])
         summary.pop("file", None)
         result.extra["activations"] = summary  # simulated by the fake-quant model
+    if is_qdir(target) and (read_meta(Path(target)).get("dynamic_activations") or dynamic):
+        summary = dict(read_meta(Path(target)).get("dynamic_activations") or {})
+        summary.update({k: v for k, v in (dynamic or {}).items() if v})
+        result.extra["dynamic_activations"] = summary
     return result
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .activations.dynamic import DynamicSpec, install_dynamic
 from .activations.encodings import ActivationEncodings, install_input_quantization
 from .config import QuantConfig
 from .errors import UserError
@@ -307,13 +308,15 @@ def load_activations(path: Path, doc: dict[str, Any]) -> ActivationEncodings | N
 
 
 def load_fakequant_model(ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.float32,
-                         activations: bool = True) -> torch.nn.Module:
+                         activations: bool = True, dynamic: DynamicSpec | None = None) -> torch.nn.Module:
     """The torch model whose quantized linear weights are ``scale * (codes - zero)``; needs only the QDIR.
 
     When the QDIR has activation encodings (and ``activations``), every encoded layer's input is
     fake-quantized by a forward pre-hook (:func:`~turboboa.activations.encodings.fake_quant`); encodings of
     the whole graph (``--scope graph``) give the fully quantized decoder of
-    :class:`~turboboa.activations.simulate.QuantizedGraphModel` instead."""
+    :class:`~turboboa.activations.simulate.QuantizedGraphModel` instead. Per-token activation and KV
+    quantization and the online rotations (``WxAyKVz``) are the QDIR's :class:`DynamicSpec`, or ``dynamic``
+    (the same weights simulated under other activation widths; its online rotations must be the QDIR's)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .activations.program import GRAPH_SCHEME
@@ -343,6 +346,14 @@ def load_fakequant_model(ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.f
     model.config.use_cache = False
     if activations and ckpt.activations is not None:
         install_input_quantization(model, ckpt.activations)
+    spec = DynamicSpec.from_config(ckpt.config)
+    if dynamic is not None:
+        if (dynamic.online_down, dynamic.online_qk) != (spec.online_down, spec.online_qk):
+            raise UserError(f"{ckpt.path} was quantized with online rotations {ckpt.config.online_rotate}; "
+                            f"evaluate it with the same ones")
+        spec = dynamic
+    if activations or spec.online_down:  # the online rotation is part of the weights' function
+        install_dynamic(model, spec if activations else DynamicSpec(online_down=spec.online_down))
     return model.eval()
 
 

@@ -44,6 +44,14 @@ class QuantConfig:
     refine_iters: int = 1
     act_order_col: bool = False
     act_order_row: bool = False
+    # rotation (QuaRot) and weight-activation quantization (WxAyKVz, per token)
+    rotate: str = "none"  # none | hadamard (randomized Hadamard) | random (Haar orthogonal), fused into the weights
+    rotate_seed: int = 0
+    online_rotate: str = "auto"  # none | down | qk | down,qk; auto: what the activation/KV quantizers need
+    dyn_act_bits: int = 16  # per-token dynamic quantization of every block linear layer's input (16 = float)
+    dyn_act_sym: bool = True
+    kv_bits: int = 16  # per-token, per-head dynamic quantization of keys and values (16 = float)
+    kv_sym: bool = False
     # calibration
     calib: str = "wikitext2"
     nsamples: int = 128
@@ -83,10 +91,41 @@ class QuantConfig:
             raise UserError(f"--pad-to {self.pad_to} must be a positive multiple of 32 (256 for k-quants)")
         if self.pad_order not in PAD_ORDERS:
             raise UserError(f"unknown --pad-order '{self.pad_order}'; choose one of {', '.join(PAD_ORDERS)}")
+        self._check_rotation()
         if self.rows < 1:
             raise UserError("--rows must be >= 1")
         if self.refine_iters < 0:
             raise UserError("--refine-iters must be >= 0")
+
+    def _check_rotation(self) -> None:
+        """Validate ``rotate``/``online_rotate``/``dyn_act_bits``/``kv_bits`` and resolve ``online_rotate="auto"``:
+        with a rotation, the down_proj input is rotated online when activations are quantized and queries and
+        keys when the KV cache is (QuaRot); without one, nothing is."""
+        from .activations.dynamic import check_dynamic_bits
+        from .rotation import ROTATIONS
+
+        if self.rotate not in ROTATIONS:
+            raise UserError(f"unknown --rotate '{self.rotate}'; choose one of {', '.join(ROTATIONS)}")
+        check_dynamic_bits(self.dyn_act_bits, self.kv_bits)
+        weight_only = self.dyn_act_bits >= 16 and self.kv_bits >= 16
+        online = self.online_rotate
+        if online == "auto":
+            parts = [] if self.rotate == "none" else (["down"] if self.dyn_act_bits < 16 else []) + (
+                ["qk"] if self.kv_bits < 16 else [])
+            online = ",".join(parts) or "none"
+        parts = sorted(set(filter(None, online.split(","))))
+        if online != "none" and (not parts or any(p not in ("down", "qk") for p in parts)):
+            raise UserError(f"unknown --online-rotate '{self.online_rotate}'; choose auto, none, down, qk or down,qk")
+        online = ",".join(parts) if online != "none" else "none"
+        if online != "none" and weight_only:
+            raise UserError("online rotations (--online-rotate) are for weight-activation quantization only; add "
+                            "--act-bits or --kv-bits below 16, or use --online-rotate none")
+        object.__setattr__(self, "online_rotate", online)
+
+    @property
+    def is_weight_activation(self) -> bool:
+        """Per-token activation or KV quantization is on (``WxAyKVz``)."""
+        return self.dyn_act_bits < 16 or self.kv_bits < 16
 
     @property
     def is_row_method(self) -> bool:

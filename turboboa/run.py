@@ -93,6 +93,9 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
         if bad:
             raise UserError(f"--export gguf cannot hold the {bad[0]} grid (GGUF stores ggml types only); quantize "
                             f"with a ggml --format (q4_0, q4_k, ...) or --preset, or drop gguf from --export")
+        from exporters.gguf.export import check_gguf_config
+
+        check_gguf_config(cfg)
         if act_bits is not None:
             raise UserError("--export gguf cannot hold static activation encodings (--act-bits): llama.cpp "
                             "quantizes activations its own way; drop --act-bits or export onnx only")

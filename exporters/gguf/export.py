@@ -41,9 +41,24 @@ def source_gguf_of(ckpt: QuantizedCheckpoint) -> Path | None:
     return path if path.suffix == ".gguf" and path.is_file() else None
 
 
+def check_gguf_config(cfg: Any) -> None:
+    """A one-line UserError when the checkpoint computes more than a plain Llama: online rotations (a
+    Hadamard transform inside the block, which llama.cpp does not compute) or per-token activation/KV
+    quantization (llama.cpp quantizes activations its own way, so the file would not compute what the
+    fake-quant model does). Rotations fused into the weights export as they are."""
+    if getattr(cfg, "online_rotate", "none") != "none":
+        raise UserError(f"this checkpoint needs online rotations ({cfg.online_rotate}) that llama.cpp does not "
+                        f"compute; export it with --to onnx, or quantize with --online-rotate none for GGUF")
+    if getattr(cfg, "dyn_act_bits", 16) < 16 or getattr(cfg, "kv_bits", 16) < 16:
+        raise UserError(f"this checkpoint simulates per-token A{cfg.dyn_act_bits}/KV{cfg.kv_bits} quantization, "
+                        f"which llama.cpp does not (it quantizes activations its own way); export it with --to "
+                        f"onnx, or quantize without --act-bits/--kv-bits for GGUF")
+
+
 def gguf_tensors(ckpt: QuantizedCheckpoint, progress: bool = False) -> dict[str, GgufTensor]:
     """Every tensor of the checkpoint for the GGUF writer: packed ggml rows or F32 values, by HF name
     (``progress``: a bar with ETA over the layers being packed, on stderr)."""
+    check_gguf_config(ckpt.config)
     tensors = {name: GgufTensor.from_float(t) for name, t in ckpt.float_tensors.items()}
     uniform = [name for name, q in ckpt.layers.items() if q.fmt == UNIFORM]
     if uniform:
@@ -72,6 +87,7 @@ def _extra_kv(ckpt: QuantizedCheckpoint) -> dict[str, Any]:
         "method": cfg.method, "format": cfg.format, "layer_formats": ",".join(formats),
         "calib": str(calib.get("data", cfg.calib)), "nsamples": int(calib.get("nsamples", cfg.nsamples)),
         "seqlen": int(calib.get("seqlen", cfg.seqlen)), "seed": int(cfg.seed),
+        "rotate": str(getattr(cfg, "rotate", "none")),
         "version": str(ckpt.meta.get("versions", {}).get("turboboa", "")),
     }
 

@@ -116,6 +116,23 @@ def activation_bits(ckpt: QuantizedCheckpoint, act_bits: int | None, profile: st
     return act_bits
 
 
+def check_dynamic(ckpt: QuantizedCheckpoint, rules: Any) -> None:
+    """Per-token activation/KV quantization and online rotations export under the generic and npu profiles
+    in 4 or 8 bits; anything else is one line naming what is unsupported."""
+    from turboboa.activations.dynamic import DynamicSpec
+
+    from .dynamic import check_expressible
+
+    spec = DynamicSpec.from_config(ckpt.config)
+    if not spec.active:
+        return
+    if rules.quantized_graph or rules.name == "openvino":
+        raise UserError(f"--profile {rules.name} has static activation encodings only; {ckpt.path} quantizes "
+                        f"activations per token (A{spec.act_bits}KV{spec.kv_bits}) with online rotations "
+                        f"{ckpt.config.online_rotate}: export it with --profile generic or npu")
+    check_expressible(spec.act_bits, spec.kv_bits)
+
+
 def build_model(ckpt: QuantizedCheckpoint, opset: int | None = None, profile: str = "generic",
                 seqlen: int | None = None, tokenizer: str | os.PathLike[str] | None = None,
                 act_bits: int | None = None, base: Path | None = None) -> ModelProto:
@@ -129,6 +146,7 @@ def build_model(ckpt: QuantizedCheckpoint, opset: int | None = None, profile: st
         raise UserError("the checkpoint has no folder; load it with load_qdir")
     check_act_bits(act_bits)
     rules = make_profile(profile, opset, seqlen, activation_bits(ckpt, act_bits, profile))
+    check_dynamic(ckpt, rules)
     hf_config = AutoConfig.from_pretrained(ckpt.path)
     spec = decoder_spec(hf_config)
     if rules.quantized_graph:

@@ -14,7 +14,9 @@ Equations (``D`` hidden, ``H`` query heads, ``G`` KV heads, ``d`` head size, ``r
 Every quantized linear weight comes from its DequantizeLinear (:mod:`.weights`) and feeds the MatMul directly.
 With static activation encodings in the QDIR, the MatMul's other input is ``DequantizeLinear(QuantizeLinear(x,
 s, zp), s, zp)`` with the layer's per-tensor float32 scale and uint8/uint16 zero point (:meth:`activation`).
-The sequence length ``T`` is either static (RoPE tables and mask are constants) or the dynamic dimension
+With per-token activation or KV quantization in the QDIR (``WxAyKVz``), the MatMul inputs of the blocks and
+the post-RoPE keys and the values are quantized by scales computed in the graph, after the online rotations
+(:mod:`.dynamic`). The sequence length ``T`` is either static (RoPE tables and mask are constants) or the dynamic dimension
 ``seq`` (a RoPE table for every position the model supports, sliced to ``T`` rows, and a mask built from
 ``Range(T)``).
 """
@@ -32,6 +34,7 @@ from turboboa.models.decoder import ATTENTION, EMBEDDING, FINAL_NORM, HEAD, MLP,
 from turboboa.models.rope import rope_tables
 
 from .builder import GraphBuilder
+from .dynamic import dynamic_quantize, hadamard
 from .profiles import ExportProfile
 from .weights import EncodedWeight, encode_weight
 
@@ -53,6 +56,9 @@ class DecoderGraph:
         self._used_layers: set[str] = set()
         self._used_encodings: set[str] = set()
         self._shapes: dict[tuple[int, ...], str] = {}
+        from turboboa.activations.dynamic import DynamicSpec
+
+        self.dynamic = DynamicSpec.from_config(ckpt.config)
 
     # --- tensors of the checkpoint -------------------------------------------------------------------
 
@@ -99,6 +105,8 @@ class DecoderGraph:
         """The input of linear layer ``name``: ``x`` itself while activations stay float, else
         ``DequantizeLinear(QuantizeLinear(x, s, zp), s, zp)`` with the QDIR's per-tensor encoding of that
         input (``<name>.input_scale`` float32, ``<name>.input_zero_point`` uint8/uint16 scalars)."""
+        if self.dynamic.active and name != HEAD:
+            return self.dynamic_activation(x, name)
         encodings = self.ckpt.activations
         if self.profile.act_bits is None or encodings is None or name not in encodings.layers:
             return x
@@ -109,6 +117,30 @@ class DecoderGraph:
         zero_point = self.b.const(f"{name}.input_zero_point", np.array(enc.zero_point, dtype), scoped=False)
         quantized = self.b.op("QuantizeLinear", [x, scale, zero_point], "InputQuantize")
         return self.b.op("DequantizeLinear", [quantized, scale, zero_point], "InputDequantize")
+
+    def dynamic_activation(self, x: str, name: str) -> str:
+        """The input of the block layer ``name`` under per-token quantization: rotated online first when it
+        is a down_proj and the QDIR rotates it, then quantized with scales computed in the graph."""
+        q = self.ckpt.layers.get(name)
+        width = q.shape[1] if q is not None else self.ckpt.float_tensors[f"{name}.weight"].shape[1]
+        if self.dynamic.online_down and name.endswith(MLP[-1]):  # (inside the layer's scope, see linear)
+            x = hadamard(self.b, x, (1, -1), int(width), "OnlineHadamard")
+        if self.dynamic.act_bits < 16:
+            x = dynamic_quantize(self.b, x, int(width), self.dynamic.act_bits, self.dynamic.act_sym,
+                                 "InputDynamicQuantize")
+        return x
+
+    def kv_cache(self, q: str, k: str, v: str) -> tuple[str, str, str]:
+        """Queries, keys and values ``[1, heads, T, d]`` after RoPE: queries and keys rotated online by
+        ``H_d``, keys and values quantized per token and head, as the QDIR says (inside the block's scope)."""
+        spec, dyn = self.spec, self.dynamic
+        if dyn.online_qk:
+            q = hadamard(self.b, q, (1, spec.heads, -1), spec.head_dim, "q_hadamard")
+            k = hadamard(self.b, k, (1, spec.kv_heads, -1), spec.head_dim, "k_hadamard")
+        if dyn.kv_bits < 16:
+            k = dynamic_quantize(self.b, k, spec.head_dim, dyn.kv_bits, dyn.kv_sym, "k_quantize")
+            v = dynamic_quantize(self.b, v, spec.head_dim, dyn.kv_bits, dyn.kv_sym, "v_quantize")
+        return q, k, v
 
     def linear(self, x: str, name: str) -> str:
         """``x W^T (+ b)`` for linear layer ``name``."""
@@ -162,8 +194,8 @@ class DecoderGraph:
         k = self.heads(self.linear(x, k_name), spec.kv_heads, f"{block}.self_attn/k")
         v = self.heads(self.linear(x, v_name), spec.kv_heads, f"{block}.self_attn/v")
         with self.b.scope(f"{block}.self_attn"):
-            q = self.rope(q, cos, sin, "q_rope")
-            k = self.repeat_kv(self.rope(k, cos, sin, "k_rope"), "k")
+            q, k, v = self.kv_cache(self.rope(q, cos, sin, "q_rope"), self.rope(k, cos, sin, "k_rope"), v)
+            k = self.repeat_kv(k, "k")
             v = self.repeat_kv(v, "v")
             k_t = self.b.op("Transpose", [k], "k_transposed", perm=[0, 1, 3, 2])
             scale = self.b.const("scale", np.array(spec.head_dim**-0.5, dtype=np.float32))

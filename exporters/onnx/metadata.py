@@ -121,6 +121,8 @@ def metadata_props(ckpt: QuantizedCheckpoint, spec: DecoderSpec, profile: Export
         "max_positions": str(spec.max_positions),
         "act_bits": "none" if profile.act_bits is None else str(profile.act_bits),
         "activations": activations_summary(ckpt, profile),
+        "dynamic_activations": json.dumps(ckpt.meta.get("dynamic_activations"), sort_keys=True),
+        "rotation": json.dumps(ckpt.meta.get("rotation"), sort_keys=True),
         "model_type": spec.model_type,
         "version": package_version(),
         "source_qdir": _path(Path(ckpt.path), base) if ckpt.path is not None else "",
