@@ -151,12 +151,9 @@ def rotate(model: Any, cfg: QuantConfig) -> dict[str, Any] | None:
     install the online down_proj rotation the calibration must see; returns the QDIR's report (or None)."""
     from .rotation import install_online_down, rotate_model
 
-    spec = DynamicSpec.from_config(cfg)
-    if cfg.rotate == "none":
-        if spec.online_down:
-            raise UserError("--online-rotate down needs --rotate hadamard or random (the down_proj weights "
-                            "absorb the rotation there)")
+    if cfg.rotate == "none":  # (QuantConfig refuses an online down_proj rotation without one)
         return None
+    spec = DynamicSpec.from_config(cfg)
     report = rotate_model(model, cfg.rotate, cfg.rotate_seed, online_down=spec.online_down)
     if spec.online_down:
         install_online_down(model)
@@ -330,12 +327,13 @@ def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windo
     windows = make_windows(eval_tokens(tok, data), seqlen, max_windows)
     model.to(dev)
     result = perplexity(torch_logits_fn(model, dev), windows, name, progress=progress)
-    if is_qdir(target) and read_meta(Path(target)).get("activations"):
-        summary = dict(read_meta(Path(target))["activations"])
+    meta = read_meta(Path(target)) if is_qdir(target) else {}
+    if meta.get("activations"):
+        summary = dict(meta["activations"])
         summary.pop("file", None)
         result.extra["activations"] = summary  # simulated by the fake-quant model
-    if is_qdir(target) and (read_meta(Path(target)).get("dynamic_activations") or dynamic):
-        summary = dict(read_meta(Path(target)).get("dynamic_activations") or {})
+    if meta.get("dynamic_activations") or (meta and dynamic):
+        summary = dict(meta.get("dynamic_activations") or {})
         summary.update({k: v for k, v in (dynamic or {}).items() if v})
         result.extra["dynamic_activations"] = summary
     return result

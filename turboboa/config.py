@@ -120,6 +120,9 @@ class QuantConfig:
         if online != "none" and weight_only:
             raise UserError("online rotations (--online-rotate) are for weight-activation quantization only; add "
                             "--act-bits or --kv-bits below 16, or use --online-rotate none")
+        if "down" in parts and self.rotate == "none":
+            raise UserError("--online-rotate down needs --rotate hadamard or random (the down_proj weights "
+                            "absorb the rotation there)")
         object.__setattr__(self, "online_rotate", online)
 
     @property
