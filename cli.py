@@ -68,9 +68,10 @@ QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
     click.option("--seqlen", type=int, default=2048, show_default=True),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda"),
-    click.option("--rotate", default="none", show_default=True,
+    click.option("--rotate", default="auto", show_default=True,
                   help="none | hadamard (randomized Hadamard) | random (orthogonal): QuaRot rotation fused into the "
-                       "weights (norms folded; the model stays a plain Llama)"),
+                       "weights (norms folded; the model stays a plain Llama); auto: hadamard with --pad-to for "
+                       "gptq/boa/turboboa (llama.cpp's k-quant kernels round activations per 256 columns), else none"),
     click.option("--rotate-seed", type=int, default=0, show_default=True, help="seed of the rotation's signs/matrix"),
     click.option("--online-rotate", default="auto", show_default=True,
                   help="none | down | qk | down,qk: online Hadamard of the down_proj input / of queries and keys "

@@ -6,7 +6,8 @@ For each file type (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M):
   importance matrix from ``llama-imatrix`` on the calibration text we use (WikiText-2 validation rows,
   ``nsamples`` chunks of ``seqlen`` tokens);
 * ours: ``turboboa quantize --preset P`` (TurboBoA, ``nsamples x seqlen`` calibration tokens), without and with
-  ``--pad-to 256``, exported with ``turboboa export --to gguf``.
+  ``--pad-to 256`` (unrotated, and with the Hadamard rotation ``--rotate auto`` gives a padded model), exported
+  with ``turboboa export --to gguf``.
 
 Every file is run in llama.cpp (llama-cpp-python) on the same WikiText-2 test windows, tokens from the same
 Hugging Face tokenizer. Writes ``bench/results/gguf-vs-llamacpp.{json,md,png}``; reruns resume from the JSON
@@ -82,7 +83,8 @@ def plot(rows: list[dict], float_ppl: float | None, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"llama.cpp": ("o", "tab:gray"), "llama.cpp+imatrix": ("s", "tab:blue"),
-              "turboboa": ("^", "tab:red"), "turboboa+pad256": ("D", "tab:green")}
+              "turboboa": ("^", "tab:red"), "turboboa+pad256": ("D", "tab:green"),
+              "turboboa+pad256+hadamard": ("v", "tab:purple")}
     for label, (marker, color) in styles.items():
         pts = sorted((r["file_mib"], r["ppl"], r["preset"]) for r in rows if r["maker"] == label)
         if pts:
@@ -149,7 +151,7 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=16)
     ap.add_argument("--method", default="turboboa")
-    ap.add_argument("--makers", default="llama.cpp,llama.cpp+imatrix,turboboa,turboboa+pad256",
+    ap.add_argument("--makers", default="llama.cpp,llama.cpp+imatrix,turboboa,turboboa+pad256,turboboa+pad256+hadamard",
                     help="which files to make (comma-separated)")
     ap.add_argument("--work", default=None, help="work folder (default: $TURBOBOA_CACHE/bench-gguf)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -210,8 +212,8 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "cli", "quantize", "smollm2-135m", "--method", args.method,
                        "--preset", preset, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                        "-q", "-o", str(qdir)]
-                if maker.endswith("pad256"):
-                    cmd += ["--pad-to", "256"]
+                if "pad256" in maker:  # turboboa+pad256: padded, unrotated; +hadamard: what --rotate auto does
+                    cmd += ["--pad-to", "256", "--rotate", "hadamard" if maker.endswith("hadamard") else "none"]
                 run(cmd, log)
                 run([sys.executable, "-m", "cli", "export", str(qdir), "--to", "gguf", "-o", str(target)], log)
             seconds = time.time() - t0

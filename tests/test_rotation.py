@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from exporters.gguf.export import check_gguf_weights
 from turboboa.activations.dynamic import DynamicSpec, fake_quant_dynamic, install_dynamic
+from turboboa.checkpoint import load_qdir
 from turboboa.errors import UserError
 from turboboa.rotation import (
     HadamardTransform,
@@ -139,7 +141,7 @@ def wa_qdir(tmp_path_factory, default_tokenizer):
 
 
 def test_weight_activation_qdir_records_and_simulates_the_protocol(wa_qdir) -> None:
-    from turboboa.checkpoint import load_fakequant_model, load_qdir
+    from turboboa.checkpoint import load_fakequant_model
 
     meta = json.loads((wa_qdir / "quant_config.json").read_text())
     assert meta["rotation"]["kind"] == "hadamard" and meta["rotation"]["online_down"]
@@ -165,7 +167,7 @@ def test_weight_activation_onnx_uses_dynamic_quantize_ops_and_matches(tmp_path, 
     import onnx
     import onnxruntime as ort
 
-    from turboboa.checkpoint import load_fakequant_model, load_qdir
+    from turboboa.checkpoint import load_fakequant_model
 
     path = tmp_path / "wa.onnx"
     proc = run_cli("export", str(wa_qdir), "--to", "onnx", "-o", str(path), "-q")
@@ -188,7 +190,6 @@ def test_weight_activation_onnx_uses_dynamic_quantize_ops_and_matches(tmp_path, 
 
 def test_what_a_runtime_cannot_compute_is_refused_in_one_line(tmp_path, wa_qdir, tiny_llama_dir) -> None:
     from turboboa import api
-    from turboboa.checkpoint import load_qdir
     from turboboa.config import QuantConfig
 
     assert_one_line_error(run_cli("export", str(wa_qdir), "--to", "gguf", "-o", str(tmp_path / "x.gguf")),
@@ -230,12 +231,15 @@ def test_rotated_weight_only_model_runs_in_llama_cpp(tmp_path, default_tokenizer
                 p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
     model.save_pretrained(folder)
     qdir, gguf = tmp_path / "q", tmp_path / "m.gguf"
-    proc = run_cli("quantize", str(folder), "--method", "gptq", "--format", "q4_k", "--rotate", "hadamard",
+    proc = run_cli("quantize", str(folder), "--method", "gptq", "--preset", "Q4_K_M", "--rotate", "hadamard",
                    "--nsamples", "4", "--seqlen", "64", "-q", "-o", str(qdir))
     assert proc.returncode == 0, proc.stderr
     assert run_cli("export", str(qdir), "--to", "gguf", "-o", str(gguf), "-q").returncode == 0
     names = {t.name: t for t in GGUFReader(str(gguf)).tensors}
-    assert "output.weight" in names and np.all(np.asarray(names["blk.0.attn_norm.weight"].data) == 1)
+    assert np.all(np.asarray(names["blk.0.attn_norm.weight"].data) == 1)
+    # the untied head takes the preset's output type, as llama-quantize gives it; the embedding the default type
+    assert names["output.weight"].tensor_type.name == "Q6_K" and names["token_embd.weight"].tensor_type.name == "Q4_K"
+    assert max(check_gguf_weights(gguf, load_qdir(qdir)).values()) == 0.0
     ev = ["--seqlen", "128", "--max-windows", "2", "--json", "-q"]
     fq = json.loads(run_cli("eval", str(qdir), *ev).stdout)["ppl"]
     cpp = json.loads(run_cli("eval", str(gguf), "--tokenizer", str(qdir), *ev).stdout)["ppl"]

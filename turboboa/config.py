@@ -15,6 +15,17 @@ GRIDS = ("auto", "minmax", "search")
 PAD_ORDERS = ("natural", "activation")
 
 
+def auto_rotation(method: str, pad_to: int) -> str:
+    """``--rotate auto``: "hadamard" for a padded model quantized by a Hessian-aware solver, else "none".
+
+    Padding exists so every tensor can take a k-quant, and llama.cpp's k-quant kernels round each matmul's
+    input to 8 bits with one scale per 256 columns (q8_K), where SmolLM2's outlier channels coarsen the grid of
+    the rest: measured +1.6 to +1.9% PPL over the fake-quant model without rotation, +0.3% with it. The
+    rotation also lowers the solvers' error (TurboBoA padded Q2_K 69.2 -> 48.3, 8 windows of 512), but folding
+    the norms into min-max-rounded weights hurts RTN, so RTN stays unrotated."""
+    return "hadamard" if pad_to and method != "rtn" else "none"
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Options of ``turboboa quantize``; defaults follow the papers (TurboBoA: N=16, alpha=0.25, 1 refinement)."""
@@ -45,7 +56,7 @@ class QuantConfig:
     act_order_col: bool = False
     act_order_row: bool = False
     # rotation (QuaRot) and weight-activation quantization (WxAyKVz, per token)
-    rotate: str = "none"  # none | hadamard (randomized Hadamard) | random (Haar orthogonal), fused into the weights
+    rotate: str = "none"  # none | hadamard (randomized Hadamard) | random (Haar orthogonal) | auto (auto_rotation)
     rotate_seed: int = 0
     online_rotate: str = "auto"  # none | down | qk | down,qk; auto: what the activation/KV quantizers need
     dyn_act_bits: int = 16  # per-token dynamic quantization of every block linear layer's input (16 = float)
@@ -104,8 +115,10 @@ class QuantConfig:
         from .activations.dynamic import check_dynamic_bits
         from .rotation import ROTATIONS
 
+        if self.rotate == "auto":
+            object.__setattr__(self, "rotate", auto_rotation(self.method, self.pad_to))
         if self.rotate not in ROTATIONS:
-            raise UserError(f"unknown --rotate '{self.rotate}'; choose one of {', '.join(ROTATIONS)}")
+            raise UserError(f"unknown --rotate '{self.rotate}'; choose auto or one of {', '.join(ROTATIONS)}")
         check_dynamic_bits(self.dyn_act_bits, self.kv_bits)
         weight_only = self.dyn_act_bits >= 16 and self.kv_bits >= 16
         online = self.online_rotate
@@ -148,13 +161,15 @@ class QuantConfig:
         default = preset_format(self.preset, name, shape) if self.preset else self.format
         return layer_format(default, name, columns, parse_overrides(self.tensor_formats))
 
-    def embedding_format(self, columns: int, shape: Any) -> str:
-        """The token embedding's format: ``embed_format``, else the preset's choice, else "" (float)."""
+    def embedding_format(self, columns: int, shape: Any, name: str = "") -> str:
+        """The token embedding's format (or, with ``name`` = the head's, an untied head's): ``embed_format``,
+        else the preset's choice, else "" (float)."""
         from .formats.choice import layer_format, parse_overrides
         from .formats.presets import EMBEDDING, preset_format
 
-        fmt = self.embed_format.lower() or (preset_format(self.preset, EMBEDDING, shape) if self.preset else "")
-        return layer_format(fmt, EMBEDDING, columns, parse_overrides(self.tensor_formats)) if fmt else ""
+        name = name or EMBEDDING
+        fmt = self.embed_format.lower() or (preset_format(self.preset, name, shape) if self.preset else "")
+        return layer_format(fmt, name, columns, parse_overrides(self.tensor_formats)) if fmt else ""
 
     def grid_spec(self) -> GridSpec:
         search = self.grid == "search" or (self.grid == "auto" and self.method != "rtn")

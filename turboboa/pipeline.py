@@ -30,7 +30,7 @@ from .arch import get_adapter
 from .arch.base import ArchAdapter
 from .config import QuantConfig
 from .errors import UserError
-from .formats.presets import EMBEDDING, ModelShape
+from .formats.presets import EMBEDDING, HEAD, ModelShape
 from .hessians import CovarianceAccumulator
 from .hessians.attention import AttentionStatistics
 from .numerics import check_finite, check_quantized_finite
@@ -216,9 +216,9 @@ def quantize_model(
                 on_block_done(i, block_layers, {"X": X, "X_fp": X_fp, "seconds": block_seconds[-1]})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        embed = quantize_embedding(model, cfg)
-        if embed is not None:
-            layers[EMBEDDING] = embed
+        for name, table in ((EMBEDDING, quantize_embedding(model, cfg)), (HEAD, quantize_head(model, cfg))):
+            if table is not None:
+                layers[name] = table
     return PipelineResult(layers, time.time() - t0, peak_memory_bytes(device), block_seconds, phases)
 
 
@@ -227,16 +227,30 @@ def quantize_embedding(model: nn.Module, cfg: QuantConfig) -> QuantizedLinear | 
     in float. It is a lookup table (and the head when tied), so no layer Hessian applies; the fake-quant
     model then uses the quantized table (and head) exactly as llama.cpp does."""
     emb = model.get_input_embeddings()
-    fmt = cfg.embedding_format(emb.weight.shape[1], model_shape(model))
+    return _round_table(EMBEDDING, emb, cfg.embedding_format(emb.weight.shape[1], model_shape(model)), cfg)
+
+
+def quantize_head(model: nn.Module, cfg: QuantConfig) -> QuantizedLinear | None:
+    """An untied output head (a rotation with a non-unit final norm unties it) rounded like the embedding
+    (RTN, range search) onto the head's format (``--embed-format``, else the preset's output type, e.g. q6_k),
+    or None when the head is tied or kept in float. llama-quantize treats ``output.weight`` the same way."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is emb.weight:
+        return None
+    return _round_table(HEAD, head, cfg.embedding_format(head.weight.shape[1], model_shape(model), HEAD), cfg)
+
+
+def _round_table(name: str, module: nn.Module, fmt: str, cfg: QuantConfig) -> QuantizedLinear | None:
+    """``module.weight`` rounded (RTN with range search) onto ``fmt`` and loaded back in place; None for ""."""
     if not fmt:
         return None
-    W = emb.weight.detach().float()
-    q = solve_layer(LayerProblem(EMBEDDING, W, torch.eye(W.shape[1]), fmt=fmt),
+    W = module.weight.detach().float()
+    q = solve_layer(LayerProblem(name, W, torch.eye(W.shape[1]), fmt=fmt),
                     dataclasses.replace(cfg, method="rtn", grid="search"))
-    check_quantized_finite(EMBEDDING, {"codes": q.codes, "scales": q.scale, "zero points": q.zero,
-                                       **({} if q.grid is None else vars(q.grid))})
+    check_quantized_finite(name, {"codes": q.codes, "scales": q.scale, "zero points": q.zero,
+                                  **({} if q.grid is None else vars(q.grid))})
     with torch.no_grad():
-        emb.weight.copy_(q.dequantize().to(emb.weight.dtype))
+        module.weight.copy_(q.dequantize().to(module.weight.dtype))
     return q
 
 
