@@ -21,7 +21,7 @@ def auto_rotation(method: str, pad_to: int) -> str:
     Padding exists so every tensor can take a k-quant, and llama.cpp's k-quant kernels round each matmul's
     input to 8 bits with one scale per 256 columns (q8_K), where SmolLM2's outlier channels coarsen the grid of
     the rest: measured +1.6 to +1.9% PPL over the fake-quant model without rotation, +0.3% with it. The
-    rotation also lowers the solvers' error (TurboBoA padded Q2_K 69.2 -> 48.3, 8 windows of 512), but folding
+    rotation also lowers the solvers' error (TurboBoA padded Q2_K 56.3 -> 48.3, 8 windows of 512), but folding
     the norms into min-max-rounded weights hurts RTN, so RTN stays unrotated."""
     return "hadamard" if pad_to and method != "rtn" else "none"
 
