@@ -5,9 +5,9 @@ the hours a full BoA run at the papers' calibration takes on a small machine: bo
 first ``--blocks`` decoder blocks (every block of SmolLM2-135M has the same shapes, so the time per block is
 what a full run repeats 30 times) on the same calibration, one after the other in one process, and the
 pipeline's phase split (statistics / solve / propagate) is recorded. TurboBoA runs first, so it also pays for
-the device's warm-up. Peak memory is the process's (CPU: the largest resident size so far, so the
-second method reports at least the first one's). Results are appended to ``bench/results/solver-time.json`` (one entry per machine and
-setting) and tabulated in ``solver-time.md``.
+the device's warm-up. Peak memory is the process's (CPU: the largest resident size so far, so the second
+method reports at least the first one's). Results are appended to ``bench/results/solver-time.json`` (one entry
+per machine and setting) and tabulated in ``solver-time.md``.
 
     .venv/bin/python bench/solver_time.py --blocks 5 --nsamples 128 --seqlen 2048 --device cuda
 """
@@ -33,9 +33,8 @@ from turboboa.pipeline import quantize_model, select_device  # noqa: E402
 
 
 def time_methods(methods: list[str], blocks: int, bits: int, group: int, nsamples: int, seqlen: int, seed: int,
-                 device: str) -> dict:
-    """Quantize the first ``blocks`` blocks with each method in turn (the same model copy is reloaded for each)."""
-    dev = select_device(device)
+                 dev: torch.device) -> dict:
+    """Quantize the first ``blocks`` blocks with each method in turn, each on a freshly loaded float model."""
     runs = {}
     for method in methods:
         loaded = load_float_model("smollm2-135m")
@@ -100,15 +99,16 @@ def main() -> None:
     a = ap.parse_args()
     settings = {"blocks": a.blocks, "bits": a.bits, "group_size": a.group_size, "nsamples": a.nsamples,
                 "seqlen": a.seqlen, "seed": a.seed, "model": "smollm2-135m"}
-    runs = time_methods(["turboboa", "boa"], a.blocks, a.bits, a.group_size, a.nsamples, a.seqlen, a.seed, a.device)
-    dev = str(select_device(a.device))
-    entry = {"settings": settings, "device": dev, "machine": machine(), "runs": runs, "ratio": round(runs["turboboa"]["seconds"] / runs["boa"]["seconds"], 3)}
+    dev = select_device(a.device)
+    runs = time_methods(["turboboa", "boa"], a.blocks, a.bits, a.group_size, a.nsamples, a.seqlen, a.seed, dev)
+    entry = {"settings": settings, "device": str(dev), "machine": machine(), "runs": runs,
+             "ratio": round(runs["turboboa"]["seconds"] / runs["boa"]["seconds"], 3)}
     if a.note:
         entry["note"] = a.note
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "solver-time.json"
     entries = json.loads(path.read_text()) if path.exists() else []
-    same = (settings, dev, entry["machine"].get("cuda"), entry["machine"]["cpus"])
+    same = (settings, entry["device"], entry["machine"].get("cuda"), entry["machine"]["cpus"])
     entries = [e for e in entries
                if (e["settings"], e["device"], e["machine"].get("cuda"), e["machine"]["cpus"]) != same] + [entry]
     path.write_text(json.dumps(entries, indent=2) + "\n")
