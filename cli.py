@@ -51,17 +51,21 @@ QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
                   help="natural (residual zero channels at the end) | activation (they share a 256-block with the "
                        "largest activations, which llama.cpp's 8-bit activation blocks then round finer; it moves "
                        "the weights' groups, see the README)"),
-    click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal (static groups)"),
+    click.option("--act-order/--no-act-order", default=True, show_default=True,
+                  help="GPTQ: columns by decreasing Hessian diagonal (static groups)"),
     click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids from the original weights"),
     click.option("--true-sequential", is_flag=True,
                   help="calibrate each group of layers on the outputs of the already quantized groups before it"),
-    click.option("--damp", "percdamp", type=float, default=0.01, show_default=True, help="damping, share of mean diag"),
+    click.option("--damp", "percdamp", type=float, default=0.05, show_default=True,
+                  help="damping, share of mean diag"),
     click.option("--rows", type=int, default=16, show_default=True, help="TurboBoA: rows quantized jointly (N)"),
-    click.option("--alpha", type=float, default=0.25, show_default=True, help="TurboBoA F2 strength"),
-    click.option("--no-dx", is_flag=True, help="TurboBoA: turn off F2 (error correction from the fp stream)"),
+    click.option("--alpha", type=float, default=0.25, show_default=True, help="GPTQ/TurboBoA: F2 strength"),
+    click.option("--no-dx", is_flag=True, help="GPTQ/TurboBoA: turn off F2 (correction for the earlier layers' "
+                 "errors from a full-precision stream; GPTAQ for GPTQ)"),
     click.option("--no-adaptive-grid", is_flag=True, help="TurboBoA: fix grids from the original weights"),
     click.option("--refine-iters", type=int, default=1, show_default=True, help="TurboBoA: scale refinement sweeps"),
-    click.option("--act-order-col", is_flag=True, help="BoA/TurboBoA: columns by decreasing H_col diagonal"),
+    click.option("--act-order-col/--no-act-order-col", default=True, show_default=True,
+                  help="BoA/TurboBoA: columns by decreasing H_col diagonal"),
     click.option("--act-order-row", is_flag=True, help="BoA/TurboBoA: rows by decreasing H_row diagonal"),
     click.option("--calib", default="wikitext2", show_default=True, help="calibration data: name or .txt/.jsonl path"),
     click.option("--nsamples", type=int, default=128, show_default=True),
@@ -70,8 +74,8 @@ QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
     click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda"),
     click.option("--rotate", default="auto", show_default=True,
                   help="none | hadamard (randomized Hadamard) | random (orthogonal): QuaRot rotation fused into the "
-                       "weights (norms folded; the model stays a plain Llama); auto: hadamard with --pad-to for "
-                       "gptq/boa/turboboa (llama.cpp's k-quant kernels round activations per 256 columns), else none"),
+                       "weights (norms folded; the model stays a plain Llama); auto: hadamard for gptq/boa/turboboa, "
+                       "none for rtn"),
     click.option("--rotate-seed", type=int, default=0, show_default=True, help="seed of the rotation's signs/matrix"),
     click.option("--online-rotate", default="auto", show_default=True,
                   help="none | down | qk | down,qk: online Hadamard of the down_proj input / of queries and keys "

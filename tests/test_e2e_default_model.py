@@ -26,15 +26,20 @@ def float_ppl() -> float:
 
 @pytest.fixture(scope="module")
 def ppl_of(tmp_path_factory):
+    """PPL of the default model quantized with ``QuantConfig(**CALIB, **kw)`` (each config quantized once), on
+    ``windows`` windows of 512 tokens."""
+    qdirs: dict[tuple, str] = {}
     cache: dict[tuple, float] = {}
 
-    def run(**kw) -> float:
+    def run(windows: int = 4, **kw) -> float:
         key = tuple(sorted(kw.items()))
-        if key not in cache:
+        if key not in qdirs:
             out = tmp_path_factory.mktemp("q") / "Q"
             api.quantize("smollm2-135m", QuantConfig(**CALIB, **kw), out, device="cpu", progress=False)
-            cache[key] = api.evaluate(str(out), **EVAL).ppl
-        return cache[key]
+            qdirs[key] = str(out)
+        if (key, windows) not in cache:
+            cache[key, windows] = api.evaluate(qdirs[key], **{**EVAL, "max_windows": windows}).ppl
+        return cache[key, windows]
 
     return run
 
@@ -43,26 +48,20 @@ def test_float_ppl_is_sane(float_ppl):
     assert 20 < float_ppl < 40
 
 
-# Issue 2's 4-bit check (~3 min: a GPTQ and an RTN run) and issue 3's TurboBoA-vs-GPTQ one run on request, to keep
-# `make test` under 30 minutes; bench/results/methods.md holds both comparisons at 16 windows, and the 3-bit test
-# below runs GPTQ and TurboBoA on the default model in every `make test`.
-@pytest.mark.heavy
-@pytest.mark.skipif(not os.environ.get("TURBOBOA_HEAVY_TESTS"), reason="set TURBOBOA_HEAVY_TESTS=1 to run")
-def test_gptq_4bit_group128_close_to_float_and_better_than_rtn(float_ppl, ppl_of):
-    gptq = ppl_of(method="gptq", bits=4, group_size=128)
-    rtn = ppl_of(method="rtn", bits=4, group_size=128)
-    # Measured on this machine: float 30.64, RTN 42.2, GPTQ 34.2-37.3 depending on options (README, "GPTQ at 4 bits"):
-    # the issue's 10% bound is not reached on this Q4_1-derived model with 16 x 512 calibration tokens.
-    assert gptq < 0.95 * rtn
-    assert gptq <= 1.25 * float_ppl
+def test_gptq_4bit_group128_within_10_percent_of_float(ppl_of):
+    """Issue 2's check with the CLI's defaults (``--rotate auto``: Hadamard; act-order, ``--damp 0.05``, F2 with
+    alpha 0.25), on 8 windows of 512 as the issue states. Measured: float 30.641, GPTQ 33.391 (+9.0%)."""
+    float_ppl = api.evaluate("smollm2-135m", **{**EVAL, "max_windows": 8}).ppl
+    assert ppl_of(windows=8, method="gptq", bits=4, group_size=128, rotate="auto") <= 1.10 * float_ppl
 
 
-# Issue 3's 4-bit check: a TurboBoA run (~4.5 min here) on top (TurboBoA 41.91 vs GPTQ 44.31 at 4-bit g128 in
-# bench/results/methods.md, 16 windows).
+# Issue 3's 4-bit check: a TurboBoA run (~9 min here) on request, to keep `make test` short; bench/results
+# holds the comparison. Both with the CLI's defaults (rotated).
 @pytest.mark.heavy
 @pytest.mark.skipif(not os.environ.get("TURBOBOA_HEAVY_TESTS"), reason="set TURBOBOA_HEAVY_TESTS=1 to run")
 def test_turboboa_4bit_group128_no_worse_than_gptq(ppl_of):
-    assert ppl_of(method="turboboa", bits=4, group_size=128) <= ppl_of(method="gptq", bits=4, group_size=128)
+    gptq = ppl_of(windows=8, method="gptq", bits=4, group_size=128, rotate="auto")
+    assert ppl_of(windows=8, method="turboboa", bits=4, group_size=128, rotate="auto") <= gptq
 
 
 def test_3bit_per_channel_ordering(ppl_of):

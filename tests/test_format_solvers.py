@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import gguf
 import numpy as np
 import pytest
@@ -38,13 +40,13 @@ def problem(C: int = 512, R: int = 32, heads: int = 2, seed: int = 0) -> tuple[t
     return W, H, H_row
 
 
-def solve_problem(method: str, fmt: str) -> tuple[torch.Tensor, QuantizedLinear]:
-    """:func:`problem` solved by ``method`` onto ``fmt`` (BoA/TurboBoA with its per-head row Hessians):
-    the weights and the quantized layer."""
+def solve_problem(method: str, fmt: str, **options: Any) -> tuple[torch.Tensor, QuantizedLinear]:
+    """:func:`problem` solved by ``method`` onto ``fmt`` (BoA/TurboBoA with its per-head row Hessians), with
+    the defaults or ``options`` (QuantConfig fields): the weights and the quantized layer."""
     W, H, H_row = problem()
     heads = H_row.shape[0] if method in ("boa", "turboboa") else 1
     q = solve_layer(LayerProblem("layer", W, H, H_row=H_row if heads > 1 else None, heads=heads, fmt=fmt),
-                    QuantConfig(method=method, format=fmt))
+                    QuantConfig(method=method, format=fmt, **options))
     return W, q
 
 

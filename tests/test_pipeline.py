@@ -55,3 +55,23 @@ def test_f2_changes_the_result_and_true_sequential_runs(tiny_llama_dir):
     down = "model.layers.1.mlp.down_proj"
     assert not torch.equal(results["dx"][down].scale, results["no_dx"][down].scale)
     assert set(results["seq"]) == set(results["dx"])
+
+
+def test_gptq_f2_is_gptq_on_the_shifted_target(tiny_llama_dir):
+    """GPTQ takes F2 by default (GPTAQ); alpha = 0 leaves the target W, so every layer equals plain GPTQ's."""
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(2))
+    base = QuantConfig(method="gptq", bits=3, group_size=32)
+    assert base.uses_dx and base.act_order and base.percdamp == 0.05
+    assert not QuantConfig(method="boa").uses_dx
+    results = {}
+    for name, cfg in {"dx": base, "no_dx": dataclasses.replace(base, use_dx=False),
+                      "alpha0": dataclasses.replace(base, alpha=0.0)}.items():
+        model = load_float_model(str(tiny_llama_dir)).model
+        results[name] = quantize_model(model, ids, cfg, torch.device("cpu"), progress=False).layers
+    assert set(results["dx"]) == set(results["no_dx"])
+    for layer, q in results["no_dx"].items():
+        assert torch.equal(results["alpha0"][layer].codes, q.codes), layer
+        assert torch.equal(results["alpha0"][layer].scale, q.scale), layer
+    # block 0 sees identical streams (nothing is quantized before it); later blocks see the shift
+    down = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(results["dx"][down].codes, results["no_dx"][down].codes)

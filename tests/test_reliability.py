@@ -98,7 +98,7 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, tiny, monkeypatch, 
     assert sorted(p.name for p in work_dir(out).iterdir()) == sorted(
         [f"block-{i:04d}.safetensors" for i in range(stop + 1)] + [f"streams-{stop + 1:04d}.safetensors",
                                                                    "state.json"])
-    if cfg.method == "turboboa":
+    if cfg.uses_dx:  # TurboBoA and GPTQ keep their full-precision stream
         assert "X_fp" in load_file(str(work_dir(out) / f"streams-{stop + 1:04d}.safetensors"))
     monkeypatch.delenv(INTERRUPT_ENV)
     quantize(tiny, out, cfg, resume=True)

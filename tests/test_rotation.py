@@ -216,21 +216,23 @@ def test_what_a_runtime_cannot_compute_is_refused_in_one_line(tmp_path, wa_qdir,
     assert not any(p.suffix in (".onnx", ".gguf") for p in tmp_path.iterdir())
 
 
-def test_auto_rotation_is_hadamard_for_padded_models_of_hessian_solvers() -> None:
-    """``--rotate auto`` (the CLI default) rotates exactly the padded models that GPTQ, BoA or TurboBoA
-    quantize, and the QDIR's config records what it resolved to; an explicit choice is kept."""
+def test_auto_rotation_is_hadamard_for_hessian_solvers() -> None:
+    """``--rotate auto`` (the CLI default) rotates the models that GPTQ, BoA or TurboBoA quantize, padded or
+    not, never RTN's; the QDIR's config records what it resolved to; an explicit choice is kept."""
     from turboboa.config import QuantConfig
 
     for method in ("gptq", "boa", "turboboa"):
         assert QuantConfig(method=method, pad_to=256, rotate="auto").rotate == "hadamard"
-        assert QuantConfig(method=method, rotate="auto").rotate == "none"
+        assert QuantConfig(method=method, rotate="auto").rotate == "hadamard"
         assert QuantConfig(method=method, pad_to=256, rotate="none").rotate == "none"
     assert QuantConfig(method="rtn", pad_to=256, rotate="auto").rotate == "none"
+    assert QuantConfig(method="rtn", rotate="auto").rotate == "none"
     assert QuantConfig(method="rtn", pad_to=256, rotate="random").rotate == "random"
-    assert QuantConfig.from_dict(QuantConfig(pad_to=256, rotate="auto").to_dict()).rotate == "hadamard"
+    assert QuantConfig.from_dict(QuantConfig(method="rtn", rotate="auto").to_dict()).rotate == "none"
+    assert QuantConfig.from_dict(QuantConfig(rotate="auto").to_dict()).rotate == "hadamard"
     text = " ".join(run_cli("quantize", "--help").stdout.split())
     rotate_help = text[text.index("--rotate TEXT"):text.index("--rotate-seed")]
-    assert "auto: hadamard with --pad-to" in rotate_help and "[default: auto]" in rotate_help
+    assert "auto: hadamard for gptq/boa/turboboa, none for rtn" in rotate_help and "[default: auto]" in rotate_help
 
 
 def test_rotated_weight_only_model_runs_in_llama_cpp(tmp_path, default_tokenizer) -> None:

@@ -123,11 +123,12 @@ def test_turboboa_with_one_row_and_f2_f3_off_equals_boa(group_size):
     assert not torch.equal(full.scale, boa.scale)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [-1, 8])
-def test_boa_with_identity_row_hessian_equals_gptq(group_size):
+def test_boa_with_identity_row_hessian_equals_gptq(group_size, act_order):
     p = boa_problem(1, identity_row=True)
-    boa = solve_layer(p, cfg("boa", group_size=group_size))
-    gptq = solve_layer(p, cfg("gptq", group_size=group_size, static_groups=True))
+    boa = solve_layer(p, cfg("boa", group_size=group_size, act_order_col=act_order))
+    gptq = solve_layer(p, cfg("gptq", group_size=group_size, static_groups=True, act_order=act_order, use_dx=False))
     assert torch.equal(boa.codes, gptq.codes)
     assert torch.allclose(boa.dequantize(), gptq.dequantize(), atol=0, rtol=0)
 
@@ -152,8 +153,8 @@ def test_n_row_compensation_is_least_squares_optimum():
 
 def test_n_rows_turboboa_lowers_attention_objective_vs_gptq():
     p = boa_problem(4, heads=2, d_h=16, d_in=48)
-    gptq = solve_layer(p, cfg("gptq"))
-    turbo = solve_layer(p, cfg("turboboa", rows=4, use_dx=False, refine_iters=0, adaptive_grid=False))
+    gptq = solve_layer(p, cfg("gptq", act_order=False))  # both in the natural column order
+    turbo = solve_layer(p, cfg("turboboa", rows=4, act_order_col=False, use_dx=False, refine_iters=0, adaptive_grid=False))
     Wh = p.W.reshape(2, 16, 48)
 
     def obj(q):

@@ -14,16 +14,21 @@ GRIDS = ("auto", "minmax", "search")
 
 PAD_ORDERS = ("natural", "activation")
 
+# Methods whose target carries F2, the correction for the earlier layers' errors from a full-precision stream:
+# TurboBoA's F2, which for GPTQ is GPTAQ's asymmetric calibration (Li et al., 2025). BoA stays the paper's N=1.
+DX_METHODS = ("gptq", "turboboa")
 
-def auto_rotation(method: str, pad_to: int) -> str:
-    """``--rotate auto``: "hadamard" for a padded model quantized by a Hessian-aware solver, else "none".
 
-    Padding exists so every tensor can take a k-quant, and llama.cpp's k-quant kernels round each matmul's
-    input to 8 bits with one scale per 256 columns (q8_K), where SmolLM2's outlier channels coarsen the grid of
-    the rest: measured +1.6 to +1.9% PPL over the fake-quant model without rotation, +0.3% with it. The
-    rotation also lowers the solvers' error (TurboBoA padded Q2_K 56.3 -> 48.3, 8 windows of 512), but folding
-    the norms into min-max-rounded weights hurts RTN, so RTN stays unrotated."""
-    return "hadamard" if pad_to and method != "rtn" else "none"
+def auto_rotation(method: str) -> str:
+    """``--rotate auto``: "hadamard" for the Hessian-aware solvers (GPTQ, BoA, TurboBoA), "none" for RTN.
+
+    The randomized Hadamard rotation is function-preserving and spreads the outlier channels over every column,
+    which lowers every solver's error on SmolLM2 (8 windows of 512: GPTQ w4 g128 33.80 -> 33.39, GPTQ W3A16 per
+    channel 72.6 -> 53.3, TurboBoA padded Q2_K 56.3 -> 48.3), and on padded k-quant files
+    it keeps llama.cpp's 8-bit activation blocks (one scale per 256 columns) within 0.5% of the fake-quant model
+    (+1.6 to +1.9% without). Folding the norms into min-max-rounded weights hurts RTN, so RTN stays unrotated.
+    A tied head is untied when the final norm's weight is not ones (it is folded into the head)."""
+    return "none" if method == "rtn" else "hadamard"
 
 
 @dataclass(frozen=True)
@@ -42,18 +47,18 @@ class QuantConfig:
     pad_to: int = 0  # pad every linear input width to a multiple of this (function-preserving); 0 = off
     pad_order: str = "natural"  # where the residual zero channels go: at the end, or beside the largest channels
     # GPTQ
-    act_order: bool = False
+    act_order: bool = True
     static_groups: bool = False
-    percdamp: float = 0.01
+    percdamp: float = 0.05  # GPTQModel's default; best of 0.01/0.05/0.1 with act-order (README, "GPTQ at 4 bits")
     block_size: int = 128
     true_sequential: bool = False
     # BoA / TurboBoA
     rows: int = 16
-    alpha: float = 0.25
-    use_dx: bool = True
+    alpha: float = 0.25  # F2 strength (GPTQ and TurboBoA)
+    use_dx: bool = True  # F2 (GPTAQ's asymmetric calibration) for GPTQ and TurboBoA
     adaptive_grid: bool = True
     refine_iters: int = 1
-    act_order_col: bool = False
+    act_order_col: bool = True  # as GPTQ's act-order: TurboBoA w4 g128 rotated 33.83 -> 33.38 (with --damp 0.05)
     act_order_row: bool = False
     # rotation (QuaRot) and weight-activation quantization (WxAyKVz, per token)
     rotate: str = "none"  # none | hadamard (randomized Hadamard) | random (Haar orthogonal) | auto (auto_rotation)
@@ -78,6 +83,8 @@ class QuantConfig:
         if self.format.lower() not in ("int", *all_format_names()):
             raise UserError(f"unknown --format '{self.format}'; choose int or one of "
                             f"{', '.join(all_format_names())}")
+        if self.percdamp < 0:
+            raise UserError(f"--damp {self.percdamp} is negative; use a share of the mean Hessian diagonal >= 0")
         fmt, group_size = resolve_group(self.format.lower(), self.group_size)
         object.__setattr__(self, "format", fmt)
         object.__setattr__(self, "group_size", group_size)
@@ -116,7 +123,7 @@ class QuantConfig:
         from .rotation import ROTATIONS
 
         if self.rotate == "auto":
-            object.__setattr__(self, "rotate", auto_rotation(self.method, self.pad_to))
+            object.__setattr__(self, "rotate", auto_rotation(self.method))
         if self.rotate not in ROTATIONS:
             raise UserError(f"unknown --rotate '{self.rotate}'; choose auto or one of {', '.join(ROTATIONS)}")
         check_dynamic_bits(self.dyn_act_bits, self.kv_bits)
@@ -150,6 +157,11 @@ class QuantConfig:
     @property
     def is_turbo(self) -> bool:
         return self.method == "turboboa"
+
+    @property
+    def uses_dx(self) -> bool:
+        """F2 is on: the method takes it (:data:`DX_METHODS`) and ``use_dx`` is set (the second stream runs)."""
+        return self.use_dx and self.method in DX_METHODS
 
     def layer_format(self, name: str, columns: int, shape: Any = None) -> str:
         """The grid layer ``name`` is quantized onto: "int" or a ggml type: the preset's choice (``shape``, a

@@ -160,7 +160,7 @@ def quantize_model(
     blocks = adapter.blocks(model)
     shape = adapter.attention_shape(model)
     n, L = calib_ids.shape
-    use_dx = cfg.is_turbo and cfg.use_dx
+    use_dx = cfg.uses_dx
     with torch.no_grad():
         cos, sin = adapter.rotary_cos_sin(model, L, device)
         if state is None:

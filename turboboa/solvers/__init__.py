@@ -93,6 +93,9 @@ def solve_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
             solver = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order, percdamp=cfg.percdamp,
                                   block_size=cfg.block_size)
             Wb = W.unsqueeze(0)
+            if cfg.uses_dx and problem.cross is not None:  # GPTAQ: GPTQ on the F2-shifted target
+                cross = problem.cross if problem.cross.dim() == 3 else problem.cross.unsqueeze(0)
+                Wb = solver.zero_dead(shifted_target(solver.zero_dead(Wb), cross, solver.H_natural, cfg.alpha))
             static = fit_groups(solver.zero_dead(Wb), spec, G, solver.H_natural) if cfg.static_groups and G > 0 else None
             return _to_linear(solver.solve(Wb, static), d_out, cfg, fmt)
         heads = problem.heads
@@ -100,7 +103,7 @@ def solve_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
         columns = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order_col, percdamp=cfg.percdamp,
                                block_size=cfg.block_size)
         target = columns.zero_dead(Wh)
-        if cfg.is_turbo and cfg.use_dx and problem.cross is not None:
+        if cfg.uses_dx and problem.cross is not None:
             cross = problem.cross if problem.cross.dim() == 3 else problem.cross.unsqueeze(0)
             target = columns.zero_dead(shifted_target(target, cross, columns.H_natural, cfg.alpha))
         options = RowOptions(
