@@ -6,7 +6,8 @@ For each file type (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M):
   importance matrix from ``llama-imatrix`` on the calibration text we use (WikiText-2 validation rows,
   ``nsamples`` chunks of ``seqlen`` tokens);
 * ours: ``turboboa quantize --preset P`` (TurboBoA, ``nsamples x seqlen`` calibration tokens), without and with
-  ``--pad-to 256`` (unrotated, and with the Hadamard rotation ``--rotate auto`` gives a padded model), exported
+  ``--pad-to 256`` (unrotated, and with the Hadamard rotation ``--rotate auto`` now gives every TurboBoA model;
+  the committed unpadded rows predate that default and are unrotated), exported
   with ``turboboa export --to gguf``.
 
 Every file is run in llama.cpp (llama-cpp-python) on the same WikiText-2 test windows, tokens from the same

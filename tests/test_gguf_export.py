@@ -113,7 +113,7 @@ def test_cli_export_and_eval_in_llama_cpp(tmp_path, tiny_llama_dir) -> None:
 # quantizes the activations inside its dot products: to q8_0 (blocks of 32) for 32-block types, to q8_K (one
 # scale per 256) for k-quants. Measured (4 windows of 512, RTN): Q4_0 +0.3%; padded Q3_K +1.6% without rotation
 # (SmolLM2's outlier channels coarsen the q8_K blocks), +0.34% with the Hadamard rotation that `--rotate auto`
-# applies to padded models (RTN is rotated explicitly here: auto leaves RTN unrotated for its accuracy).
+# applies to GPTQ/BoA/TurboBoA models (RTN is rotated explicitly here: auto leaves RTN unrotated for its accuracy).
 GGUF_PPL_BOUND = {"q4_0": 0.01, "q3_k": 0.01}
 
 

@@ -97,10 +97,10 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     check_model_finite(loaded.model, f"the float model {model}")
     from .arch import get_adapter
 
+    adapter = get_adapter(loaded.model)  # an unsupported architecture is named before padding or rotation
     calib = calibration_batch(loaded.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     padding = pad(loaded.model, cfg, calib) if cfg.pad_to else None
     rotation = rotate(loaded.model, cfg)
-    adapter = get_adapter(loaded.model)
     check_group_size(loaded.model, adapter, cfg)
     prepare_output(output, estimate_qdir_bytes(loaded.model), "the QDIR")
     torch.manual_seed(cfg.seed)
