@@ -51,6 +51,16 @@ def shifted_target(W: torch.Tensor, cross: torch.Tensor, H: torch.Tensor, alpha:
     return W + alpha * torch.linalg.solve(H, WC.transpose(-1, -2)).transpose(-1, -2)
 
 
+def f2_target(W: torch.Tensor, problem: LayerProblem, columns: ColumnSolver, cfg: QuantConfig) -> torch.Tensor:
+    """The solvers' target: ``W`` (``(B, R, C)``) with dead inputs zeroed, shifted by F2 (:func:`shifted_target`)
+    when the method takes it and the problem carries a cross term."""
+    target = columns.zero_dead(W)
+    if not (cfg.uses_dx and problem.cross is not None):
+        return target
+    cross = problem.cross if problem.cross.dim() == 3 else problem.cross.unsqueeze(0)
+    return columns.zero_dead(shifted_target(target, cross, columns.H_natural, cfg.alpha))
+
+
 def _to_linear(res: ColumnResult, d_out: int, cfg: QuantConfig, fmt: str,
                scale: torch.Tensor | None = None) -> QuantizedLinear:
     C = res.codes.shape[-1]
@@ -92,20 +102,14 @@ def solve_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
         if cfg.method == "gptq":
             solver = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order, percdamp=cfg.percdamp,
                                   block_size=cfg.block_size)
-            Wb = W.unsqueeze(0)
-            if cfg.uses_dx and problem.cross is not None:  # GPTAQ: GPTQ on the F2-shifted target
-                cross = problem.cross if problem.cross.dim() == 3 else problem.cross.unsqueeze(0)
-                Wb = solver.zero_dead(shifted_target(solver.zero_dead(Wb), cross, solver.H_natural, cfg.alpha))
+            Wb = f2_target(W.unsqueeze(0), problem, solver, cfg)  # with F2: GPTAQ
             static = fit_groups(solver.zero_dead(Wb), spec, G, solver.H_natural) if cfg.static_groups and G > 0 else None
             return _to_linear(solver.solve(Wb, static), d_out, cfg, fmt)
         heads = problem.heads
         Wh = W.reshape(heads, d_out // heads, C)
         columns = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order_col, percdamp=cfg.percdamp,
                                block_size=cfg.block_size)
-        target = columns.zero_dead(Wh)
-        if cfg.uses_dx and problem.cross is not None:
-            cross = problem.cross if problem.cross.dim() == 3 else problem.cross.unsqueeze(0)
-            target = columns.zero_dead(shifted_target(target, cross, columns.H_natural, cfg.alpha))
+        target = f2_target(Wh, problem, columns, cfg)
         options = RowOptions(
             rows=cfg.rows if cfg.is_turbo else 1,
             adaptive_grid=cfg.is_turbo and cfg.adaptive_grid,
