@@ -10,10 +10,16 @@ venv: $(STAMP)
 
 # torch==2.13.0 first: on a CPU machine that is the CPU build on disk; a plain
 # `torch` requirement would otherwise pull a multi-gigabyte CUDA build.
+# llama-cpp-python compiles llama.cpp: a portable AVX2 build (no -march=native), so the library behaves the same on
+# every x86-64 host; ggml's AMX kernels, which a native build enables on CPUs that have AMX, crash in
+# ggml_backend_amx_mul_mat. --no-cache-dir: never reuse a wheel built earlier with other flags.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir "llama-cpp-python>=0.3.7"
 	$(PY) -m pip install -q -e ".[dev,llamacpp,npu]"
 	touch $(STAMP)
 

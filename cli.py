@@ -44,7 +44,10 @@ QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
                   help="per-layer format override by module-name pattern, e.g. '*.down_proj=q6_k' (repeatable)"),
     click.option("--preset", default="", help="llama-quantize-like file type: Q2_K, Q3_K_S, Q3_K_M or Q4_K_M "
                   "(a ggml type per tensor, embedding included; see the README)"),
-    click.option("--embed-format", default="", help="ggml type of the token embedding (default: float, or the preset's)"),
+    click.option("--embed-format", default="",
+                  help="type of the token embedding and the head: float, or a ggml type (default: llama-quantize's "
+                       "choice for the file: q6_k for the head or a tied embedding, q8_0 where the width is not a "
+                       "multiple of 256, the layers' type for an untied embedding; a preset's own types)"),
     click.option("--pad-to", type=int, default=0, show_default=True,
                   help="pad every layer width to a multiple of this (function-preserving), e.g. 256 for k-quants"),
     click.option("--pad-order", default="natural", show_default=True,
@@ -74,8 +77,9 @@ QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
     click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda"),
     click.option("--rotate", default="auto", show_default=True,
                   help="none | hadamard (randomized Hadamard) | random (orthogonal): QuaRot rotation fused into the "
-                       "weights (norms folded; the model stays a plain Llama); auto: hadamard for gptq/boa/turboboa, "
-                       "none for rtn"),
+                       "weights (norms folded; the model stays a plain Llama); auto: hadamard for gptq/boa/turboboa "
+                       "unless it would untie a tied head in a weight-only run (the file would store a second "
+                       "vocabulary-sized matrix), none for rtn"),
     click.option("--rotate-seed", type=int, default=0, show_default=True, help="seed of the rotation's signs/matrix"),
     click.option("--online-rotate", default="auto", show_default=True,
                   help="none | down | qk | down,qk: online Hadamard of the down_proj input / of queries and keys "
@@ -155,9 +159,9 @@ def quantize(model: str, output: str, quiet: bool, as_json: bool, **options: Any
     if as_json:
         click.echo(json.dumps({"output": str(summary.output), "layers": summary.layers,
                                "seconds": round(summary.seconds, 3), "peak_memory_bytes": summary.peak_memory,
-                               "config": cfg.to_dict(), "act_bits": act_bits, "rotation": summary.rotation}))
+                               "config": summary.config.to_dict(), "act_bits": act_bits, "rotation": summary.rotation}))
     else:
-        click.echo(summary.line(cfg) + (f", activations uint{act_bits}" if act_bits else ""), err=True)
+        click.echo(summary.line() + (f", activations uint{act_bits}" if act_bits else ""), err=True)
 
 
 @app.command()
@@ -257,22 +261,17 @@ def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, devic
 def export_cmd(qdir: str, to: str, output: str, opset: int | None, profile: str | None, qnn_context: bool,
                seqlen: int | None, act_bits: int | None, quiet: bool) -> None:
     """Pack the quantized checkpoint QDIR into a runtime file (-o), e.g. a llama.cpp GGUF or a QDQ ONNX model."""
-    from exporters import export
-    from turboboa.checkpoint import load_qdir
+    from exporters import export, size_summary
+    from turboboa.checkpoint import load_qdir, source_parameters
 
     given = {"opset": opset, "profile": profile, "seqlen": seqlen, "act_bits": act_bits,
              "qnn_context": qnn_context or None}
     options = {k: v for k, v in given.items() if v is not None}
     ckpt = load_qdir(qdir)
     path = export(ckpt, to, output, progress=not quiet, **options)
-    data = path.with_name(path.name + ".data")  # an ONNX model's external tensors, when it has them
-    if path.suffix == ".xml":  # an OpenVINO IR's weights
-        data = path.with_suffix(".bin")
-    size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-    n_params = sum(q.codes.numel() for q in ckpt.layers.values())
-    n_params += sum(t.numel() for t in ckpt.float_tensors.values())
-    click.echo(f"wrote {path}: {size / 2**20:.1f} MiB, {8 * size / n_params:.3f} bits per weight of the file "
-               f"({n_params} parameters)", err=True)
+    size = size_summary(path, source_parameters(ckpt))
+    click.echo(f"wrote {path}: {size['mib']:.1f} MiB, {size['bits_per_weight']:.3f} bits per weight "
+               f"({source_parameters(ckpt)} parameters in the source model)", err=True)
 
 
 CHECK_OPTIONS: list[Callable[[F], F]] = [

@@ -70,6 +70,21 @@ def estimate_export_bytes(ckpt: Any) -> int:
     return total + sum(4 * t.numel() for t in ckpt.float_tensors.values())
 
 
+def file_bytes(path: str | Path) -> int:
+    """Bytes of the exported file ``path`` with its companion: an ONNX model's external data
+    (``<name>.data``) or an OpenVINO IR's weights (``.bin`` beside the ``.xml``)."""
+    path = Path(path)
+    companion = path.with_suffix(".bin") if path.suffix == ".xml" else path.with_name(path.name + ".data")
+    return path.stat().st_size + (companion.stat().st_size if companion.is_file() else 0)
+
+
+def size_summary(path: str | Path, parameters: int) -> dict[str, float]:
+    """``{"bytes", "mib", "bits_per_weight"}`` of an exported file: bits per weight are the file's bytes
+    (companion included) x 8 over ``parameters``, the source model's parameter count."""
+    size = file_bytes(path)
+    return {"bytes": size, "mib": round(size / 2**20, 3), "bits_per_weight": round(8 * size / parameters, 4)}
+
+
 def takes_progress(exporter: Exporter) -> bool:
     """Whether ``exporter`` has a ``progress`` parameter (progress bars on stderr)."""
     try:

@@ -318,7 +318,8 @@ def check(qdir: str | Path, gguf: str | Path | None = None, onnx: str | Path | N
     default ``<name>_ctx.onnx`` when it exists), ``openvino`` the IR ``openvino`` (else the ``onnx`` file)."""
     from transformers import AutoTokenizer
 
-    from turboboa.checkpoint import load_qdir, package_versions
+    from exporters import size_summary
+    from turboboa.checkpoint import load_qdir, package_versions, source_parameters
     from turboboa.data import eval_tokens
     from turboboa.eval.perplexity import make_windows
     from turboboa.pipeline import select_device
@@ -367,6 +368,7 @@ def check(qdir: str | Path, gguf: str | Path | None = None, onnx: str | Path | N
         "passed": all(c["passed"] for c in checks),
         "qdir": str(qdir),
         "files": {kind: str(p) for kind, p in files.items()},
+        "sizes": {kind: size_summary(p, source_parameters(ckpt)) for kind, p in files.items()},
         "settings": {**asdict(settings), "threads": threads, "device": str(device), "windows": int(windows.shape[0]),
                      "tokens": int(windows.shape[0] * (windows.shape[1] - 1)), "tokenizer": str(qdir)},
         "quantization": quantization_summary(ckpt),

@@ -68,6 +68,9 @@ def backend_table(report: dict[str, Any]) -> list[str]:
 def weight_lines(report: dict[str, Any]) -> list[str]:
     """One line per exported file: tensors checked, largest difference, failing tensors named."""
     lines = []
+    for kind, size in report.get("sizes", {}).items():
+        lines.append(f"* {kind} file: {size['mib']:.1f} MiB, {size['bits_per_weight']:.3f} bits per weight of the "
+                     f"source model")
     for kind, w in report["weights"].items():
         if w["passed"]:
             lines.append(f"* {kind} (`{w['file']}`): {w['tensors']} quantized tensors, every |exported - "

@@ -21,6 +21,7 @@ from turboboa.data import eval_tokens
 from turboboa.errors import UserError
 from turboboa.eval.perplexity import make_windows
 from turboboa.formats import format_names
+from turboboa.formats.presets import EMBEDDING
 
 from .conftest import make_tiny_llama, run_cli
 
@@ -63,7 +64,9 @@ def test_every_format_exports_exactly_and_runs_in_llama_cpp(tmp_path, tiny_wide,
     cfg = QuantConfig(method="gptq", format=fmt, nsamples=4, seqlen=64)
     api.quantize(str(tiny_wide), cfg, tmp_path / "q", device="cpu", progress=False)
     ckpt = load_qdir(tmp_path / "q")
-    assert {q.fmt for q in ckpt.layers.values()} == {fmt}  # 256 and 512 take every format, no fallback
+    # 256 and 512 take every format, no fallback; the tied embedding takes llama-quantize's output type
+    assert {q.fmt for name, q in ckpt.layers.items() if name != EMBEDDING} == {fmt}
+    assert ckpt.layers[EMBEDDING].fmt == ("q8_0" if fmt == "q8_0" else "q6_k")
     path = get_exporter("gguf")(ckpt, tmp_path / "m.gguf")
     gaps = check_gguf_weights(path, ckpt)
     assert len(gaps) == len(ckpt.layers) and max(gaps.values()) == 0.0

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ import torch
 
 from exporters.gguf.export import check_gguf_weights
 from turboboa.activations.dynamic import DynamicSpec, fake_quant_dynamic, install_dynamic
+from turboboa import api
 from turboboa.checkpoint import load_qdir
 from turboboa.errors import UserError
 from turboboa.rotation import (
@@ -216,23 +218,42 @@ def test_what_a_runtime_cannot_compute_is_refused_in_one_line(tmp_path, wa_qdir,
     assert not any(p.suffix in (".onnx", ".gguf") for p in tmp_path.iterdir())
 
 
-def test_auto_rotation_is_hadamard_for_hessian_solvers() -> None:
-    """``--rotate auto`` (the CLI default) rotates the models that GPTQ, BoA or TurboBoA quantize, padded or
-    not, never RTN's; the QDIR's config records what it resolved to; an explicit choice is kept."""
-    from turboboa.config import QuantConfig
+def test_auto_rotation_rotates_unless_it_unties_a_tied_head(tmp_path, tiny_llama_dir) -> None:
+    """``--rotate auto`` (the default) rotates the models that GPTQ, BoA or TurboBoA quantize, except a
+    weight-only run whose rotation would untie a tied head; never RTN's; weight-activation runs always rotate.
+    The QDIR's config records what it resolved to; an explicit choice is kept."""
+    from transformers import AutoModelForCausalLM
+
+    from turboboa.config import QuantConfig, auto_rotation
+    from turboboa.rotation.fuse import rotation_unties_head
 
     for method in ("gptq", "boa", "turboboa"):
-        assert QuantConfig(method=method, pad_to=256, rotate="auto").rotate == "hadamard"
-        assert QuantConfig(method=method, rotate="auto").rotate == "hadamard"
-        assert QuantConfig(method=method, pad_to=256, rotate="none").rotate == "none"
-    assert QuantConfig(method="rtn", pad_to=256, rotate="auto").rotate == "none"
-    assert QuantConfig(method="rtn", rotate="auto").rotate == "none"
+        assert QuantConfig(method=method).rotate == "auto"  # decided with the model
+        assert QuantConfig(method=method).resolve_rotation(unties_head=False).rotate == "hadamard"
+        assert QuantConfig(method=method).resolve_rotation(unties_head=True).rotate == "none"
+        assert QuantConfig(method=method, kv_bits=8).rotate == "hadamard"
+        assert QuantConfig(method=method, rotate="random").resolve_rotation(True).rotate == "random"
+    assert QuantConfig(method="rtn").rotate == "none" and auto_rotation("rtn", True, False) == "none"
     assert QuantConfig(method="rtn", pad_to=256, rotate="random").rotate == "random"
-    assert QuantConfig.from_dict(QuantConfig(method="rtn", rotate="auto").to_dict()).rotate == "none"
-    assert QuantConfig.from_dict(QuantConfig(rotate="auto").to_dict()).rotate == "hadamard"
+    assert QuantConfig.from_dict(QuantConfig(method="rtn").to_dict()).rotate == "none"
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)  # tied, final norm of ones: nothing to untie
+    assert not rotation_unties_head(model)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    assert rotation_unties_head(model)
+    shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")
+    qdir = tmp_path / "q"
+    api.quantize(str(tmp_path / "m"), QuantConfig(method="gptq", group_size=32, nsamples=2, seqlen=32), qdir,
+                 progress=False)
+    assert load_qdir(qdir).config.rotate == "none"
+    api.quantize(str(tiny_llama_dir), QuantConfig(method="gptq", group_size=32, nsamples=2, seqlen=32), tmp_path / "r",
+                 progress=False)
+    assert load_qdir(tmp_path / "r").config.rotate == "hadamard"
     text = " ".join(run_cli("quantize", "--help").stdout.split())
     rotate_help = text[text.index("--rotate TEXT"):text.index("--rotate-seed")]
-    assert "auto: hadamard for gptq/boa/turboboa, none for rtn" in rotate_help and "[default: auto]" in rotate_help
+    assert "unless it would untie a tied head" in rotate_help and "[default: auto]" in rotate_help
 
 
 def test_rotated_weight_only_model_runs_in_llama_cpp(tmp_path, default_tokenizer) -> None:

@@ -33,6 +33,7 @@ from .models import load_float_model
 from .numerics import check_model_finite
 from .pipeline import check_group_size, quantize_model, select_device
 from .resume import BlockCheckpointer, apply_layers, fingerprint
+from .rotation.fuse import rotation_unties_head
 
 
 @dataclass
@@ -42,9 +43,12 @@ class QuantizeSummary:
     seconds: float
     peak_memory: int
     source: str
+    config: QuantConfig
     rotation: dict[str, Any] | None = None
 
-    def line(self, cfg: QuantConfig) -> str:
+    def line(self) -> str:
+        """One line for the user: layers, method, grid, rotation, time, peak memory, output."""
+        cfg = self.config
         g = "per-channel" if cfg.group_size <= 0 else f"g{cfg.group_size}"
         grid = f"w{cfg.bits} {g}" if cfg.format == "int" else f"format {cfg.format}"
         if cfg.preset:
@@ -98,8 +102,10 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     from .arch import get_adapter
 
     adapter = get_adapter(loaded.model)  # an unsupported architecture is named before padding or rotation
+    parameters = sum(p.numel() for p in loaded.model.parameters())  # a tied head once, before padding
     calib = calibration_batch(loaded.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     padding = pad(loaded.model, cfg, calib) if cfg.pad_to else None
+    cfg = cfg.resolve_rotation(rotation_unties_head(loaded.model))
     rotation = rotate(loaded.model, cfg)
     check_group_size(loaded.model, adapter, cfg)
     prepare_output(output, estimate_qdir_bytes(loaded.model), "the QDIR")
@@ -117,6 +123,7 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
         meta: dict[str, Any] = {
             "source": loaded.source,
             "model": model,
+            "parameters": parameters,
             "calibration": {"data": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed,
                             "tokens": int(calib.numel())},
             "device": str(dev),
@@ -143,7 +150,7 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     if act_bits is not None and act_scope != "inputs":
         save_activations(output, graph_encodings(load_qdir(output), calib, act_bits, act_scope, dev, progress,
                                                  {**meta["calibration"]}))
-    return QuantizeSummary(output, len(layers), time.time() - t0, result.peak_memory, loaded.source, rotation)
+    return QuantizeSummary(output, len(layers), time.time() - t0, result.peak_memory, loaded.source, cfg, rotation)
 
 
 def rotate(model: Any, cfg: QuantConfig) -> dict[str, Any] | None:

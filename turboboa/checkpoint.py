@@ -75,6 +75,15 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def source_parameters(ckpt: QuantizedCheckpoint) -> int:
+    """Parameters of the source model before padding or rotation (a tied head counted once), the denominator
+    of bits per weight; recorded at quantization, else counted from the checkpoint's tensors."""
+    recorded = ckpt.meta.get("parameters")
+    if recorded:
+        return int(recorded)
+    return sum(q.codes.numel() for q in ckpt.layers.values()) + sum(t.numel() for t in ckpt.float_tensors.values())
+
+
 def float_state(model: torch.nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
     """Every tensor of ``model`` except quantized layers' weights; a tied head is stored once (as the embedding),
     or not at all when the embedding is quantized."""

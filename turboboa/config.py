@@ -13,22 +13,26 @@ METHODS = ("rtn", "gptq", "boa", "turboboa")
 GRIDS = ("auto", "minmax", "search")
 
 PAD_ORDERS = ("natural", "activation")
+FLOAT = "float"  # --embed-format float: the embedding and head stay float32
 
 # Methods whose target carries F2, the correction for the earlier layers' errors from a full-precision stream:
 # TurboBoA's F2, which for GPTQ is GPTAQ's asymmetric calibration (Li et al., 2025). BoA stays the paper's N=1.
 DX_METHODS = ("gptq", "turboboa")
 
 
-def auto_rotation(method: str) -> str:
-    """``--rotate auto``: "hadamard" for the Hessian-aware solvers (GPTQ, BoA, TurboBoA), "none" for RTN.
+def auto_rotation(method: str, weight_activation: bool, unties_head: bool) -> str:
+    """``--rotate auto``: the randomized Hadamard rotation for the Hessian-aware solvers (GPTQ, BoA, TurboBoA),
+    except where it would untie a tied head in a weight-only run; "none" for RTN.
 
-    The randomized Hadamard rotation is function-preserving and spreads the outlier channels over every column,
-    which lowers every solver's error on SmolLM2 (8 windows of 512: GPTQ w4 g128 33.80 -> 33.39, GPTQ W3A16 per
-    channel 72.6 -> 53.3, TurboBoA padded Q2_K 56.3 -> 48.3), and on padded k-quant files
-    it keeps llama.cpp's 8-bit activation blocks (one scale per 256 columns) within 0.5% of the fake-quant model
-    (+1.6 to +1.9% without). Folding the norms into min-max-rounded weights hurts RTN, so RTN stays unrotated.
-    A tied head is untied when the final norm's weight is not ones (it is folded into the head)."""
-    return "none" if method == "rtn" else "hadamard"
+    The rotation is function-preserving and spreads the outlier channels over every column, which lowers the
+    solvers' error and makes per-token activation quantization usable at all. Folding the final norm into a
+    head tied to the embedding unties it (``unties_head``: a tied head under a final norm whose weight is not
+    ones): the file then stores a second vocabulary-sized matrix, about a fifth of a small model's bytes, so a
+    weight-only run keeps the model's own basis there. Folding the norms into min-max-rounded weights hurts
+    RTN, which stays unrotated."""
+    if method == "rtn":
+        return "none"
+    return "hadamard" if weight_activation or not unties_head else "none"
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class QuantConfig:
     format: str = "int"  # "int" (uniform grid of --bits/--group-size), a ggml type (q4_k, ...) or lpbq4
     tensor_formats: tuple[str, ...] = ()  # NAME_PATTERN=TYPE overrides, the last match wins
     preset: str = ""  # llama-quantize-like file type (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M): a ggml type per tensor
-    embed_format: str = ""  # ggml type of the token embedding (RTN); "" keeps it in float (presets set it)
+    embed_format: str = ""  # type of the embedding and head (RTN); "" = llama-quantize's rule, "float" keeps them
     pad_to: int = 0  # pad every linear input width to a multiple of this (function-preserving); 0 = off
     pad_order: str = "natural"  # where the residual zero channels go: at the end, or beside the largest channels
     # GPTQ
@@ -63,7 +67,7 @@ class QuantConfig:
     act_order_col: bool = True  # as GPTQ's act-order: TurboBoA w4 g128 rotated 33.83 -> 33.38 (with --damp 0.05)
     act_order_row: bool = False
     # rotation (QuaRot) and weight-activation quantization (WxAyKVz, per token)
-    rotate: str = "none"  # none | hadamard (randomized Hadamard) | random (Haar orthogonal) | auto (auto_rotation)
+    rotate: str = "auto"  # none | hadamard (randomized Hadamard) | random (Haar orthogonal) | auto (auto_rotation)
     rotate_seed: int = 0
     online_rotate: str = "auto"  # none | down | qk | down,qk; auto: what the activation/KV quantizers need
     dyn_act_bits: int = 16  # per-token dynamic quantization of every block linear layer's input (16 = float)
@@ -104,8 +108,8 @@ class QuantConfig:
             from .formats.presets import check_preset
 
             object.__setattr__(self, "preset", check_preset(self.preset))
-        if self.embed_format and self.embed_format.lower() not in all_format_names():
-            raise UserError(f"unknown --embed-format '{self.embed_format}'; choose one of "
+        if self.embed_format and self.embed_format.lower() not in (FLOAT, *all_format_names()):
+            raise UserError(f"unknown --embed-format '{self.embed_format}'; choose {FLOAT} or one of "
                             f"{', '.join(all_format_names())}")
         if self.pad_to < 0 or (self.pad_to and self.pad_to % 32):
             raise UserError(f"--pad-to {self.pad_to} must be a positive multiple of 32 (256 for k-quants)")
@@ -124,15 +128,15 @@ class QuantConfig:
         from .activations.dynamic import check_dynamic_bits
         from .rotation import ROTATIONS
 
-        if self.rotate == "auto":
-            object.__setattr__(self, "rotate", auto_rotation(self.method))
-        if self.rotate not in ROTATIONS:
+        if self.rotate == "auto" and (self.method == "rtn" or self.is_weight_activation):
+            object.__setattr__(self, "rotate", auto_rotation(self.method, self.is_weight_activation, False))
+        if self.rotate not in (*ROTATIONS, "auto"):
             raise UserError(f"unknown --rotate '{self.rotate}'; choose auto or one of {', '.join(ROTATIONS)}")
         check_dynamic_bits(self.dyn_act_bits, self.kv_bits)
         weight_only = self.dyn_act_bits >= 16 and self.kv_bits >= 16
         online = self.online_rotate
         if online == "auto":
-            parts = [] if self.rotate == "none" else (["down"] if self.dyn_act_bits < 16 else []) + (
+            parts = [] if self.rotate in ("none", "auto") else (["down"] if self.dyn_act_bits < 16 else []) + (
                 ["qk"] if self.kv_bits < 16 else [])
             online = ",".join(parts) or "none"
         parts = sorted(set(filter(None, online.split(","))))
@@ -146,6 +150,14 @@ class QuantConfig:
             raise UserError("--online-rotate down needs --rotate hadamard or random (the down_proj weights "
                             "absorb the rotation there)")
         object.__setattr__(self, "online_rotate", online)
+
+    def resolve_rotation(self, unties_head: bool) -> QuantConfig:
+        """This configuration with ``rotate="auto"`` resolved for a model (:func:`auto_rotation`);
+        ``unties_head``: whether rotating that model unties its head
+        (:func:`turboboa.rotation.fuse.rotation_unties_head`)."""
+        if self.rotate != "auto":
+            return self
+        return dataclasses.replace(self, rotate=auto_rotation(self.method, self.is_weight_activation, unties_head))
 
     @property
     def is_weight_activation(self) -> bool:
@@ -176,14 +188,28 @@ class QuantConfig:
         return layer_format(default, name, columns, parse_overrides(self.tensor_formats))
 
     def embedding_format(self, columns: int, shape: Any, name: str = "") -> str:
-        """The token embedding's format (or, with ``name`` = the head's, an untied head's): ``embed_format``,
-        else the preset's choice, else "" (float)."""
-        from .formats.choice import layer_format, parse_overrides
-        from .formats.presets import EMBEDDING, preset_format
+        """The token embedding's format (or, with ``name`` = the head's, an untied head's): ``embed_format``
+        ("" for ``float``), else llama-quantize's choice for the file type: the preset's, or that of a file
+        whose layers are ``format`` (:func:`~turboboa.formats.presets.table_format`: q6_k for the head or a
+        tied embedding, the layers' type for an untied one), after the overrides and width fallbacks."""
+        from .formats.base import get_format
+        from .formats.choice import FALLBACK, layer_format, parse_overrides
+        from .formats.presets import EMBEDDING, preset_format, table_format
+        from .quantized import UNIFORM
 
         name = name or EMBEDDING
-        fmt = self.embed_format.lower() or (preset_format(self.preset, name, shape) if self.preset else "")
-        return layer_format(fmt, name, columns, parse_overrides(self.tensor_formats)) if fmt else ""
+        if self.embed_format.lower() == FLOAT:
+            return ""
+        if self.embed_format:
+            fmt = self.embed_format.lower()
+        elif self.preset:
+            fmt = preset_format(self.preset, name, shape)
+        else:
+            fmt = table_format("q8_0" if self.format == "int" and self.bits == 8 else self.format, name, shape)
+            fmt = FALLBACK.get(fmt, fmt) if fmt != UNIFORM and not get_format(fmt).supports_width(columns) else fmt
+            if fmt != UNIFORM and not get_format(fmt).supports_width(columns):
+                return ""  # no block of this type fits the width: the table stays float, as the user did not ask
+        return layer_format(fmt, name, columns, parse_overrides(self.tensor_formats))
 
     def grid_spec(self) -> GridSpec:
         search = self.grid == "search" or (self.grid == "auto" and self.method != "rtn")

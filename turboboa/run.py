@@ -217,7 +217,8 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
     summary = api.quantize(model, cfg, outdir / QDIR_NAME, device=device, progress=progress, act_bits=act_bits,
                            resume=resume, act_scope=act_scope)
     timings["quantize"] = round(time.perf_counter() - t0, 3)
-    say(summary.line(cfg))
+    say(summary.line())
+    cfg = summary.config
     ckpt = load_qdir(outdir / QDIR_NAME)
     written = {kind: outdir / FILE_NAMES[kind] for kind in exports}
     for kind, path in written.items():

@@ -36,7 +36,7 @@ from turboboa.models.rope import rope_tables
 from .builder import GraphBuilder
 from .dynamic import dynamic_quantize, hadamard
 from .profiles import ExportProfile
-from .weights import EncodedWeight, encode_weight
+from .weights import EncodedWeight, encode_weight, onnx_expressible
 
 INPUT = "input_ids"
 OUTPUT = "logits"
@@ -81,14 +81,22 @@ class DecoderGraph:
         self.encoded[name] = encoded
         return encoded.output
 
-    def embedding(self) -> str:
-        """The token embedding ``[V, D]`` float32; a quantized one (a ggml type) is dequantized into it."""
+    def embedding(self) -> tuple[str, str | None]:
+        """The token embedding ``E`` ``[V, D]`` the Gather reads, and ``E^T`` ``[D, V]`` when the graph holds it
+        (a tied head multiplies by it; None: the head transposes ``E``). Under the generic profile a table
+        quantized onto a grid with a DequantizeLinear form is stored like a linear layer's weight: integer codes
+        and scales whose DequantizeLinear output is ``E^T``, transposed for the Gather. Otherwise the table
+        is a float32 initializer (a quantized one dequantized into it)."""
         q = self.ckpt.layers.get(EMBEDDING)
         if q is None:
-            return self.b.const(f"{EMBEDDING}.weight", self.float_tensor(f"{EMBEDDING}.weight"), scoped=False)
+            return self.b.const(f"{EMBEDDING}.weight", self.float_tensor(f"{EMBEDDING}.weight"), scoped=False), None
+        if self.profile.name == "generic" and onnx_expressible(q.fmt):
+            self.embedding_note = f"{q.fmt} codes, DequantizeLinear"
+            table_t = self.weight(EMBEDDING)
+            return self.b.op("Transpose", [table_t], f"{EMBEDDING}/Transpose", perm=[1, 0]), table_t
         self._used_layers.add(EMBEDDING)
         self.embedding_note = f"float32, dequantized from {q.fmt}"
-        return self.b.const(f"{EMBEDDING}.weight", np.ascontiguousarray(q.dequantize().numpy()), scoped=False)
+        return self.b.const(f"{EMBEDDING}.weight", np.ascontiguousarray(q.dequantize().numpy()), scoped=False), None
 
     # --- building blocks ---------------------------------------------------------------------------------
 
@@ -246,7 +254,7 @@ class DecoderGraph:
         """Embedding, blocks, final norm, head; checks that every tensor of the checkpoint was used."""
         spec, b = self.spec, self.b
         cos, sin, mask = self.positions()
-        embedding = self.embedding()
+        embedding, embedding_t = self.embedding()
         h = b.op("Gather", [embedding, INPUT], f"{EMBEDDING}/Gather", axis=0)
         for i in range(spec.layers):
             block = spec.block(i)
@@ -256,7 +264,7 @@ class DecoderGraph:
             h = b.op("Add", [h, self.mlp(y, block)], f"{block}/MlpResidual")
         h = self.rms_norm(h, FINAL_NORM)
         if spec.tied:
-            head = b.op("Transpose", [embedding], f"{HEAD}/TiedEmbedding", perm=[1, 0])
+            head = embedding_t or b.op("Transpose", [embedding], f"{HEAD}/TiedEmbedding", perm=[1, 0])
         else:
             head = self.weight(HEAD)
         b.op("MatMul", [h, head], f"{HEAD}/MatMul", output_names=[OUTPUT])

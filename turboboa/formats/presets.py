@@ -54,12 +54,25 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
+def output_type(default: str) -> str:
+    """llama-quantize's type of ``output.weight`` (and of a tied ``token_embd``, which llama.cpp then uses as
+    the output matrix) in a file whose layers default to ``default``: q6_k, or q8_0 in a q8_0 file. The width
+    fallbacks then apply (q6_k -> q8_0 for a width that is not a multiple of 256, as in llama.cpp)."""
+    return "q8_0" if default == "q8_0" else "q6_k"
+
+
+def table_format(default: str, name: str, shape: ModelShape) -> str:
+    """The type llama-quantize gives the embedding or head ``name`` in a file whose layers default to
+    ``default``: :func:`output_type` for the head or a tied embedding, ``default`` for an untied embedding."""
+    return output_type(default) if name == HEAD or (name == EMBEDDING and shape.tied) else default
+
+
 def preset_format(preset: str, name: str, shape: ModelShape) -> str:
     """The ggml type ``preset`` gives the layer (or embedding/head) called ``name`` (HF module name)."""
     preset = check_preset(preset)
     default = DEFAULT_TYPE[preset]
-    if name == HEAD or (name == EMBEDDING and shape.tied):
-        return "q6_k"
+    if name in (HEAD, EMBEDDING):
+        return table_format(default, name, shape)
     match = _LAYER.search(name)
     if match is None:
         return default

@@ -39,6 +39,14 @@ def _set(param: nn.Parameter, value: torch.Tensor) -> None:
     param.data = value.to(param.dtype).contiguous()
 
 
+def rotation_unties_head(model: Any) -> bool:
+    """Whether folding the norms unties the head: it is tied to the embedding and the final norm's weight is
+    not all ones (the head then takes ``W_head diag(g)``, the embedding stays ``E``)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and (head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr())
+    return tied and not bool((model.model.norm.weight == 1).all())
+
+
 def fold_norms(model: Any) -> bool:
     """Fold every RMSNorm weight into the layers that read it (step 1); returns whether the head was untied."""
     untied = False
@@ -52,10 +60,10 @@ def fold_norms(model: Any) -> bool:
                 for lin in readers:
                     _set(lin.weight, lin.weight.double() * w[None, :])
                 _set(norm.weight, torch.ones_like(w))
-        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        head = model.get_output_embeddings()
         w = decoder.norm.weight.double()
         if not bool((w == 1).all()):
-            if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+            if rotation_unties_head(model):
                 head.weight = nn.Parameter(head.weight.data.clone(), requires_grad=False)
                 model.config.tie_word_embeddings = False
                 untied = True
