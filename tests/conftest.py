@@ -48,6 +48,21 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           text=True, timeout=1800)
 
 
+def run_main(*args: str, capsys) -> subprocess.CompletedProcess:
+    """The ``turboboa`` command in this process (``cli.main``, faster than :func:`run_cli`): its exit code and
+    captured output as a CompletedProcess, for :func:`assert_one_line_error`."""
+    import cli
+
+    capsys.readouterr()
+    try:
+        cli.main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["turboboa", *args], code, out.out, out.err)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
     """The command failed as bad input should: exit code 2, one ``error:`` line on stderr naming ``words``."""
     assert proc.returncode == 2, proc.stderr

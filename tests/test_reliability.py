@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 import cli
 from exporters import export
 from turboboa import api
-from turboboa.checkpoint import CONFIG_FILE, load_qdir
+from turboboa.checkpoint import CONFIG_FILE, QDIR_VERSION, load_qdir
+from turboboa.checksums import write_sealed_sums
 from turboboa.config import QuantConfig
 from turboboa.errors import UserError
 from turboboa.resume import INTERRUPT_ENV, work_dir
@@ -241,15 +242,16 @@ def test_disk_full_during_a_write_is_one_line(tmp_path, qdir, monkeypatch, capsy
     assert leftovers(tmp_path, set()) == []
 
 
-@pytest.mark.parametrize("version", [2, None])
+@pytest.mark.parametrize("version", [QDIR_VERSION + 1, None])
 def test_qdir_of_another_version(tmp_path, qdir, capsys, version) -> None:
     copy = tmp_path / "Q"
     shutil.copytree(qdir, copy)
     doc = json.loads((copy / CONFIG_FILE).read_text())
     doc.pop("version") if version is None else doc.update(version=version)
     (copy / CONFIG_FILE).write_text(json.dumps(doc))
+    write_sealed_sums(copy)  # intact, as the turboboa that wrote that version would have sealed it
     code, lines, _ = run_main(["export", str(copy), "--to", "gguf", "-o", str(tmp_path / "m.gguf")], capsys)
-    assert_one_line_error(code, lines, f"format version {version}", "reads version 1",
+    assert_one_line_error(code, lines, f"format version {version}", f"reads version {QDIR_VERSION}",
                           "upgrade turboboa" if version else "quantize again")
     assert not (tmp_path / "m.gguf").exists()
 

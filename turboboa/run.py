@@ -19,12 +19,12 @@ reports' files one by one), and SHA256SUMS is written last.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checksums import sha256_file, sums_text
 from .config import QuantConfig
 from .errors import UserError
 
@@ -139,22 +139,15 @@ def check_outdir(outdir: Path) -> None:
                         f"location or remove it")
 
 
-def sha256_file(path: Path) -> str:
-    """The SHA-256 hex digest of the file ``path``, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(outdir: Path, files: list[Path]) -> Path:
+def write_manifest(outdir: Path, files: list[Path], known: dict[str, str] | None = None) -> Path:
     """``OUTDIR/SHA256SUMS``: ``<sha256>  <path relative to OUTDIR>`` per file, sorted by path (what
-    ``sha256sum -c`` reads); written atomically."""
+    ``sha256sum -c`` reads); written atomically. ``known``: digests already checked, by relative path (the
+    QDIR's own SHA256SUMS), not computed again."""
     from runtime_check.report import atomic_write
 
-    rel = sorted({p.relative_to(outdir).as_posix() for p in files})
-    text = "".join(f"{sha256_file(outdir / r)}  {r}\n" for r in rel)
+    known = known or {}
+    rel = {p.relative_to(outdir).as_posix() for p in files}
+    text = sums_text({r: known.get(r) or sha256_file(outdir / r) for r in rel})
     return atomic_write(outdir / MANIFEST, text.encode())
 
 
@@ -250,5 +243,5 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
         old = outdir / name
         if old.resolve().is_relative_to(outdir.resolve()):
             old.unlink(missing_ok=True)
-    write_manifest(outdir, files)
+    write_manifest(outdir, files, {f"{QDIR_NAME}/{name}": digest for name, digest in ckpt.digests.items()})
     return RunResult(outdir, report, report_files, files)
