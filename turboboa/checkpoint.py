@@ -42,7 +42,13 @@ from .checksums import SUMS_FILE, read_sealed_sums, verify_sums, write_sealed_su
 from .config import QuantConfig
 from .errors import UserError
 from .formats.base import GgmlGrid
-from .io import prepare_output, replace_folder, write_errors_as_user_errors
+from .io import (
+    kill_point,
+    prepare_output,
+    remove_stale_temporaries,
+    replace_folder,
+    write_errors_as_user_errors,
+)
 from .numerics import check_quantized_finite, check_state_finite
 from .quantized import UNIFORM, QuantizedLinear
 
@@ -123,6 +129,7 @@ def save_qdir(
     check_state_finite(floats.items(), "the quantized model")
     prepare_output(path, estimate_qdir_bytes(layers=layers, floats=floats), "the QDIR")
     with write_errors_as_user_errors(path):
+        remove_stale_temporaries(path)
         return _write_qdir(path, model, tokenizer, layers, floats, config, meta, activations)
 
 
@@ -137,6 +144,7 @@ def _write_qdir(path: Path, model: torch.nn.Module, tokenizer: Any, layers: dict
         tensors, entries = layer_tensors(layers)
         save_file(tensors, str(tmp / QUANT_FILE), metadata={"format": QDIR_FORMAT})
         save_file(floats, str(tmp / FLOAT_FILE), metadata={"format": QDIR_FORMAT})
+        kill_point("qdir-write")
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -230,6 +238,7 @@ def save_activations(path: str | os.PathLike, activations: ActivationEncodings) 
     prepare_output(path, sum(t.numel() * t.element_size() for t in tensors.values()) + 2**20,
                    "the activation encodings")
     with write_errors_as_user_errors(path):
+        remove_stale_temporaries(path)
         return _replace_activations(path, doc, known, activations)
 
 
