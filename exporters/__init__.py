@@ -17,7 +17,7 @@ from typing import Any
 
 from turboboa.errors import UserError
 from turboboa.formats.presets import EMBEDDING
-from turboboa.io import prepare_output, write_errors_as_user_errors
+from turboboa.io import prepare_output, remove_stale_temporaries, write_errors_as_user_errors
 
 Exporter = Callable[..., Path]
 ENTRY_POINT_GROUP = "turboboa.exporters"
@@ -99,13 +99,15 @@ def export(ckpt: Any, to: str, output: str | Path, progress: bool = False, **opt
 
     Before the exporter runs: the exporter must exist, ``output`` must not be a folder, its location must be
     writable and hold enough free space (:func:`estimate_export_bytes`); a disk that fills up during the
-    write is a one-line :class:`UserError` too (the exporters write under a temporary name and rename)."""
+    write is a one-line :class:`UserError` too (the exporters write under a temporary name and rename). The
+    temporaries a killed export of ``output`` left beside it are removed first."""
     exporter = get_exporter(to)
     output = Path(output)
     if output.is_dir():
         raise UserError(f"{output} is a folder; pass a file name for -o")
     prepare_output(output, estimate_export_bytes(ckpt), f"the {to} file")
     with write_errors_as_user_errors(output):
+        remove_stale_temporaries(output)
         if takes_progress(exporter):
             options["progress"] = progress
         return exporter(ckpt, output, **options)

@@ -41,11 +41,32 @@ def tiny_llama_dir(tmp_path_factory, default_tokenizer) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", default_tokenizer)
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the ``turboboa`` command in a fresh process (as a user would)."""
+def run_cli(*args: str, cwd: Path | None = None, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """Run the ``turboboa`` command in a fresh process (as a user would); ``kill_at``: the process SIGKILLs
+    itself at that point of its writes (``TURBOBOA_KILL_AT``, :func:`turboboa.io.kill_point`)."""
+    from turboboa.io import KILL_ENV
+
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop(KILL_ENV, None)
+    if kill_at is not None:
+        env[KILL_ENV] = kill_at
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd or ROOT, env=env, capture_output=True,
                           text=True, timeout=1800)
+
+
+def run_main(*args: str, capsys) -> subprocess.CompletedProcess:
+    """The ``turboboa`` command in this process (``cli.main``, faster than :func:`run_cli`): its exit code and
+    captured output as a CompletedProcess, for :func:`assert_one_line_error`."""
+    import cli
+
+    capsys.readouterr()
+    try:
+        cli.main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["turboboa", *args], code, out.out, out.err)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:

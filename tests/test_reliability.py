@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,13 @@ from safetensors.torch import load_file
 import cli
 from exporters import export
 from turboboa import api
-from turboboa.checkpoint import CONFIG_FILE, load_qdir
+from turboboa.checkpoint import CONFIG_FILE, QDIR_VERSION, load_qdir
+from turboboa.checksums import SUMS_FILE, folder_files, write_sealed_sums
 from turboboa.config import QuantConfig
 from turboboa.errors import UserError
-from turboboa.resume import INTERRUPT_ENV, work_dir
+from turboboa.resume import work_dir
 
-from .conftest import make_tiny_llama
+from .conftest import make_tiny_llama, run_cli
 
 BASE = QuantConfig(method="rtn", bits=4, format="q4_0", nsamples=4, seqlen=32, rows=4)
 
@@ -35,20 +37,6 @@ def tiny(tmp_path_factory, default_tokenizer) -> Path:
 def quantize(model: Path, out: Path, cfg: QuantConfig = BASE, **kw) -> Path:
     api.quantize(str(model), cfg, out, device="cpu", progress=False, **kw)
     return out
-
-
-def tensors_of(qdir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in ("quantized.safetensors", "float.safetensors"):
-        out.update({f"{name}:{k}": v for k, v in load_file(str(qdir / name)).items()})
-    return out
-
-
-def assert_same_tensors(a: Path, b: Path) -> None:
-    ta, tb = tensors_of(a), tensors_of(b)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
 
 
 def digest(path: Path) -> str:
@@ -75,39 +63,102 @@ def leftovers(folder: Path, keep: set[str]) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
-# --- resume -------------------------------------------------------------------------------------------------
-CASES = {  # (config, the block after which the run is interrupted)
-    "rtn": (BASE, 1),
-    "rtn-after-last-block": (BASE, 2),
-    "gptq": (dataclasses.replace(BASE, method="gptq"), 1),
-    "turboboa-f2": (dataclasses.replace(BASE, method="turboboa", use_dx=True), 0),
+# --- resume after a real kill ----------------------------------------------------------------------------
+# `turboboa quantize` of the 3-block model, as command-line options (the killed run, its resume and the
+# uninterrupted run take the same ones)
+CALIB = ("--format", "q4_0", "--rotate", "none", "--nsamples", "4", "--seqlen", "32", "-q")
+METHODS = {"rtn": ("--method", "rtn", *CALIB), "gptq": ("--method", "gptq", *CALIB),
+           "turboboa-f2": ("--method", "turboboa", "--rows", "4", *CALIB)}
+KILLS = {  # (method, where the process SIGKILLs itself, the block the resumed run starts from)
+    "rtn-state-write": ("rtn", "state-write:1", 1),
+    "rtn-qdir-write": ("rtn", "qdir-write", 3),
+    "gptq-solve": ("gptq", "solve:2", 2),
+    "turboboa-f2-state-write": ("turboboa-f2", "state-write:1", 1),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_interrupt_and_resume_equals_uninterrupted(tmp_path, tiny, monkeypatch, case) -> None:
-    cfg, stop = CASES[case]
-    whole = quantize(tiny, tmp_path / "whole" / "Q", cfg)
-    out = tmp_path / "resumed" / "Q"
-    monkeypatch.setenv(INTERRUPT_ENV, str(stop))
-    with pytest.raises(KeyboardInterrupt):
-        quantize(tiny, out, cfg)
-    assert not out.exists()
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny):
+    """The QDIR of an uninterrupted `turboboa quantize` per method (in this process), made on first use."""
+    folder, made = tmp_path_factory.mktemp("whole"), {}
+
+    def get(method: str) -> Path:
+        if method not in made:
+            with pytest.raises(SystemExit) as exc:
+                cli.main(["quantize", str(tiny), *METHODS[method], "-o", str(folder / method / "Q")])
+            assert exc.value.code == 0
+            made[method] = folder / method / "Q"  # named as the resumed QDIR: the GGUF records the name
+        return made[method]
+
+    return get
+
+
+def assert_same_qdir(whole: Path, resumed: Path) -> None:
+    """Every file byte-identical, but quant_config.json's timings (and so its digest in SHA256SUMS)."""
+    names = folder_files(whole)
+    assert folder_files(resumed) == names
+    for name in names:
+        a, b = (whole / name).read_bytes(), (resumed / name).read_bytes()
+        if name == CONFIG_FILE:
+            a, b = ({k: v for k, v in json.loads(x).items() if k != "timings"} for x in (a, b))
+        if name == SUMS_FILE:
+            a, b = ([ln for ln in x.splitlines() if not ln.endswith(CONFIG_FILE.encode()) and not ln.startswith(b"#")]
+                    for x in (a, b))
+        assert a == b, name
+
+
+@pytest.mark.parametrize("case", list(KILLS))
+def test_killed_quantize_resumes_to_the_same_qdir(tmp_path, tiny, uninterrupted, capsys, case) -> None:
+    """`turboboa quantize` SIGKILLed at a point of its work or of a write: no QDIR under its name, the state of
+    the last committed block kept; the same command with --resume continues from there, cleans what the kill
+    left, and writes a QDIR (and a GGUF) byte-identical to an uninterrupted run's."""
+    method, point, start = KILLS[case]
+    out = tmp_path / "Q"
+    argv = ["quantize", str(tiny), *METHODS[method], "-o", str(out)]
+    cut = run_cli(*argv, kill_at=point)
+    assert cut.returncode == -signal.SIGKILL, cut.stderr
+    assert not out.exists()  # never half there
     state = json.loads((work_dir(out) / "state.json").read_text())
-    assert state["next_block"] == stop + 1
-    assert sorted(p.name for p in work_dir(out).iterdir()) == sorted(
-        [f"block-{i:04d}.safetensors" for i in range(stop + 1)] + [f"streams-{stop + 1:04d}.safetensors",
-                                                                   "state.json"])
-    if cfg.uses_dx:  # TurboBoA and GPTQ keep their full-precision stream
-        assert "X_fp" in load_file(str(work_dir(out) / f"streams-{stop + 1:04d}.safetensors"))
-    monkeypatch.delenv(INTERRUPT_ENV)
-    quantize(tiny, out, cfg, resume=True)
-    assert not work_dir(out).exists() and leftovers(out.parent, {"Q"}) == []
-    assert json.loads((out / CONFIG_FILE).read_text())["timings"]["resumed_from_block"] == stop + 1
-    assert_same_tensors(whole, out)
-    a, b = export(load_qdir(whole), "gguf", tmp_path / "whole.gguf"), export(load_qdir(out), "gguf",
-                                                                             tmp_path / "resumed.gguf")
-    assert digest(a) == digest(b)
+    assert state["next_block"] == start
+    hidden = sorted(p.name for p in work_dir(out).iterdir() if p.name.startswith("."))
+    if point.startswith("state-write"):  # the half-written state file is a hidden temporary, never state.json
+        assert len(hidden) == 1 and hidden[0].startswith(".state.json.") and hidden[0].endswith(".tmp")
+        with pytest.raises(json.JSONDecodeError):
+            json.loads((work_dir(out) / hidden[0]).read_text())
+    else:
+        assert hidden == []
+    if method == "turboboa-f2":  # TurboBoA's F2 keeps its full-precision stream
+        assert "X_fp" in load_file(str(work_dir(out) / f"streams-{start:04d}.safetensors"))
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".Q.tmp-")]
+    assert len(partial) == (point == "qdir-write")
+    for folder in (work_dir(out), *partial):  # neither the work folder nor a half-written QDIR exports
+        r = run_main(["export", str(folder), "--to", "gguf", "-o", str(tmp_path / "x.gguf")], capsys)
+        assert_one_line_error(*r[:2], str(folder))
+    assert not (tmp_path / "x.gguf").exists()
+
+    code, lines, _ = run_main([*argv, "--resume"], capsys)
+    assert code == 0, lines
+    assert not work_dir(out).exists() and leftovers(tmp_path, {"Q"}) == []
+    assert json.loads((out / CONFIG_FILE).read_text())["timings"]["resumed_from_block"] == start
+    whole = uninterrupted(method)
+    assert_same_qdir(whole, out)
+    a = export(load_qdir(whole), "gguf", tmp_path / "whole.gguf")
+    assert digest(a) == digest(export(load_qdir(out), "gguf", tmp_path / "resumed.gguf"))
+
+
+def test_killed_export_leaves_no_file_and_the_rerun_writes_the_same_bytes(tmp_path, qdir, gguf_file,
+                                                                         capsys) -> None:
+    out = tmp_path / "m.gguf"
+    argv = ["export", str(qdir), "--to", "gguf", "-q", "-o", str(out)]
+    cut = run_cli(*argv, kill_at="export:gguf")
+    assert cut.returncode == -signal.SIGKILL, cut.stderr
+    assert not out.exists()
+    (tmp,) = tmp_path.iterdir()  # the half-written file, under a hidden temporary name
+    assert tmp.name.startswith(".m.gguf.") and tmp.name.endswith(".tmp")
+    assert 0 < tmp.stat().st_size < gguf_file.stat().st_size and tmp.read_bytes()[:4] == b"GGUF"
+    code, lines, _ = run_main(argv, capsys)
+    assert code == 0, lines
+    assert leftovers(tmp_path, {"m.gguf"}) == [] and digest(out) == digest(gguf_file)
 
 
 def test_resume_without_state_starts_over_and_without_resume_state_is_replaced(tmp_path, tiny) -> None:
@@ -119,17 +170,15 @@ def test_resume_without_state_starts_over_and_without_resume_state_is_replaced(t
     assert not junk.exists() and (out / CONFIG_FILE).is_file()
 
 
-def test_mismatched_resume_is_refused(tmp_path, tiny, monkeypatch, capsys) -> None:
+def test_mismatched_resume_is_refused(tmp_path, tiny, capsys) -> None:
     out = tmp_path / "Q"
-    monkeypatch.setenv(INTERRUPT_ENV, "0")
-    with pytest.raises(KeyboardInterrupt):
-        quantize(tiny, out)
-    monkeypatch.delenv(INTERRUPT_ENV)
-    with pytest.raises(UserError, match="cannot resume: .* another model, configuration") as exc:
-        quantize(tiny, out, dataclasses.replace(BASE, seed=1), resume=True)
-    assert "\n" not in str(exc.value)
+    argv = ["quantize", str(tiny), *METHODS["rtn"], "-o", str(out)]
+    assert run_cli(*argv, kill_at="solve:1").returncode == -signal.SIGKILL
+    code, lines, _ = run_main([*argv, "--seed", "1", "--resume"], capsys)
+    assert_one_line_error(code, lines, "cannot resume: ", "another model, configuration")
     assert not out.exists() and (work_dir(out) / "state.json").is_file()  # kept for the right command
-    quantize(tiny, out, BASE, resume=True)
+    code, lines, _ = run_main([*argv, "--resume"], capsys)
+    assert code == 0, lines
     assert (out / CONFIG_FILE).is_file() and not work_dir(out).exists()
 
 
@@ -241,15 +290,16 @@ def test_disk_full_during_a_write_is_one_line(tmp_path, qdir, monkeypatch, capsy
     assert leftovers(tmp_path, set()) == []
 
 
-@pytest.mark.parametrize("version", [2, None])
+@pytest.mark.parametrize("version", [QDIR_VERSION + 1, None])
 def test_qdir_of_another_version(tmp_path, qdir, capsys, version) -> None:
     copy = tmp_path / "Q"
     shutil.copytree(qdir, copy)
     doc = json.loads((copy / CONFIG_FILE).read_text())
     doc.pop("version") if version is None else doc.update(version=version)
     (copy / CONFIG_FILE).write_text(json.dumps(doc))
+    write_sealed_sums(copy)  # intact, as the turboboa that wrote that version would have sealed it
     code, lines, _ = run_main(["export", str(copy), "--to", "gguf", "-o", str(tmp_path / "m.gguf")], capsys)
-    assert_one_line_error(code, lines, f"format version {version}", "reads version 1",
+    assert_one_line_error(code, lines, f"format version {version}", f"reads version {QDIR_VERSION}",
                           "upgrade turboboa" if version else "quantize again")
     assert not (tmp_path / "m.gguf").exists()
 

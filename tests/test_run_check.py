@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import shutil
+import signal
 import struct
 
 import numpy as np
@@ -279,27 +280,46 @@ def test_default_model_run_passes(tmp_path) -> None:
     assert report["passed"] is True and rows["float"]["ppl"] < rows["fake-quant"]["ppl"]
 
 
-def test_run_killed_mid_quantization_and_resumed_gives_the_same_gguf(tmp_path, tiny_llama_dir) -> None:
-    """Issue 6's check: ``turboboa run`` stopped after block 0 (exit 130, its state in ``qdir.partial``),
-    restarted with ``--resume``, writes a GGUF byte-identical to an uninterrupted run's."""
-    import os
-    import subprocess
-    import sys
+RUN_ARGS = ("--method", "gptq", "--nsamples", "2", "--seqlen", "32", "--export", "gguf", "--no-check", "-q")
 
-    from turboboa.resume import INTERRUPT_ENV
 
-    from .conftest import ROOT
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory, tiny_llama_dir):
+    """OUTDIR of an uninterrupted `turboboa run` (GPTQ, GGUF only, no check)."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    r = run_cli("run", str(tiny_llama_dir), *RUN_ARGS, "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
 
-    args = ["run", str(tiny_llama_dir), "--method", "gptq", "--nsamples", "2", "--seqlen", "32", "--export",
-            "gguf", "--no-check", "-q"]
-    whole = run_cli(*args, "-o", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr
-    env = {**os.environ, INTERRUPT_ENV: "0"}
-    cut = subprocess.run([sys.executable, "-m", "cli", *args, "-o", str(tmp_path / "cut")], capture_output=True,
-                         text=True, env=env, cwd=ROOT)
-    assert cut.returncode == 130 and not (tmp_path / "cut" / "model.gguf").exists()
-    assert (tmp_path / "cut" / "qdir.partial" / "state.json").is_file()
-    again = run_cli(*args, "--resume", "-o", str(tmp_path / "cut"))
+
+@pytest.mark.parametrize("point", ["solve:1", "state-write:1", "export:gguf"])
+def test_run_killed_and_resumed_gives_the_same_files(tmp_path, tiny_llama_dir, whole_run, point) -> None:
+    """Issue 6's and 20's check: `turboboa run` SIGKILLed while solving block 1, halfway through writing the
+    resume state, or halfway through writing model.gguf, leaves no file half-written under its name (the QDIR
+    and the GGUF are absent or complete); the same command with --resume cleans what the kill left and writes
+    a QDIR and a GGUF byte-identical to an uninterrupted run's (quant_config.json but for its timings)."""
+    out = tmp_path / "run"
+    argv = ["run", str(tiny_llama_dir), *RUN_ARGS, "-o", str(out)]
+    cut = run_cli(*argv, kill_at=point)
+    assert cut.returncode == -signal.SIGKILL, cut.stderr
+    assert not (out / "model.gguf").exists() and not (out / "SHA256SUMS").exists()
+    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    if point == "export:gguf":  # the QDIR is complete and verifies; the GGUF is a hidden temporary
+        assert load_qdir(out / "qdir").digests and not (out / "qdir.partial").exists()
+        assert len(hidden) == 1 and hidden[0].startswith(".model.gguf.") and hidden[0].endswith(".tmp")
+    else:  # the QDIR is not there; the state of the finished blocks is
+        assert not (out / "qdir").exists() and hidden == []
+        assert json.loads((out / "qdir.partial" / "state.json").read_text())["next_block"] == 1
+        assert_one_line_error(run_cli("export", str(out / "qdir.partial"), "--to", "gguf", "-o",
+                                      str(tmp_path / "x.gguf")), str(out / "qdir.partial"))
+        assert not (tmp_path / "x.gguf").exists()
+    again = run_cli(*argv, "--resume")
     assert again.returncode == 0, again.stderr
-    assert not (tmp_path / "cut" / "qdir.partial").exists()
-    assert (tmp_path / "cut" / "model.gguf").read_bytes() == (tmp_path / "whole" / "model.gguf").read_bytes()
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert on_disk == sorted(p.relative_to(whole_run).as_posix() for p in whole_run.rglob("*"))  # no leftovers
+    assert (out / "model.gguf").read_bytes() == (whole_run / "model.gguf").read_bytes()
+    for name in on_disk:
+        if name.startswith("qdir/") and name not in ("qdir/quant_config.json", "qdir/SHA256SUMS"):
+            assert (out / name).read_bytes() == (whole_run / name).read_bytes(), name
+    a, b = (json.loads((d / "qdir" / "quant_config.json").read_text()) for d in (out, whole_run))
+    assert {**a, "timings": None} == {**b, "timings": None}

@@ -13,6 +13,11 @@ Layout of a QDIR folder:
   activation encodings, per quantized layer ``<name>.scale`` (0-d float32), ``.zero_point`` (0-d int32) and
   the observed ``.min``/``.max``, described by the ``activations`` entry of ``quant_config.json`` (scheme,
   bits, granularity, observer, calibration). A QDIR without it has float activations.
+* ``SHA256SUMS``, written last: the SHA-256 of every other file, sealed by the SHA-256 of the list itself
+  (:mod:`turboboa.checksums`; ``sha256sum -c SHA256SUMS`` verifies the files too). :func:`load_qdir` checks
+  every listed file before it reads any, so one changed byte in any file of a QDIR (the list included) is a
+  one-line :class:`UserError` naming that file; ``export``, ``eval``, ``check`` and ``calibrate`` all load
+  through it. A QDIR of version 1 (written before the list) is refused by its version.
 
 :func:`load_fakequant_model` rebuilds the torch model with :meth:`QuantizedLinear.dequantize`, the one
 dequantizer every consumer uses, and simulates the activation encodings when the QDIR has them.
@@ -33,26 +38,35 @@ from safetensors.torch import load_file, save_file
 
 from .activations.dynamic import DynamicSpec, install_dynamic
 from .activations.encodings import ActivationEncodings, install_input_quantization
+from .checksums import SUMS_FILE, read_sealed_sums, verify_sums, write_sealed_sums
 from .config import QuantConfig
 from .errors import UserError
 from .formats.base import GgmlGrid
-from .io import prepare_output, replace_folder, write_errors_as_user_errors
+from .io import (
+    kill_point,
+    prepare_output,
+    remove_stale_temporaries,
+    replace_folder,
+    write_errors_as_user_errors,
+)
 from .numerics import check_quantized_finite, check_state_finite
 from .quantized import UNIFORM, QuantizedLinear
 
 QDIR_FORMAT = "turboboa-qdir"
-QDIR_VERSION = 1
+QDIR_VERSION = 2  # 2: SHA256SUMS
 CONFIG_FILE = "quant_config.json"
 QUANT_FILE = "quantized.safetensors"
 FLOAT_FILE = "float.safetensors"
 ACT_FILE = "activations.safetensors"
 ACT_KEY = "activations"
 GRID_INT_FIELDS = ("sc", "m")
+QDIR_FIX = "quantize again, or restore the QDIR from a copy"  # ends the message of a damaged QDIR
 
 
 @dataclass
 class QuantizedCheckpoint:
-    """A QDIR in memory: quantized layers by full module name, float tensors, and its metadata."""
+    """A QDIR in memory: quantized layers by full module name, float tensors, and its metadata; ``digests``:
+    the SHA-256 of its files, checked when it was loaded (by name relative to ``path``)."""
 
     layers: dict[str, QuantizedLinear]
     float_tensors: dict[str, torch.Tensor]
@@ -60,6 +74,7 @@ class QuantizedCheckpoint:
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     activations: ActivationEncodings | None = None
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 def package_versions() -> dict[str, str]:
@@ -123,19 +138,22 @@ def save_qdir(
     check_state_finite(floats.items(), "the quantized model")
     prepare_output(path, estimate_qdir_bytes(layers=layers, floats=floats), "the QDIR")
     with write_errors_as_user_errors(path):
+        remove_stale_temporaries(path)
         return _write_qdir(path, model, tokenizer, layers, floats, config, meta, activations)
 
 
 def _write_qdir(path: Path, model: torch.nn.Module, tokenizer: Any, layers: dict[str, QuantizedLinear],
                 floats: dict[str, torch.Tensor], config: QuantConfig, meta: dict[str, Any],
                 activations: ActivationEncodings | None) -> Path:
-    """The writing part of :func:`save_qdir`: a temporary folder beside ``path``, renamed into place."""
+    """The writing part of :func:`save_qdir`: a temporary folder beside ``path``, sealed by its SHA256SUMS,
+    renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         tensors, entries = layer_tensors(layers)
         save_file(tensors, str(tmp / QUANT_FILE), metadata={"format": QDIR_FORMAT})
         save_file(floats, str(tmp / FLOAT_FILE), metadata={"format": QDIR_FORMAT})
+        kill_point("qdir-write")
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -154,6 +172,7 @@ def _write_qdir(path: Path, model: torch.nn.Module, tokenizer: Any, layers: dict
         if activations is not None:
             doc[ACT_KEY] = _write_activations(tmp, activations)
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        write_sealed_sums(tmp)
         replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -217,24 +236,30 @@ def _write_activations(folder: Path, activations: ActivationEncodings) -> dict[s
 
 def save_activations(path: str | os.PathLike, activations: ActivationEncodings) -> Path:
     """Add or replace the activation encodings of the QDIR ``path``, atomically: a new folder beside it holds
-    hard links to the unchanged files (copies where links fail), the new ``activations.safetensors`` and
-    ``quant_config.json``; it takes the QDIR's name by renames, and the old folder is removed last."""
+    hard links to the unchanged files (copies where links fail), the new ``activations.safetensors``,
+    ``quant_config.json`` and ``SHA256SUMS``; it takes the QDIR's name by renames, and the old folder is
+    removed last. The unchanged files keep the digests the old ``SHA256SUMS`` recorded (the caller loaded,
+    and so verified, the QDIR); only the two new files are hashed."""
     path = Path(path)
     doc = read_meta(path)
+    known = read_sealed_sums(path, QDIR_FIX)
     tensors, _ = activations.to_tensors()
     prepare_output(path, sum(t.numel() * t.element_size() for t in tensors.values()) + 2**20,
                    "the activation encodings")
     with write_errors_as_user_errors(path):
-        return _replace_activations(path, doc, activations)
+        remove_stale_temporaries(path)
+        return _replace_activations(path, doc, known, activations)
 
 
-def _replace_activations(path: Path, doc: dict[str, Any], activations: ActivationEncodings) -> Path:
-    """The writing part of :func:`save_activations`."""
+def _replace_activations(path: Path, doc: dict[str, Any], known: dict[str, str],
+                         activations: ActivationEncodings) -> Path:
+    """The writing part of :func:`save_activations` (``known``: the old QDIR's digests by file name)."""
+    rewritten = (CONFIG_FILE, ACT_FILE, SUMS_FILE)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     old = None
     try:
         for src in path.iterdir():
-            if src.name in (CONFIG_FILE, ACT_FILE):
+            if src.name in rewritten:
                 continue  # rewritten below; never write through a hard link into the old QDIR
             if src.is_dir():
                 shutil.copytree(src, tmp / src.name, copy_function=_link_or_copy)
@@ -242,6 +267,7 @@ def _replace_activations(path: Path, doc: dict[str, Any], activations: Activatio
                 _link_or_copy(src, tmp / src.name)
         doc[ACT_KEY] = _write_activations(tmp, activations)
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        write_sealed_sums(tmp, {name: digest for name, digest in known.items() if name not in rewritten})
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
         os.replace(path, old / path.name)
         os.replace(tmp, path)
@@ -265,16 +291,18 @@ def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def is_qdir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like a QDIR (has ``quant_config.json``); :func:`load_qdir` checks the rest."""
     return (Path(path) / CONFIG_FILE).is_file()
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    """``quant_config.json`` of a QDIR, checked to be ours and of a version this package reads."""
+    """``quant_config.json`` of a QDIR, checked to be ours and of a version this package reads (its bytes are
+    not checked against ``SHA256SUMS`` here: :func:`verify_qdir` does that)."""
     try:
         doc = json.loads((Path(path) / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is not a readable turboboa QDIR ({e}); quantize again with `turboboa quantize`") from None
-    if doc.get("format") != QDIR_FORMAT:
+    if not isinstance(doc, dict) or doc.get("format") != QDIR_FORMAT:
         raise UserError(f"{path} is not a turboboa QDIR (no '{QDIR_FORMAT}' marker in {CONFIG_FILE})")
     version = doc.get("version")
     if version != QDIR_VERSION:
@@ -286,9 +314,28 @@ def read_meta(path: Path) -> dict[str, Any]:
     return doc
 
 
-def load_qdir(path: str | os.PathLike) -> QuantizedCheckpoint:
-    """Read a QDIR back: the exact codes, scales, zero points and float tensors that were saved."""
+def verify_qdir(path: str | os.PathLike) -> dict[str, str]:
+    """Check every file of the QDIR ``path`` against its sealed ``SHA256SUMS`` (each read once, in 1 MiB
+    chunks) and return the digests by file name. A missing or damaged file, the list included, is a one-line
+    :class:`UserError` naming it. Without a list: a QDIR of an older version is refused by its version
+    (:func:`read_meta`), any other folder as one that lacks ``SHA256SUMS``."""
     path = Path(path)
+    if not (path / SUMS_FILE).is_file():
+        read_meta(path)  # not a QDIR, or one of another version: said so first
+        raise UserError(f"{path} lacks {SUMS_FILE}, the SHA-256 of its files written with it, so it cannot be "
+                        f"checked; quantize again")
+    digests = read_sealed_sums(path, QDIR_FIX)
+    if CONFIG_FILE not in digests:
+        raise UserError(f"{path / SUMS_FILE} does not list {CONFIG_FILE}; {QDIR_FIX}")
+    verify_sums(path, digests, QDIR_FIX)
+    return digests
+
+
+def load_qdir(path: str | os.PathLike) -> QuantizedCheckpoint:
+    """Read a QDIR back, after :func:`verify_qdir`: the exact codes, scales, zero points and float tensors
+    that were saved."""
+    path = Path(path)
+    digests = verify_qdir(path)
     doc = read_meta(path)
     try:
         qt = load_file(str(path / QUANT_FILE))
@@ -300,7 +347,7 @@ def load_qdir(path: str | os.PathLike) -> QuantizedCheckpoint:
     except (KeyError, TypeError) as e:
         raise UserError(f"{path} is a damaged QDIR (missing {e}); quantize again") from None
     config = QuantConfig.from_dict(doc["quant_config"])
-    return QuantizedCheckpoint(layers, ft, config, doc, path, load_activations(path, doc))
+    return QuantizedCheckpoint(layers, ft, config, doc, path, load_activations(path, doc), digests)
 
 
 def load_activations(path: Path, doc: dict[str, Any]) -> ActivationEncodings | None:

@@ -1,14 +1,22 @@
 """Safe output files: a writable location and enough free space checked before large writes, and every file
 written under a temporary name in its target folder, then renamed into place (nothing half-written is ever
-left under the final name)."""
+left under the final name). The temporaries of ``target`` are named ``.<target name>.<random>.tmp`` (files)
+and ``.<target name>.tmp-<random>`` / ``.<target name>.old-<random>`` (folders); a write that was killed
+leaves them, and the next write of ``target`` removes them (:func:`remove_stale_temporaries`).
+
+:func:`kill_point` is the one test hook: with ``TURBOBOA_KILL_AT=<point>`` the process SIGKILLs itself at that
+named point of a write, so tests see what a real kill leaves behind.
+"""
 
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +25,20 @@ from .errors import UserError
 # free space kept beyond the estimate of a write (file system metadata, temporary copies, rounding)
 SPACE_MARGIN_BYTES = 16 * 2**20
 SPACE_MARGIN_SHARE = 0.05
+KILL_ENV = "TURBOBOA_KILL_AT"
+
+
+def kill_point(name: str, flush: Callable[[], object] | None = None) -> None:
+    """Test hook: when the environment variable :data:`KILL_ENV` equals ``name``, call ``flush`` (so what was
+    written so far reaches the file) and kill this process with SIGKILL: nothing runs after it (no
+    ``finally``, no ``atexit``). Otherwise one environment lookup. The points: ``solve:<block>`` (the block's
+    layers solved, its state not yet committed), ``state-write:<block>`` (half of the resume state's
+    temporary file written), ``qdir-write`` (the QDIR's tensors written into its temporary folder) and
+    ``export:gguf`` (the GGUF file's header and metadata written under its temporary name)."""
+    if name and os.environ.get(KILL_ENV) == name:
+        if flush is not None:
+            flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -99,11 +121,31 @@ def atomic_file(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[Pat
             tmp.unlink(missing_ok=True)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_file`."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+def write_text_atomic(path: str | os.PathLike[str], text: str, kill_at: str = "") -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_file`; ``kill_at`` names the
+    :func:`kill_point` met when half of it is written."""
+    data = text.encode("utf-8")
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data[: len(data) // 2])
+        kill_point(kill_at, f.flush)
+        f.write(data[len(data) // 2 :])
     return Path(path)
+
+
+def remove_stale_temporaries(target: str | os.PathLike[str]) -> None:
+    """Remove what killed writes of ``target`` left beside it: its temporary files (``.<name>.*.tmp``) and
+    temporary or set-aside folders (``.<name>.tmp-*``, ``.<name>.old-*``). Called before ``target`` is written
+    again."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    name = glob.escape(target.name)
+    for pattern in (f".{name}.*.tmp", f".{name}.tmp-*", f".{name}.old-*"):
+        for stale in target.parent.glob(pattern):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def replace_folder(tmp: Path, path: Path) -> None:

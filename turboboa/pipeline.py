@@ -33,6 +33,7 @@ from .errors import UserError
 from .formats.presets import EMBEDDING, HEAD, ModelShape
 from .hessians import CovarianceAccumulator
 from .hessians.attention import AttentionStatistics
+from .io import kill_point
 from .numerics import check_finite, check_quantized_finite
 from .quantized import UNIFORM, QuantizedLinear
 from .solvers import HessianError, LayerProblem, solve_layer
@@ -200,6 +201,7 @@ def quantize_model(
                 block_layers.update(_solve_groups(block, adapter, stage, cfg, covs, attn, cos, sin, use_dx,
                                                   f"{prefix}{i}.", formats))
                 phases["solve"] += time.perf_counter() - tp
+            kill_point(f"solve:{i}")
             layers.update(block_layers)
             tp = time.perf_counter()
             for c0 in range(0, n, step):

@@ -11,11 +11,12 @@
 
 A restarted run continues from ``state.json``'s next block with exactly the tensors the interrupted run held,
 so its QDIR is bit-identical to an uninterrupted run's. The folder is removed when the QDIR is written, and
-after a :class:`UserError` (bad input fails again the same way); an interrupt or a crash leaves it for
-``resume=True``.
+after a :class:`UserError` (bad input fails again the same way); an interrupt, a crash or a kill leaves it
+for ``resume=True``. A kill while a file is written leaves at most a hidden temporary file in the folder
+(never a file under its final name); the resumed run ignores it and removes it with the folder.
 
-:data:`INTERRUPT_ENV` (a block index) makes the run raise ``KeyboardInterrupt`` right after that block's
-state is committed: a deterministic interruption for tests.
+The tests kill the process (:func:`turboboa.io.kill_point`) at ``solve:<block>`` (in the pipeline) and at
+``state-write:<block>`` (halfway through ``state.json``'s temporary file, before its rename).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ WORK_SUFFIX = ".partial"
 STATE_FILE = "state.json"
 STATE_FORMAT = "turboboa-resume"
 STATE_VERSION = 1
-INTERRUPT_ENV = "TURBOBOA_INTERRUPT_AFTER_BLOCK"
 
 
 def work_dir(output: str | os.PathLike[str]) -> Path:
@@ -148,11 +148,9 @@ class BlockCheckpointer:
             doc = {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": self.fingerprint,
                    "n_blocks": self.n_blocks, "next_block": i + 1, "block_seconds": self.block_seconds,
                    "blocks": blocks}
-            write_text_atomic(self.folder / STATE_FILE, json.dumps(doc, indent=1) + "\n")
+            write_text_atomic(self.folder / STATE_FILE, json.dumps(doc, indent=1) + "\n",
+                              kill_at=f"state-write:{i}")
             (self.folder / _streams_file(i)).unlink(missing_ok=True)
-        interrupt = os.environ.get(INTERRUPT_ENV, "")
-        if interrupt.strip().isdigit() and int(interrupt) == i:
-            raise KeyboardInterrupt(f"{INTERRUPT_ENV}={i}")
 
     def _committed_blocks(self) -> dict[str, Any]:
         try:

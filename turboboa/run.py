@@ -13,20 +13,22 @@ OUTDIR after a run::
 Everything that can be refused is refused before quantizing (one line, exit 2): an unknown export name, an
 export format that cannot hold the grid the options ask for, an OUTDIR that holds something else. Every file
 is written under a temporary name and renamed when complete (the QDIR as a folder, the exporters' and the
-reports' files one by one), and SHA256SUMS is written last.
+reports' files one by one), and SHA256SUMS is written last. The hidden temporaries a killed run left in
+OUTDIR are removed when it runs again (with ``--resume``, the quantization continues from its last block).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checksums import sha256_file, sums_text
 from .config import QuantConfig
 from .errors import UserError
+from .io import remove_stale_temporaries
 
 EXPORTS = ("gguf", "onnx")
 FILE_NAMES = {"gguf": "model.gguf", "onnx": "model.onnx"}
@@ -118,14 +120,19 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
                             "--group-size -1, or --format lpbq4 for blocks")
 
 
-def is_run_output(name: str) -> bool:
-    """Whether a name in OUTDIR is one a run writes: the QDIR (and its resume work folder), the exported files,
-    the reports, the manifest, or a hidden temporary file of an interrupted write."""
+def run_output_names() -> set[str]:
+    """The names a run writes in OUTDIR: the QDIR (and its resume work folder), the exported files, the
+    reports and the manifest."""
     from runtime_check.report import JSON_NAME, MD_NAME, PNG_NAME
 
-    names = {QDIR_NAME, f"{QDIR_NAME}.partial", *FILE_NAMES.values(), f"{FILE_NAMES['onnx']}.data", JSON_NAME,
-             MD_NAME, PNG_NAME, MANIFEST}
-    return name in names or name.startswith(".")
+    return {QDIR_NAME, f"{QDIR_NAME}.partial", *FILE_NAMES.values(), f"{FILE_NAMES['onnx']}.data", JSON_NAME,
+            MD_NAME, PNG_NAME, MANIFEST}
+
+
+def is_run_output(name: str) -> bool:
+    """Whether a name in OUTDIR is one a run writes (:func:`run_output_names`) or a hidden temporary file of
+    an interrupted write."""
+    return name in run_output_names() or name.startswith(".")
 
 
 def check_outdir(outdir: Path) -> None:
@@ -139,22 +146,15 @@ def check_outdir(outdir: Path) -> None:
                         f"location or remove it")
 
 
-def sha256_file(path: Path) -> str:
-    """The SHA-256 hex digest of the file ``path``, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(outdir: Path, files: list[Path]) -> Path:
+def write_manifest(outdir: Path, files: list[Path], known: dict[str, str] | None = None) -> Path:
     """``OUTDIR/SHA256SUMS``: ``<sha256>  <path relative to OUTDIR>`` per file, sorted by path (what
-    ``sha256sum -c`` reads); written atomically."""
+    ``sha256sum -c`` reads); written atomically. ``known``: digests already checked, by relative path (the
+    QDIR's own SHA256SUMS), not computed again."""
     from runtime_check.report import atomic_write
 
-    rel = sorted({p.relative_to(outdir).as_posix() for p in files})
-    text = "".join(f"{sha256_file(outdir / r)}  {r}\n" for r in rel)
+    known = known or {}
+    rel = {p.relative_to(outdir).as_posix() for p in files}
+    text = sums_text({r: known.get(r) or sha256_file(outdir / r) for r in rel})
     return atomic_write(outdir / MANIFEST, text.encode())
 
 
@@ -208,6 +208,8 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
     cfg, format_note = choose_format(cfg, exports, format_given)
     check_exports(cfg, exports, act_bits, onnx_profile)
     check_outdir(outdir)
+    for name in run_output_names():  # what a killed run left: the hidden temporaries of its files
+        remove_stale_temporaries(outdir / name)
     stale = previous_outputs(outdir)
     timings: dict[str, float] = {}
 
@@ -251,5 +253,5 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
         old = outdir / name
         if old.resolve().is_relative_to(outdir.resolve()):
             old.unlink(missing_ok=True)
-    write_manifest(outdir, files)
+    write_manifest(outdir, files, {f"{QDIR_NAME}/{name}": digest for name, digest in ckpt.digests.items()})
     return RunResult(outdir, report, report_files, files)

@@ -27,7 +27,7 @@ from gguf import (
 )
 
 from turboboa.errors import UserError
-from turboboa.io import atomic_file
+from turboboa.io import atomic_file, kill_point
 
 from .metadata import (
     ArchSpec,
@@ -179,6 +179,7 @@ def write_gguf(path: str | os.PathLike[str], hf_config: Any, tokenizer_dir_or_to
                                   raw_dtype=tensor.stored_type if tensor.is_packed else None)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
+            kill_point("export:gguf", writer.flush)
             writer.write_tensors_to_file(progress=progress)
         finally:
             writer.close()
