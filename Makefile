@@ -35,6 +35,31 @@ DEMO_EVAL  ?= --eval-seqlen 512 --max-windows 8
 demo: venv
 	$(VENV)/bin/turboboa run smollm2-135m --export gguf,onnx $(DEMO_CALIB) $(DEMO_EVAL) -o $(DEMO_OUT)
 
+# Every benchmark in turn, each resumable: a row is reused only when its recorded settings, data sizes, machine
+# and library versions match this run's (bench/provenance.py), every other row is measured and written at once,
+# so an interrupted `make bench` continues where it stopped. BENCH_ARGS reaches every script, after its own
+# settings: `make bench BENCH_ARGS="--device cuda"`, or BENCH_ARGS=--fresh to measure every row again. The
+# *_ARGS are the settings of the committed results in bench/results/ (solver_time: the CPU entry's 16 x 512
+# calibration, the GPU entry's 128 x 2048 when BENCH_ARGS names cuda). Hours on a 2-core CPU (README).
+BENCH_ARGS    ?=
+METHODS_ARGS  ?= --methods rtn,gptq,boa,turboboa --bits 2,3,4 --groups -1,128 --nsamples 16 --seqlen 512 \
+                 --eval-seqlen 512 --max-windows 16
+TIME_ARGS     ?= --methods boa,turboboa --bits 3 --groups -1 --nsamples 16 --seqlen 512 --eval-seqlen 512 \
+                 --max-windows 16 --out bench/results/boa-vs-turboboa-time
+SOLVER_ARGS   ?= --blocks 5 --bits 3 --group-size -1 \
+                 $(if $(findstring cuda,$(BENCH_ARGS)),--nsamples 128 --seqlen 2048,--nsamples 16 --seqlen 512)
+ROTATION_ARGS ?= --nsamples 8 --seqlen 512 --eval-seqlen 512 --max-windows 8
+GGUF_ARGS     ?= --nsamples 16 --seqlen 512 --eval-seqlen 512 --max-windows 16
+NPU_ARGS      ?= --windows 4 --seqlen 128 --nsamples 16 --calib-seqlen 512
+
+bench: venv
+	$(PY) bench/solver_time.py $(SOLVER_ARGS) $(BENCH_ARGS)
+	$(PY) bench/methods.py $(TIME_ARGS) $(BENCH_ARGS)
+	$(PY) bench/methods.py $(METHODS_ARGS) $(BENCH_ARGS)
+	$(PY) bench/rotation.py $(ROTATION_ARGS) $(BENCH_ARGS)
+	$(PY) bench/gguf_vs_llamacpp.py $(GGUF_ARGS) $(BENCH_ARGS)
+	$(PY) bench/npu.py $(NPU_ARGS) $(BENCH_ARGS)
+
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 

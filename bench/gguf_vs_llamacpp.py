@@ -11,8 +11,10 @@ For each file type (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M):
   with ``turboboa export --to gguf``.
 
 Every file is run in llama.cpp (llama-cpp-python) on the same WikiText-2 test windows, tokens from the same
-Hugging Face tokenizer. Writes ``bench/results/gguf-vs-llamacpp.{json,md,png}``; reruns resume from the JSON
-when the settings match. The tools are built by ``bench/llamacpp_tools.py`` into a cache folder.
+Hugging Face tokenizer. Writes ``bench/results/gguf-vs-llamacpp.{json,md,png}`` after every file; a rerun
+reuses a row only when its provenance (settings, data sizes, machine, library versions; ``bench/provenance.py``)
+matches the current run, ``--fresh`` measures every row again. ``--device`` is our quantization's; llama.cpp
+runs on the CPU. The tools are built by ``bench/llamacpp_tools.py`` into a cache folder.
 """
 
 from __future__ import annotations
@@ -20,32 +22,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import provenance as pv  # noqa: E402
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
+LLAMA = ("llama_cpp_python",)  # every row runs in llama.cpp (its tools are built from that package's source)
+THREADS = 2  # llama.cpp threads of llama-quantize, llama-imatrix and the evaluation
+LEGACY_SETTINGS = ("n_params", "machine", "llama_cpp_python")  # document-level fields of earlier runs
 
 
-def run(cmd: list[str], log: Path) -> None:
-    """Run ``cmd``, its output appended to ``log``; raise with the log's tail on failure."""
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log}")
+def run(cmd: list[str], log: Path, meter: pv.RowMeter | None = None) -> None:
+    """Run ``cmd`` (counted in ``meter`` when given), its output appended to ``log``; raise with the log's path on
+    failure."""
+    (meter or pv.RowMeter()).run(cmd, cwd=pv.ROOT, log=log)
 
 
-def float_gguf(work: Path) -> tuple[Path, Path, int]:
+def float_gguf(ctx: pv.Context, work: Path) -> tuple[Path, Path, int]:
     """The F32 GGUF of the default model (tokenizer metadata copied from the source GGUF), the HF tokenizer
-    folder of the float model, and its parameter count."""
+    folder of the float model, and its parameter count. The GGUF is kept in ``work`` for the commit, machine
+    and versions that made it (:meth:`provenance.Context.cache_valid`)."""
     from exporters.gguf import float_tensors, write_gguf
     from turboboa.models import load_float_model
     from turboboa.models.loader import alias_gguf_path
@@ -53,30 +54,71 @@ def float_gguf(work: Path) -> tuple[Path, Path, int]:
     loaded = load_float_model("smollm2-135m")
     n_params = sum(p.numel() for p in loaded.model.parameters())
     path = work / "smollm2-135m-f32.gguf"
-    if not path.exists():
+    made_for: dict[str, Any] = {"model": "smollm2-135m", "type": "F32"}
+    if not ctx.cache_valid(path, made_for, {}):
         write_gguf(path, loaded.model.config, None, float_tensors(loaded.model.state_dict()),
-                   source_gguf=alias_gguf_path("smollm2-135m"))
+                   source_gguf=alias_gguf_path("smollm2-135m"))  # (written atomically)
+        ctx.mark_cache(path, made_for, {})
     return path, loaded.cache_dir, n_params
 
 
 def calibration_text(work: Path) -> Path:
+    """The calibration text (WikiText-2 validation) as a file for llama-imatrix."""
     from turboboa.data import resolve_text
 
     path = work / "calib.txt"
     if not path.exists():
         text, _ = resolve_text("wikitext2", "calib")
-        path.write_text(text)
+        pv.write_text_atomic(path, text)
     return path
 
 
 def evaluate(path: Path, tokenizer: Path, seqlen: int, windows: int) -> dict:
+    """PPL of a GGUF file in llama.cpp on the first ``windows`` test windows, tokens from ``tokenizer``."""
     from turboboa.api import evaluate_gguf
 
-    res = evaluate_gguf(path, "wikitext2", seqlen, windows, progress=False, tokenizer=str(tokenizer), threads=2)
+    res = evaluate_gguf(path, "wikitext2", seqlen, windows, progress=False, tokenizer=str(tokenizer),
+                        threads=THREADS)
     return res.to_dict()
 
 
+def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """How every file is scored."""
+    return {"backend": "llama.cpp (llama-cpp-python, CPU)", "data": "wikitext2", "seqlen": args.eval_seqlen,
+            "max_windows": args.max_windows, "threads": THREADS, "tokenizer": "the float model's (Hugging Face)"}
+
+
+def quantize_args(args: argparse.Namespace, preset: str, maker: str) -> list[str]:
+    """``turboboa quantize`` arguments (after the subcommand, without -o) of one of our files."""
+    cmd = ["smollm2-135m", "--method", args.method, "--preset", preset, "--nsamples", str(args.nsamples),
+           "--seqlen", str(args.seqlen), "--device", args.device, "-q"]
+    if "pad256" in maker:  # turboboa+pad256: padded, unrotated; +hadamard: what --rotate auto does
+        cmd += ["--pad-to", "256", "--rotate", "hadamard" if maker.endswith("hadamard") else "none"]
+    return cmd
+
+
+def row_settings(args: argparse.Namespace, preset: str, maker: str) -> dict[str, Any]:
+    """Resolved settings of one file: llama-quantize's (with or without the importance matrix) or every
+    option of our quantize and export, and the evaluation."""
+    if maker.startswith("llama.cpp"):
+        imatrix = ({"tool": "llama-imatrix", "calibration": "wikitext2", "chunks": args.nsamples,
+                    "ctx": args.seqlen, "threads": THREADS} if maker.endswith("imatrix") else None)
+        made = {"llama_quantize": {"source": "F32 GGUF of smollm2-135m", "type": preset, "threads": THREADS,
+                                   "imatrix": imatrix}}
+    else:
+        made = {"quantize": pv.quantize_settings(quantize_args(args, preset, maker)),
+                "export": pv.command_options(["export", "QDIR", "--to", "gguf", "-o", "model.gguf"])}
+    return {"preset": preset, "maker": maker, **made, "eval": eval_settings(args)}
+
+
+def row_data(args: argparse.Namespace) -> dict[str, Any]:
+    """Calibration and evaluation sizes of every file."""
+    return {"calibration": pv.calibration_data(args.nsamples, args.seqlen),
+            "evaluation": pv.evaluation_data(args.max_windows, args.eval_seqlen)}
+
+
 def plot(rows: list[dict], float_ppl: float | None, out: Path) -> None:
+    """``gguf-vs-llamacpp.png``: PPL in llama.cpp against file size, one line per maker."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,30 +142,35 @@ def plot(rows: list[dict], float_ppl: float | None, out: Path) -> None:
     ax.set_title("SmolLM2-135M: turboboa GGUF vs llama-quantize")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    pv.save_figure(fig, out, dpi=120)
+    plt.close(fig)
 
 
 def write_table(doc: dict, out: Path) -> None:
+    """``gguf-vs-llamacpp.md``: every file's PPL, size and provenance, the dominance check, the provenance
+    section."""
     s = doc["settings"]
+    legend = pv.Legend()
     lines = [
         "# GGUF files: turboboa vs llama.cpp's quantizer (SmolLM2-135M-Instruct)",
         "",
         f"Calibration: {s['nsamples']} x {s['seqlen']} tokens of WikiText-2 validation (turboboa: TurboBoA; "
         f"llama-imatrix: {s['nsamples']} chunks of {s['seqlen']} tokens of the same text). Evaluation: "
-        f"llama.cpp (llama-cpp-python {s['llama_cpp_python']}, CPU) on the first {s['windows']} windows of "
-        f"{s['eval_seqlen']} WikiText-2 test tokens, same HF tokens for every file. Machine: {s['machine']}.",
+        f"llama.cpp (llama-cpp-python, CPU) on the first {s['windows']} windows of "
+        f"{s['eval_seqlen']} WikiText-2 test tokens, same HF tokens for every file. Each row's machine, commit "
+        "and llama-cpp-python version under Provenance.",
         "Bits per weight: 8 x file size / parameters of the original model "
         f"({s['n_params']:,}), so padded files pay for their padding.",
         "",
-        "| preset | maker | PPL | file MiB | bits/weight | quantize s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| preset | maker | PPL | file MiB | bits/weight | quantize s | provenance |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     if doc.get("float"):
         f = doc["float"]
-        lines.append(f"| F32 | float | {f['ppl']:.3f} | {f['file_mib']:.1f} | {f['bpw']:.2f} | |")
+        lines.append(f"| F32 | float | {f['ppl']:.3f} | {f['file_mib']:.1f} | {f['bpw']:.2f} | | {legend.cell(f)} |")
     for r in sorted(doc["rows"], key=lambda r: (PRESETS.index(r["preset"]), r["maker"])):
         lines.append(f"| {r['preset']} | {r['maker']} | {r['ppl']:.3f} | {r['file_mib']:.1f} | {r['bpw']:.3f} | "
-                     f"{r.get('quantize_seconds', 0):.0f} |")
+                     f"{r.get('quantize_seconds', 0):.0f} | {legend.cell(r)} |")
     lines += ["", "## Dominance check", "",
               "For each llama.cpp file made with an importance matrix: the best of our files no more than 2% "
               "larger.", "", "| preset | llama.cpp+imatrix PPL / MiB | ours PPL / MiB | ours | lower PPL |",
@@ -141,7 +188,40 @@ def write_table(doc: dict, out: Path) -> None:
                          f"{'yes' if best['ppl'] < t['ppl'] else 'no'} |")
         else:
             lines.append(f"| {preset} | {t['ppl']:.3f} / {t['file_mib']:.1f} | none within 2% | | no |")
-    out.write_text("\n".join(lines) + "\n")
+    legacy = s.get("machine")
+    if legacy and s.get("llama_cpp_python"):
+        legacy = f"{legacy}, llama-cpp-python {s['llama_cpp_python']}"
+    lines += ["", *legend.section(legacy_machine=legacy)]
+    pv.write_text_atomic(out, "\n".join(lines) + "\n")
+
+
+def measure(ctx: pv.Context, args: argparse.Namespace, preset: str, maker: str, settings: dict[str, Any],
+            paths: dict[str, Path], n_params: int) -> dict[str, Any]:
+    """Make one file (llama-quantize, or our quantize and export) and score it in llama.cpp; the row."""
+    work, log = paths["work"], paths["log"]
+    meter = pv.RowMeter()
+    target = work / f"{preset}-{maker.replace('+', '-').replace('.', '')}.gguf"
+    if maker.startswith("llama.cpp"):
+        cmd = [str(paths["tools"] / "llama-quantize")]
+        if maker.endswith("imatrix"):
+            cmd += ["--imatrix", str(paths["imatrix"])]
+        run(cmd + [str(paths["f32"]), str(target), preset, str(THREADS)], log, meter)
+    else:
+        qdir = work / f"{preset}-{maker.replace('+', '-')}.qdir"
+        run([sys.executable, "-m", "cli", "quantize", *quantize_args(args, preset, maker), "-o", str(qdir)], log, meter)
+        settings = {**settings, "quantize": pv.confirm_quantize(settings["quantize"], qdir)}
+        rec = pv.qdir_record(qdir)
+        if str(rec["device"]).startswith("cuda"):
+            meter.add(gpu=rec["peak_memory_bytes"])
+        run([sys.executable, "-m", "cli", "export", str(qdir), "--to", "gguf", "-o", str(target)], log, meter)
+    seconds = meter.result()["wall_seconds"]
+    r = evaluate(target, paths["tokenizer"], args.eval_seqlen, args.max_windows)
+    size = target.stat().st_size
+    measured = meter.result(quantize_seconds=seconds, eval_tokens=r["tokens"], eval_windows=r["windows"],
+                            evaluated_in_process=True)
+    return {"preset": preset, "maker": maker, "ppl": r["ppl"], "file_mib": size / 2**20,
+            "bpw": 8 * size / n_params, "quantize_seconds": round(seconds, 1), "file": target.name,
+            "provenance": ctx.record(settings, row_data(args), measured, LLAMA)}
 
 
 def main() -> None:
@@ -156,74 +236,67 @@ def main() -> None:
                     help="which files to make (comma-separated)")
     ap.add_argument("--work", default=None, help="work folder (default: $TURBOBOA_CACHE/bench-gguf)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    pv.add_arguments(ap)
     args = ap.parse_args()
-
-    import importlib.metadata as md
 
     from llamacpp_tools import build
 
     cache = Path(os.environ.get("TURBOBOA_CACHE", Path.home() / ".cache" / "turboboa"))
-    work = Path(args.work) if args.work else cache / "bench-gguf"
+    work = (Path(args.work) if args.work else cache / "bench-gguf").resolve()  # the steps run in the repository
+    out = Path(args.out)
+    ctx = pv.Context.start(args.device, args.fresh, exclude=[out, work])
+    args.device = ctx.device  # our quantization's; llama.cpp runs on the CPU
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench.log"
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "eval_seqlen": args.eval_seqlen,
-                "windows": args.max_windows, "method": args.method,
-                "llama_cpp_python": md.version("llama_cpp_python"),
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only"}
+                "windows": args.max_windows, "method": args.method}
     json_path = out / "gguf-vs-llamacpp.json"
     doc = json.loads(json_path.read_text()) if json_path.exists() else {}
-    if {k: v for k, v in doc.get("settings", {}).items() if k != "n_params"} != settings:
-        doc = {"settings": settings, "rows": []}
+    if {k: v for k, v in doc.get("settings", {}).items() if k not in LEGACY_SETTINGS} != settings:
+        doc = {"settings": dict(settings), "rows": []}
 
     def save() -> None:
-        json_path.write_text(json.dumps(doc, indent=2) + "\n")
+        pv.drop_legacy_fields(doc, [doc.get("float"), *doc["rows"]], ("machine", "llama_cpp_python"),
+                              holder=doc["settings"])
+        pv.write_json_atomic(json_path, doc)
         write_table(doc, out / "gguf-vs-llamacpp.md")
         plot(doc["rows"], doc.get("float", {}).get("ppl"), out / "gguf-vs-llamacpp.png")
 
     tools = build()
-    f32, tokenizer, n_params = float_gguf(work)
-    settings["n_params"] = doc["settings"]["n_params"] = n_params
-    if "float" not in doc:
+    f32, tokenizer, n_params = float_gguf(ctx, work)
+    doc["settings"]["n_params"] = n_params
+    float_settings = {"file": "F32 GGUF of smollm2-135m", "eval": eval_settings(args)}
+    float_data = {"evaluation": pv.evaluation_data(args.max_windows, args.eval_seqlen)}
+    if not ctx.reuse("F32", doc.get("float"), float_settings, float_data, LLAMA):
+        meter = pv.RowMeter()
         r = evaluate(f32, tokenizer, args.eval_seqlen, args.max_windows)
+        measured = meter.result(eval_tokens=r["tokens"], eval_windows=r["windows"], evaluated_in_process=True)
         doc["float"] = {"ppl": r["ppl"], "file_mib": f32.stat().st_size / 2**20,
-                        "bpw": 8 * f32.stat().st_size / n_params}
+                        "bpw": 8 * f32.stat().st_size / n_params,
+                        "provenance": ctx.record(float_settings, float_data, measured, LLAMA)}
         save()
     imatrix = work / f"imatrix-{args.nsamples}x{args.seqlen}.gguf"
-    if not imatrix.exists():
+    imatrix_for = row_settings(args, PRESETS[0], "llama.cpp+imatrix")["llama_quantize"]["imatrix"]
+    if not ctx.cache_valid(imatrix, imatrix_for, row_data(args), LLAMA):
+        imatrix.unlink(missing_ok=True)
         run([str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(calibration_text(work)), "-o", str(imatrix),
-             "-c", str(args.seqlen), "--chunks", str(args.nsamples), "-t", "2"], log)
-    done = {(r["preset"], r["maker"]) for r in doc["rows"]}
+             "-c", str(args.seqlen), "--chunks", str(args.nsamples), "-t", str(THREADS)], log)
+        ctx.mark_cache(imatrix, imatrix_for, row_data(args), LLAMA)
+    paths = {"work": work, "log": log, "tools": tools, "f32": f32, "imatrix": imatrix, "tokenizer": tokenizer}
     for preset in args.presets.split(","):
-        jobs = []
         for maker in args.makers.split(","):
-            if (preset, maker) not in done:
-                jobs.append(maker)
-        for maker in jobs:
-            t0 = time.time()
-            target = work / f"{preset}-{maker.replace('+', '-').replace('.', '')}.gguf"
-            if maker.startswith("llama.cpp"):
-                cmd = [str(tools / "llama-quantize")]
-                if maker.endswith("imatrix"):
-                    cmd += ["--imatrix", str(imatrix)]
-                run(cmd + [str(f32), str(target), preset, "2"], log)
+            settings_row = row_settings(args, preset, maker)
+            at = next((i for i, r in enumerate(doc["rows"]) if (r["preset"], r["maker"]) == (preset, maker)), None)
+            if ctx.reuse(f"{preset} {maker}", None if at is None else doc["rows"][at], settings_row,
+                         row_data(args), LLAMA):
+                continue
+            row = measure(ctx, args, preset, maker, settings_row, paths, n_params)
+            if at is None:
+                doc["rows"].append(row)
             else:
-                qdir = work / f"{preset}-{maker.replace('+', '-')}.qdir"
-                cmd = [sys.executable, "-m", "cli", "quantize", "smollm2-135m", "--method", args.method,
-                       "--preset", preset, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                       "-q", "-o", str(qdir)]
-                if "pad256" in maker:  # turboboa+pad256: padded, unrotated; +hadamard: what --rotate auto does
-                    cmd += ["--pad-to", "256", "--rotate", "hadamard" if maker.endswith("hadamard") else "none"]
-                run(cmd, log)
-                run([sys.executable, "-m", "cli", "export", str(qdir), "--to", "gguf", "-o", str(target)], log)
-            seconds = time.time() - t0
-            r = evaluate(target, tokenizer, args.eval_seqlen, args.max_windows)
-            size = target.stat().st_size
-            row = {"preset": preset, "maker": maker, "ppl": r["ppl"], "file_mib": size / 2**20,
-                   "bpw": 8 * size / n_params, "quantize_seconds": round(seconds, 1), "file": target.name}
-            doc["rows"].append(row)
-            print(json.dumps(row), flush=True)
+                doc["rows"][at] = row
+            print(json.dumps({k: v for k, v in row.items() if k != "provenance"}), flush=True)
             save()
     save()
     print((out / "gguf-vs-llamacpp.md").read_text())

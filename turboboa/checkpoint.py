@@ -77,12 +77,13 @@ class QuantizedCheckpoint:
     digests: dict[str, str] = field(default_factory=dict)
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that decide the numbers in a checkpoint."""
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of the packages that decide the numbers in a checkpoint, then of the installed ones among
+    ``extra`` (distribution names, e.g. ``llama_cpp_python``); packages not installed are left out."""
     import importlib.metadata as md
 
     out = {}
-    for name in ("turboboa", "torch", "transformers", "numpy", "safetensors", "gguf", "onnx", "onnxruntime"):
+    for name in ("turboboa", "torch", "transformers", "numpy", "safetensors", "gguf", "onnx", "onnxruntime", *extra):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
