@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test accuracy lint bench clean
 
 venv: $(STAMP)
 
@@ -59,6 +59,13 @@ bench: venv
 	$(PY) bench/rotation.py $(ROTATION_ARGS) $(BENCH_ARGS)
 	$(PY) bench/gguf_vs_llamacpp.py $(GGUF_ARGS) $(BENCH_ARGS)
 	$(PY) bench/npu.py $(NPU_ARGS) $(BENCH_ARGS)
+
+# The accuracy claims on the default model with their thresholds (bench/accuracy.py's docstring): GPTQ 4-bit
+# group 128 within 10% of float, TurboBoA <= GPTQ at 4 bits, TurboBoA < GPTQ < RTN at 3 bits, the rotation's
+# gain. Run it whenever a change touches solvers, grids or defaults; it writes bench/results/accuracy.{json,md}
+# (rows reused only when settings, data, machine and versions match) and fails when a check fails.
+accuracy: venv
+	$(PY) bench/accuracy.py $(BENCH_ARGS)
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests

@@ -39,11 +39,11 @@ QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
                   help="minmax | search (Hessian-weighted range search) | auto (search except for rtn)"),
     click.option("--format", "fmt", default="int", show_default=True,
                   help="int (uniform grid of --bits/--group-size), a ggml type the GGUF file stores: "
-                       "q2_k q3_k q4_k q5_k q6_k q4_0 q4_1 q5_0 q8_0 iq4_nl, or lpbq4 (Qualcomm LPBQ, for ONNX)"),
+                       "q2_k q3_k q4_k q5_k q6_k q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl, or lpbq4 (Qualcomm LPBQ, for ONNX)"),
     click.option("--tensor-format", "tensor_formats", multiple=True, metavar="PATTERN=TYPE",
                   help="per-layer format override by module-name pattern, e.g. '*.down_proj=q6_k' (repeatable)"),
-    click.option("--preset", default="", help="llama-quantize-like file type: Q2_K, Q3_K_S, Q3_K_M or Q4_K_M "
-                  "(a ggml type per tensor, embedding included; see the README)"),
+    click.option("--preset", default="", help="llama-quantize-like file type: Q4_0, Q2_K, Q3_K_S, Q3_K_M or Q4_K_M "
+                  "(a ggml type per tensor, embedding included; see docs/formats-and-export.md)"),
     click.option("--embed-format", default="",
                   help="type of the token embedding and the head: float, or a ggml type (default: llama-quantize's "
                        "choice for the file: q6_k for the head or a tied embedding, q8_0 where the width is not a "
@@ -53,7 +53,7 @@ QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
     click.option("--pad-order", default="natural", show_default=True,
                   help="natural (residual zero channels at the end) | activation (they share a 256-block with the "
                        "largest activations, which llama.cpp's 8-bit activation blocks then round finer; it moves "
-                       "the weights' groups, see the README)"),
+                       "the weights' groups, see docs/formats-and-export.md)"),
     click.option("--act-order/--no-act-order", default=True, show_default=True,
                   help="GPTQ: columns by decreasing Hessian diagonal (static groups)"),
     click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids from the original weights"),
@@ -248,7 +248,7 @@ def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, devic
 @click.option("--opset", type=int, default=None, help="onnx: opset (default 21; 25 stores 2-bit grids as int2)")
 @click.option("--profile", default=None,
               help="onnx: generic (default) | npu (symmetric int4/int8, static shapes) | qnn-htp (every tensor "
-                   "quantized, what Qualcomm's HTP compiles whole) | openvino: npu (default) or generic")
+                   "quantized, what Qualcomm's HTP compiles whole) | openvino: openvino (default), npu or generic")
 @click.option("--qnn-context", is_flag=True,
               help="onnx --profile qnn-htp: also write the compiled QNN EPContext model <name>_ctx.onnx beside it")
 @click.option("--seqlen", type=int, default=None,

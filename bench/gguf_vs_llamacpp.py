@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import provenance as pv  # noqa: E402
 
-PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
+PRESETS = ("Q4_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
 LLAMA = ("llama_cpp_python",)  # every row runs in llama.cpp (its tools are built from that package's source)
 THREADS = 2  # llama.cpp threads of llama-quantize, llama-imatrix and the evaluation
 LEGACY_SETTINGS = ("n_params", "machine", "llama_cpp_python")  # document-level fields of earlier runs

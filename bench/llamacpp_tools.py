@@ -16,6 +16,9 @@ import tarfile
 from pathlib import Path
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+# the same portable build as the Makefile's llama-cpp-python (AVX2, no -march=native): ggml's AMX kernels, which
+# a native build enables on CPUs that have AMX, crash; and every host then runs the same kernels
+PORTABLE = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON")
 
 
 def cache_root() -> Path:
@@ -25,7 +28,7 @@ def cache_root() -> Path:
 def build(jobs: int = 2) -> Path:
     """Return the folder with the tool binaries, building them first when missing."""
     version = md.version("llama_cpp_python")
-    root = cache_root() / version
+    root = cache_root() / f"{version}-portable"
     bin_dir = root / "build" / "bin"
     if all((bin_dir / t).is_file() for t in TOOLS):
         return bin_dir
@@ -42,7 +45,7 @@ def build(jobs: int = 2) -> Path:
     llama_dir = next(src.glob("*/vendor/llama.cpp"))
     build_dir = root / "build"
     subprocess.run(["cmake", "-S", str(llama_dir), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_CURL=OFF", *PORTABLE, "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"], check=True)
     subprocess.run(["cmake", "--build", str(build_dir), "--target", *TOOLS, "-j", str(jobs)], check=True)
     return bin_dir

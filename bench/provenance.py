@@ -168,12 +168,15 @@ def qdir_record(qdir: Path) -> dict[str, Any]:
 
 def confirm_quantize(settings: dict[str, Any], qdir: Path) -> dict[str, Any]:
     """``settings`` (from :func:`quantize_settings`) with the QuantConfig the QDIR recorded: the same dict when
-    they agree, else the QDIR's config (what made the row), with a warning on stderr."""
+    they agree (a predicted "auto" agrees with whatever the run resolved it to, which the QDIR records), else
+    the QDIR's config (what made the row), with a warning on stderr."""
     recorded = normalized(qdir_record(qdir)["quant_config"])
-    if recorded == settings["quant_config"]:
+    predicted = settings["quant_config"]
+    # "auto" choices that need the model (--rotate auto) are resolved by the run: any recorded value matches
+    differ = sorted(k for k in set(recorded) | set(predicted)
+                    if recorded.get(k) != predicted.get(k) and predicted.get(k) != "auto")
+    if not differ:
         return settings
-    differ = sorted(k for k in set(recorded) | set(settings["quant_config"])
-                    if recorded.get(k) != settings["quant_config"].get(k))
     print(f"[bench] warning: {qdir}'s QuantConfig differs from the one predicted from its command line in "
           f"{', '.join(differ)}; the row records the QDIR's", file=sys.stderr, flush=True)
     return {**settings, "quant_config": recorded}

@@ -40,7 +40,9 @@ CALIB = dict(nsamples=4, seqlen=32)
 
 
 def quantize(folder, out, act_bits: int | None, **cfg):
-    """An RTN QDIR of ``folder`` (4 calibration samples of 32 tokens) with ``act_bits`` encodings."""
+    """An RTN QDIR of ``folder`` (4 calibration samples of 32 tokens) with ``act_bits`` encodings; the embedding
+    and head stay float unless ``cfg`` says otherwise (these tests count the linear layers' encodings)."""
+    cfg = {"embed_format": "float", **cfg}
     api.quantize(str(folder), QuantConfig(method="rtn", **CALIB, **cfg), out, device="cpu", progress=False,
                  act_bits=act_bits)
     return load_qdir(out)

@@ -50,10 +50,10 @@ def test_record_has_every_field(ctx):
     assert prov["machine"]["threads"] >= 1
     for name in ("turboboa", "torch", "transformers", "numpy", "gguf", "onnx", "onnxruntime"):
         assert prov["versions"][name]
-    # every QuantConfig field, resolved (the CLI's --rotate auto is hadamard for GPTQ; group size 128)
+    # every QuantConfig field, resolved (--rotate auto is decided with the model: the QDIR records it)
     qc = prov["settings"]["quantize"]["quant_config"]
     assert set(qc) == {f.name for f in dataclasses.fields(QuantConfig)}
-    assert qc["rotate"] == "hadamard" and qc["group_size"] == 128 and qc["percdamp"] == 0.05
+    assert qc["rotate"] == "auto" and qc["group_size"] == 128 and qc["percdamp"] == 0.05
     assert prov["settings"]["quantize"]["device"] == "cpu"
     assert prov["settings"]["eval"]["max_windows"] == 16 and "as_json" not in prov["settings"]["eval"]
     assert prov["data"] == {"calibration": {"nsamples": 16, "seqlen": 512, "tokens": 8192},
@@ -282,5 +282,5 @@ def test_scripts_resolve_every_rows_settings():
     for maker in ("llama.cpp", "llama.cpp+imatrix", "turboboa", "turboboa+pad256", "turboboa+pad256+hadamard"):
         s = gguf_vs_llamacpp.row_settings(a, "Q3_K_M", maker)
         assert s["maker"] == maker and s["eval"]["threads"] == gguf_vs_llamacpp.THREADS
-    assert gguf_vs_llamacpp.row_settings(a, "Q2_K", "turboboa")["quantize"]["quant_config"]["rotate"] == "hadamard"
+    assert gguf_vs_llamacpp.row_settings(a, "Q2_K", "turboboa")["quantize"]["quant_config"]["rotate"] == "auto"
     assert gguf_vs_llamacpp.row_settings(a, "Q2_K", "turboboa+pad256")["quantize"]["quant_config"]["rotate"] == "none"

@@ -62,7 +62,7 @@ def test_tiny_model_quantize_then_eval(tmp_path, tiny_llama_dir, method):
                    "--nsamples", "4", "--seqlen", "64", "--rows", "4", "-q", "--json", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["layers"] == 14
+    assert summary["layers"] == 15  # 2 blocks x 7 linear layers and the tied embedding (q8_0 by default)
     meta = json.loads((out / "quant_config.json").read_text())
     assert meta["method"] == method and meta["calibration"]["nsamples"] == 4
     assert meta["versions"]["torch"]

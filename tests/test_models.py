@@ -100,3 +100,12 @@ def test_model_id_for_config(tmp_path: Path) -> None:
     assert model_id_for_config(DEFAULT_MODEL) == DEFAULT_MODEL
     assert model_id_for_config("owner/name") == "owner/name"
     assert model_id_for_config(str(tmp_path)) == str(tmp_path.resolve())
+
+
+@pytest.mark.slow
+def test_default_model_wikitext2_perplexity_is_sane() -> None:
+    """The evaluation protocol on the real model: 2 windows of 512 WikiText-2 test tokens score a PPL in the
+    range of a 135M-parameter model (about 30); `make accuracy` holds the measured values."""
+    from turboboa import api
+
+    assert 20 < api.evaluate("smollm2-135m", seqlen=512, max_windows=2, device="cpu", progress=False).ppl < 45

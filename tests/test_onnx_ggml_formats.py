@@ -39,6 +39,7 @@ from turboboa.config import QuantConfig
 from turboboa.errors import UserError
 from turboboa.formats import GgmlGrid, all_format_names, get_format
 from turboboa.formats.lpbq import LPBQ_BLOCKS
+from turboboa.formats.presets import EMBEDDING
 from turboboa.quantized import QuantizedLinear
 from turboboa.solvers import LayerProblem, solve_layer
 
@@ -130,8 +131,8 @@ def qdirs(tmp_path_factory, tiny_wide):
     def get(fmt: str, method: str = "rtn"):
         if (fmt, method) not in made:
             out = root / f"{fmt}-{method}"
-            api.quantize(str(tiny_wide), QuantConfig(method=method, format=fmt, nsamples=2, seqlen=32), out,
-                         device="cpu", progress=False)
+            cfg = QuantConfig(method=method, format=fmt, embed_format="float", nsamples=2, seqlen=32)
+            api.quantize(str(tiny_wide), cfg, out, device="cpu", progress=False)
             made[(fmt, method)] = out
         return made[(fmt, method)]
 
@@ -223,7 +224,7 @@ def test_solved_layers_decode_exactly(fmt: str, method: str) -> None:
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 @pytest.mark.parametrize("fmt", EXPORTABLE)
 def test_one_qdir_exports_to_gguf_and_onnx_exactly(tmp_path, qdirs, window, fmt: str, method: str) -> None:
-    ckpt = load_qdir(qdirs(fmt, method))
+    ckpt = load_qdir(qdirs(fmt, method))  # (tables float: the props below describe the layers' format alone)
     assert {q.fmt for q in ckpt.layers.values()} == {fmt}
     onnx_path = export_onnx(ckpt, tmp_path / "m.onnx")
     gguf_path = export_gguf(ckpt, tmp_path / "m.gguf")
@@ -259,14 +260,18 @@ def q4_0_qdir(tmp_path_factory, default_tokenizer):
 
 
 def test_q4_0_tiny_llama_logits_match_fake_quant(tmp_path, q4_0_qdir, window) -> None:
-    ckpt = load_qdir(q4_0_qdir)
-    assert {q.fmt for q in ckpt.layers.values()} == {"q4_0"}
+    ckpt = load_qdir(q4_0_qdir)  # what turboboa run makes by default: q4_0 layers, the tied embedding q8_0
+    assert {q.fmt for name, q in ckpt.layers.items() if name != EMBEDDING} == {"q4_0"}
+    assert ckpt.layers[EMBEDDING].fmt == "q8_0"
     for profile, options, windows in (("generic", {}, [window, window[:17]]), ("npu", {"seqlen": 64}, [window])):
         path = export_onnx(ckpt, tmp_path / f"{profile}.onnx", profile=profile, **options)
         onnx.checker.check_model(str(path), full_check=True)
         assert max(check_onnx_weights(path, ckpt).values()) == 0.0
         inits = onnx.load(str(path)).graph.initializer
-        assert {t.data_type for t in inits if t.name.endswith(".weight_q")} == {TensorProto.INT4}
+        layers_q = {t.data_type for t in inits if t.name.endswith(".weight_q") and not t.name.startswith(EMBEDDING)}
+        assert layers_q == {TensorProto.INT4}
+        table_q = {t.data_type for t in inits if t.name == f"{EMBEDDING}.weight_q"}
+        assert table_q == ({TensorProto.INT8} if profile == "generic" else set())  # npu: the table stays float
         assert not any(t.name.endswith("zero_point") for t in inits)
         gap = relative_gap(path, ckpt, windows)
         print(f"q4_0 gptq {profile}: max |onnxruntime - torch| / max |logit| = {gap:.3g}")

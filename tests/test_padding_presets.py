@@ -108,4 +108,27 @@ def test_presets_follow_llama_quantize() -> None:
     assert cfg.embedding_format(576, shape) == "q8_0"
     assert cfg.embedding_format(768, shape) == "q6_k"
     assert QuantConfig(embed_format="q4_0").embedding_format(576, shape) == "q4_0"
-    assert QuantConfig().embedding_format(576, shape) == ""
+    assert QuantConfig(embed_format="float").embedding_format(576, shape) == ""
+    # Q4_0 (the same types as --format q4_0): q4_0 layers, the output type for the head or a tied embedding
+    assert preset_format("Q4_0", layer.format(5, "self_attn.v_proj"), shape) == "q4_0"
+    assert preset_format("Q4_0", "lm_head", shape) == "q6_k"
+    assert preset_format("Q4_0", "model.embed_tokens", ModelShape(30, 3, False)) == "q4_0"
+
+
+def test_default_embedding_and_head_types_follow_the_file_type() -> None:
+    """Without --embed-format, the tables take llama-quantize's types for the file the layers make: the output
+    type (q6_k, q8_0 for a q8_0 file) for the head and a tied embedding, the layers' type for an untied
+    embedding, the width fallback q6_k -> q8_0 where 256 does not divide the width; q6_k for a uniform grid;
+    float only where no block fits the width."""
+    tied, untied = ModelShape(30, 3, True), ModelShape(30, 3, False)
+    q4_0 = QuantConfig(format="q4_0")
+    assert q4_0.embedding_format(576, tied) == "q8_0"  # what llama-quantize's Q4_0 of SmolLM2 stores
+    assert q4_0.embedding_format(768, tied) == "q6_k"
+    assert q4_0.embedding_format(576, untied) == "q4_0"
+    assert q4_0.embedding_format(576, untied, "lm_head") == "q8_0"
+    assert QuantConfig(format="q8_0").embedding_format(768, tied) == "q8_0"
+    assert QuantConfig(format="q4_k").embedding_format(768, untied) == "q4_k"
+    assert QuantConfig(format="q4_k").embedding_format(576, untied) == "q5_0"  # q4_k's width fallback
+    assert QuantConfig().embedding_format(576, tied) == "q8_0"  # uniform grid
+    assert QuantConfig().embedding_format(768, untied) == "q6_k"
+    assert QuantConfig().embedding_format(48, tied) == ""  # no 32-column block fits 48

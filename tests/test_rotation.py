@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from exporters.gguf.export import check_gguf_weights
-from turboboa.activations.dynamic import DynamicSpec, fake_quant_dynamic, install_dynamic
 from turboboa import api
+from turboboa.activations.dynamic import DynamicSpec, fake_quant_dynamic, install_dynamic
 from turboboa.checkpoint import load_qdir
 from turboboa.errors import UserError
 from turboboa.rotation import (

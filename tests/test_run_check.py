@@ -86,7 +86,10 @@ def test_check_passes_on_honest_gguf(tmp_path, q4_0_gguf) -> None:
     assert rows["fake-quant"]["gap"] == 0.0 and rows["fake-quant"]["kl"] == 0.0
     assert abs(rows["llama.cpp"]["gap"]) <= 0.01 and rows["llama.cpp"]["top1"] > 0.9
     w = report["weights"]["gguf"]
-    assert w["tensors"] == 14 and w["max_abs_diff"] == 0.0 and not w["failing"]
+    assert w["tensors"] == 15 and w["max_abs_diff"] == 0.0 and not w["failing"]  # 14 layers and the embedding
+    size = report["sizes"]["gguf"]
+    assert size["bytes"] == gguf.stat().st_size
+    assert size["bits_per_weight"] == round(8 * size["bytes"] / load_qdir(qdir).meta["parameters"], 4)
     assert report["runtime"]["llama.cpp"]["n_ctx"] == 64
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["passed"] is True
     assert "| llama.cpp |" in (tmp_path / "rep" / "report.md").read_text()

@@ -38,8 +38,9 @@ def auto_rotation(method: str, weight_activation: bool, unties_head: bool) -> st
 @dataclass(frozen=True)
 class QuantConfig:
     """Options of ``turboboa quantize``; defaults follow the papers (TurboBoA: N=16, alpha=0.25, 1 refinement)
-    and the measurements of the README's "Defaults" (act-order, damping 0.05, F2 for GPTQ too); ``rotate`` stays
-    "none" here, the CLI passes "auto"."""
+    and ``make accuracy`` (act-order, damping 0.05, F2 for GPTQ too). The command builds it with these defaults,
+    so the Python API and the command quantize alike. ``rotate="auto"`` stays unresolved until the model is
+    known (:meth:`resolve_rotation`), unless the method or the activation quantization decides it."""
 
     method: str = "turboboa"
     bits: int = 4
@@ -55,7 +56,7 @@ class QuantConfig:
     # GPTQ
     act_order: bool = True
     static_groups: bool = False
-    percdamp: float = 0.05  # GPTQModel's default; best of 0.01/0.05/0.1 with act-order (README, "GPTQ at 4 bits")
+    percdamp: float = 0.05  # GPTQModel's default
     block_size: int = 128
     true_sequential: bool = False
     # BoA / TurboBoA
@@ -64,7 +65,7 @@ class QuantConfig:
     use_dx: bool = True  # F2 (GPTAQ's asymmetric calibration) for GPTQ and TurboBoA
     adaptive_grid: bool = True
     refine_iters: int = 1
-    act_order_col: bool = True  # as GPTQ's act-order: TurboBoA w4 g128 rotated 33.83 -> 33.38 (with --damp 0.05)
+    act_order_col: bool = True  # columns by decreasing H_col diagonal, as GPTQ's act-order
     act_order_row: bool = False
     # rotation (QuaRot) and weight-activation quantization (WxAyKVz, per token)
     rotate: str = "auto"  # none | hadamard (randomized Hadamard) | random (Haar orthogonal) | auto (auto_rotation)
@@ -190,11 +191,13 @@ class QuantConfig:
     def embedding_format(self, columns: int, shape: Any, name: str = "") -> str:
         """The token embedding's format (or, with ``name`` = the head's, an untied head's): ``embed_format``
         ("" for ``float``), else llama-quantize's choice for the file type: the preset's, or that of a file
-        whose layers are ``format`` (:func:`~turboboa.formats.presets.table_format`: q6_k for the head or a
-        tied embedding, the layers' type for an untied one), after the overrides and width fallbacks."""
+        whose layers are the ggml type ``format`` (:func:`~turboboa.formats.presets.table_format`: q6_k for the
+        head or a tied embedding, the layers' type for an untied one); for a uniform or LPBQ grid q6_k for
+        both. Then the overrides and width fallbacks (q6_k -> q8_0); a width no block fits keeps float."""
+        from .formats import is_ggml_format
         from .formats.base import get_format
         from .formats.choice import FALLBACK, layer_format, parse_overrides
-        from .formats.presets import EMBEDDING, preset_format, table_format
+        from .formats.presets import EMBEDDING, output_type, preset_format, table_format
         from .quantized import UNIFORM
 
         name = name or EMBEDDING
@@ -204,8 +207,10 @@ class QuantConfig:
             fmt = self.embed_format.lower()
         elif self.preset:
             fmt = preset_format(self.preset, name, shape)
-        else:
-            fmt = table_format("q8_0" if self.format == "int" and self.bits == 8 else self.format, name, shape)
+        elif is_ggml_format(self.format):
+            fmt = table_format(self.format, name, shape)
+        else:  # a grid GGUF cannot hold (uniform, LPBQ): no file type to follow; the tables keep about 8 bits
+            fmt = output_type("q8_0" if self.bits == 8 else "")
             fmt = FALLBACK.get(fmt, fmt) if fmt != UNIFORM and not get_format(fmt).supports_width(columns) else fmt
             if fmt != UNIFORM and not get_format(fmt).supports_width(columns):
                 return ""  # no block of this type fits the width: the table stays float, as the user did not ask

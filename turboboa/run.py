@@ -4,7 +4,7 @@ OUTDIR after a run::
 
     qdir/          the quantized checkpoint (turboboa quantize)
     model.gguf     llama.cpp file (--export gguf)
-    model.onnx     QDQ ONNX decoder, --onnx-profile (generic or npu) (--export onnx; model.onnx.data beside it past 2 GB)
+    model.onnx     QDQ ONNX decoder, --onnx-profile (generic, npu or qnn-htp) (--export onnx; model.onnx.data beside it past 2 GB)
     report.json    the check's report (runtime_check.checker.check) plus this run's settings
     report.md      the same as a table and a verdict
     report.png     PPL per backend (needs matplotlib)
@@ -82,8 +82,8 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
                   onnx_profile: str = "generic") -> None:
     """A :class:`UserError` when a requested export format cannot hold what ``cfg`` quantizes onto: GGUF needs
     a ggml type for every layer (embedding included) and has no static activation encodings; ONNX needs a
-    grid with a DequantizeLinear form that ``onnx_profile`` takes (a quantized embedding is stored
-    dequantized, so any type), and ``npu`` needs symmetric uniform grids."""
+    grid with a DequantizeLinear form that ``onnx_profile`` takes (a quantized embedding of another type is
+    stored dequantized, so any type), and ``npu`` needs symmetric uniform grids."""
     from exporters.onnx.weights import ONNX_FORMATS, check_onnx_format, onnx_expressible
 
     from .formats import is_ggml_format

@@ -107,8 +107,8 @@ def export_openvino(ckpt: QuantizedCheckpoint, output: Path, profile: str = "ope
     its path.
 
     ``profile``, ``seqlen`` and ``act_bits`` are the ONNX exporter's (:func:`exporters.onnx.export_onnx`):
-    ``npu`` by default (symmetric int4/int8 weights, static ``seqlen``, 512 tokens unless given), ``generic``
-    for asymmetric grids and a dynamic length. Quantized weights stay integer Constants (i4/u4/i8/u8); the
+    ``openvino`` by default, ``npu`` (symmetric int4/int8 weights, static ``seqlen``, 512 tokens unless
+    given), or ``generic`` for asymmetric grids and a dynamic length. Quantized weights stay integer Constants (i4/u4/i8/u8); the
     tokenizer folder (relative to the IR) and the other ``turboboa.*`` keys are in ``rt_info[turboboa]``.
     """
     if options:

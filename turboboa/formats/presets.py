@@ -1,10 +1,11 @@
-"""File types like llama-quantize's: ``--preset Q2_K|Q3_K_S|Q3_K_M|Q4_K_M`` picks a ggml type per tensor.
+"""File types like llama-quantize's: ``--preset Q4_0|Q2_K|Q3_K_S|Q3_K_M|Q4_K_M`` picks a ggml type per tensor.
 
 The rules follow llama.cpp's ``llama_tensor_get_type`` for these file types (dense Llama-family models):
 
 ========  =======  =====================================  ========================================  ========  ==========
 preset    default  attn_v (v_proj)                        ffn_down (down_proj)                      attn_out  output/emb
 ========  =======  =====================================  ========================================  ========  ==========
+Q4_0      q4_0     q4_0                                   q4_0                                      q4_0      q6_k
 Q2_K      q2_k     q4_k if n_head/n_kv >= 4, else q3_k    q3_k                                      q3_k      q6_k
 Q3_K_S    q3_k     q3_k                                   q3_k                                      q3_k      q6_k
 Q3_K_M    q3_k     q5_k for the first 2 layers, else q4_k  q5_k if i < n/16, else q4_k               q4_k      q6_k
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 
 from turboboa.errors import UserError
 
-PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
-DEFAULT_TYPE = {"Q2_K": "q2_k", "Q3_K_S": "q3_k", "Q3_K_M": "q3_k", "Q4_K_M": "q4_k"}
+PRESETS = ("Q4_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
+DEFAULT_TYPE = {"Q4_0": "q4_0", "Q2_K": "q2_k", "Q3_K_S": "q3_k", "Q3_K_M": "q3_k", "Q4_K_M": "q4_k"}
 EMBEDDING = "model.embed_tokens"
 HEAD = "lm_head"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
