@@ -67,8 +67,10 @@ bench: venv
 accuracy: venv
 	$(PY) bench/accuracy.py $(BENCH_ARGS)
 
+# Two workers (pytest-xdist), a test file per worker at a time so its module fixtures are built once; a test that
+# hangs fails after 15 minutes instead of holding the suite.
 test: venv
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --timeout 900 --durations=15 tests
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -71,3 +71,30 @@ def test_tiny_model_quantize_then_eval(tmp_path, tiny_llama_dir, method):
     res = json.loads(proc.stdout)
     assert res["backend"] == "torch-fakequant" and res["windows"] == 2 and res["tokens"] == 2 * 63
     assert res["ppl"] > 1
+
+
+def test_command_and_python_api_share_their_defaults(tmp_path, tiny_llama_dir) -> None:
+    """``turboboa quantize`` with only the sizes given and ``turboboa.api.quantize`` with a ``QuantConfig`` of
+    the same sizes build the same configuration and write the same QDIR: every tensor file byte for byte, and
+    ``quant_config.json`` equal but for the run's timings (the only thing that differs between two runs)."""
+    from turboboa import api
+    from turboboa.checksums import folder_files
+    from turboboa.config import QuantConfig
+
+    sizes = {"group_size": 32, "nsamples": 4, "seqlen": 32}
+    cli_out, api_out = tmp_path / "cli", tmp_path / "api"
+    proc = run_cli("quantize", str(tiny_llama_dir), "--group-size", "32", "--nsamples", "4", "--seqlen", "32",
+                   "-q", "--json", "-o", str(cli_out))
+    assert proc.returncode == 0, proc.stderr
+    summary = api.quantize(str(tiny_llama_dir), QuantConfig(**sizes), api_out, progress=False)
+    assert json.loads(proc.stdout)["config"] == json.loads(json.dumps(summary.config.to_dict()))
+    names = folder_files(cli_out)
+    assert names == folder_files(api_out)
+    assert "quantized.safetensors" in names and "float.safetensors" in names
+    for name in names:
+        if name in ("quant_config.json", "SHA256SUMS"):
+            continue
+        assert (cli_out / name).read_bytes() == (api_out / name).read_bytes(), name
+    a, b = (json.loads((d / "quant_config.json").read_text()) for d in (cli_out, api_out))
+    assert a.pop("timings") and b.pop("timings")
+    assert a == b
