@@ -67,10 +67,11 @@ bench: venv
 accuracy: venv
 	$(PY) bench/accuracy.py $(BENCH_ARGS)
 
-# Two workers (pytest-xdist), a test file per worker at a time so its module fixtures are built once; a test that
-# hangs fails after 15 minutes instead of holding the suite.
+# Two workers (pytest-xdist), a test file per worker at a time so its module fixtures are built once, each
+# computing on one thread (OMP_NUM_THREADS reaches torch in the workers and in the commands they start), so
+# the two never contend for the cores; a test that hangs fails after 15 minutes instead of holding the suite.
 test: venv
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --timeout 900 --durations=15 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --timeout 900 --durations=15 tests
 
 lint: venv
 	$(VENV)/bin/ruff check .

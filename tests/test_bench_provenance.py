@@ -100,8 +100,9 @@ def test_row_is_reused_only_when_everything_matches(ctx):
     assert ctx.mismatch(None, settings, data) == "not measured yet"
 
 
-def test_rows_without_provenance_are_never_reused(ctx):
-    """The committed results predate provenance: every row of theirs is read and none is reusable."""
+def test_rows_without_provenance_are_never_reused(ctx, tmp_path):
+    """A row written before rows recorded provenance, or with another schema, is never reused; a document of
+    the same settings keeps such rows (shown as not recorded until measured again)."""
     import methods
 
     row, settings, data = quantize_row(ctx)
@@ -109,20 +110,13 @@ def test_rows_without_provenance_are_never_reused(ctx):
     assert "provenance" in ctx.mismatch(legacy, settings, data)
     older_schema = {**row, "provenance": {**row["provenance"], "schema": 0}}
     assert not ctx.reusable(older_schema, settings, data)
-    results = ROOT / "bench" / "results"
-    docs = {p.name: json.loads(p.read_text()) for p in results.glob("**/*.json") if p.parent.name != "npu-check"}
-    assert docs
-    for name, doc in docs.items():
-        rows = doc if isinstance(doc, list) else [
-            doc.get("float"), doc.get("float_rotated"), *(doc.get("runs") or {}).values(), *(doc.get("rows") or []),
-            *(doc.get("gguf") or {}).values()]
-        for r in filter(None, rows):
-            if not pv.has_provenance(r):
-                assert not ctx.reusable(r, settings, data), name
-    # a document of the same settings keeps its earlier rows (shown until measured again)
-    m = json.loads((results / "methods.json").read_text())
-    doc = methods.load_doc(results / "methods.json", m["settings"], None)
-    assert doc["runs"] == m["runs"]
+    path = tmp_path / "methods.json"
+    doc_settings = {"methods": ["rtn"], "nsamples": 16, "seqlen": 512}
+    path.write_text(json.dumps({"settings": doc_settings, "machine": {"cpus": 2}, "runs": {"rtn-w4-g-1": legacy}}))
+    doc = methods.load_doc(path, doc_settings, None)
+    assert doc["runs"] == {"rtn-w4-g-1": json.loads(json.dumps(legacy))}
+    assert not ctx.reusable(doc["runs"]["rtn-w4-g-1"], settings, data)
+    assert methods.load_doc(path, {**doc_settings, "nsamples": 8}, None)["runs"] == {}
 
 
 def test_fresh_reuses_nothing(ctx, tmp_path):

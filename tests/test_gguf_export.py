@@ -121,11 +121,11 @@ GGUF_PPL_BOUND = {"q4_0": 0.01, "q3_k": 0.01}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt,pad,rotate", [("q4_0", 0, "none"), ("q3_k", 256, "hadamard")])
+@pytest.mark.parametrize("fmt,pad,rotate", [("q3_k", 256, "hadamard")])  # q4_0: test_default_model_run_passes
 def test_default_model_gguf_matches_its_fake_quant_model(tmp_path, fmt, pad, rotate) -> None:
     """SmolLM2-135M as Q4_0, and padded to 256 and rotated as Q3_K (every tensor a k-quant, the untied head
     q8_0 like the embedding): the file decodes to the fake-quant weights exactly and llama.cpp's PPL is within
-    1% of the fake-quant model's (2 windows of 512)."""
+    1% of the fake-quant model's (4 windows of 512)."""
     pytest.importorskip("llama_cpp")
     cfg = QuantConfig(method="rtn", grid="search", format=fmt, pad_to=pad, embed_format="q8_0", nsamples=4,
                       seqlen=128, rotate=rotate)
@@ -136,7 +136,7 @@ def test_default_model_gguf_matches_its_fake_quant_model(tmp_path, fmt, pad, rot
         assert "lm_head" in ckpt.layers  # untied by the rotation, quantized like the embedding
     path = get_exporter("gguf")(ckpt, tmp_path / "m.gguf")
     assert max(check_gguf_weights(path, ckpt).values()) == 0.0
-    ref = api.evaluate(str(tmp_path / "q"), seqlen=512, max_windows=2, device="cpu", progress=False)
-    got = api.evaluate(str(path), seqlen=512, max_windows=2, progress=False, tokenizer=str(tmp_path / "q"))
+    ref = api.evaluate(str(tmp_path / "q"), seqlen=512, max_windows=4, device="cpu", progress=False)
+    got = api.evaluate(str(path), seqlen=512, max_windows=4, progress=False, tokenizer=str(tmp_path / "q"))
     print(f"{fmt} pad {pad} rotate {rotate}: fake-quant {ref.ppl:.4f}, llama.cpp {got.ppl:.4f}")
     assert abs(got.ppl / ref.ppl - 1) < GGUF_PPL_BOUND[fmt]
