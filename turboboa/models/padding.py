@@ -20,11 +20,9 @@ every matmul to 8 bits per 256-column block with one scale (``q8_K``: ``x_hat = 
 ``a = max |x|`` over the block), so every element of a block is rounded on the grid of the block's largest
 value. :func:`residual_placement` puts the ``t`` channels with the largest calibration activations in the block
 that holds the zero channels (zeros cost nothing), so they no longer coarsen the grid of 255 ordinary
-channels. On SmolLM2-135M padded to 768 (``t = 64``), simulating q8_K on every layer input of the float model
-moves the PPL by +0.31% instead of +1.03% (4 windows of 512; all channels sorted by peak). But the placement
-also moves the weights' k-quant groups: RTN Q3_K of the padded model measured 41.73 (natural), 45.28 (this
-placement) and 53.17 (all channels sorted) fake-quant PPL, 42.39 / 45.78 / 53.52 in llama.cpp. So ``natural``
-is the default and ``activation`` an option.
+channels. But the placement also moves the weights' k-quant groups, which cost more than the finer activation
+grid gains on the default model (docs/CHANGELOG.md has the measurements), so ``natural`` is the default and
+``activation`` an option.
 """
 
 from __future__ import annotations
