@@ -326,3 +326,16 @@ def test_run_killed_and_resumed_gives_the_same_files(tmp_path, tiny_llama_dir, w
             assert (out / name).read_bytes() == (whole_run / name).read_bytes(), name
     a, b = (json.loads((d / "qdir" / "quant_config.json").read_text()) for d in (out, whole_run))
     assert {**a, "timings": None} == {**b, "timings": None}
+
+
+def test_export_checks_take_float_tables_and_refuse_a_grid_gguf_lacks() -> None:
+    """``--embed-format float`` keeps the tables float32, which GGUF holds; an embedding format GGUF has no type
+    for is refused before quantizing."""
+    from turboboa.config import QuantConfig
+    from turboboa.errors import UserError
+    from turboboa.run import check_exports
+
+    check_exports(QuantConfig(format="q4_0", embed_format="float"), ("gguf", "onnx"), None)
+    check_exports(QuantConfig(format="q4_0", embed_format="q8_0"), ("gguf",), None)
+    with pytest.raises(UserError, match="lpbq4"):
+        check_exports(QuantConfig(format="q4_0", embed_format="lpbq4"), ("gguf",), None)

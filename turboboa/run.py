@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .checksums import sha256_file, sums_text
-from .config import QuantConfig
+from .config import FLOAT, QuantConfig
 from .errors import UserError
 from .io import remove_stale_temporaries
 
@@ -90,7 +90,7 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
 
     formats = possible_formats(cfg)
     if "gguf" in exports:
-        embedding = {cfg.embed_format.lower()} if cfg.embed_format else set()
+        embedding = {cfg.embed_format.lower()} - {"", FLOAT}  # a float table is F32 in the file
         bad = sorted(f for f in formats | embedding if not is_ggml_format(f))
         if bad:
             raise UserError(f"--export gguf cannot hold the {bad[0]} grid (GGUF stores ggml types only); quantize "
