@@ -198,7 +198,6 @@ class QuantConfig:
         from .formats.base import get_format
         from .formats.choice import FALLBACK, layer_format, parse_overrides
         from .formats.presets import EMBEDDING, output_type, preset_format, table_format
-        from .quantized import UNIFORM
 
         name = name or EMBEDDING
         if self.embed_format.lower() == FLOAT:
@@ -207,12 +206,12 @@ class QuantConfig:
             fmt = self.embed_format.lower()
         elif self.preset:
             fmt = preset_format(self.preset, name, shape)
-        elif is_ggml_format(self.format):
-            fmt = table_format(self.format, name, shape)
-        else:  # a grid GGUF cannot hold (uniform, LPBQ): no file type to follow; the tables keep about 8 bits
-            fmt = output_type("q8_0" if self.bits == 8 else "")
-            fmt = FALLBACK.get(fmt, fmt) if fmt != UNIFORM and not get_format(fmt).supports_width(columns) else fmt
-            if fmt != UNIFORM and not get_format(fmt).supports_width(columns):
+        else:  # the layers' file type; a grid GGUF cannot hold (uniform, LPBQ) has none: about 8-bit tables
+            fmt = (table_format(self.format, name, shape) if is_ggml_format(self.format)
+                   else output_type("q8_0" if self.bits == 8 else ""))
+            if not get_format(fmt).supports_width(columns):
+                fmt = FALLBACK.get(fmt, fmt)
+            if not get_format(fmt).supports_width(columns):
                 return ""  # no block of this type fits the width: the table stays float, as the user did not ask
         return layer_format(fmt, name, columns, parse_overrides(self.tensor_formats))
 
