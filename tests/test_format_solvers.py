@@ -14,7 +14,7 @@ from turboboa.config import QuantConfig
 from turboboa.errors import UserError
 from turboboa.formats import format_names, get_format
 from turboboa.formats.choice import layer_format
-from turboboa.formats.spec import FormatSpec, reshape_grid
+from turboboa.formats.spec import format_spec, reshape_grid
 from turboboa.quantized import QuantizedLinear
 from turboboa.solvers import LayerProblem, solve_layer
 from turboboa.solvers.gptq import gptq_quantize
@@ -72,29 +72,30 @@ def test_packed_file_bytes_decode_to_the_solver_weights(fmt: str, method: str) -
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gptq_column_loop_q_is_the_formats_dequantization(fmt: str) -> None:
     W, H, _ = problem(seed=1)
-    spec = FormatSpec(fmt)
+    spec = format_spec(fmt)
     res = gptq_quantize(W, H, spec, spec.fmt.group_size)
     grid = reshape_grid(res.stored, W.shape[0])
     assert torch.equal(res.Q, spec.fmt.dequantize(res.codes.to(torch.uint8), grid))
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "iq4_nl", "q2_k", "q3_k", "q4_k", "q6_k"])
+@pytest.mark.parametrize("fmt", ["q4_0", "iq4_nl", "q2_k", "q3_k", "q4_k", "q6_k", "iq2_xxs", "iq2_xs", "iq2_s",
+                                 "iq3_xxs", "iq3_s", "iq1_s", "iq1_m", "iq4_xs"])
 def test_gptq_beats_rtn_on_the_format_grid(fmt: str) -> None:
     W, H, _ = problem(seed=2)
-    spec = FormatSpec(fmt)
+    spec = format_spec(fmt)
     rtn = rtn_quantize(W.unsqueeze(0), spec, spec.fmt.group_size, H.unsqueeze(0))
     gptq = gptq_quantize(W, H, spec, spec.fmt.group_size)
     assert objective(W, gptq.Q, H) < 0.95 * objective(W, rtn.Q[0], H)
 
 
-@pytest.mark.parametrize("fmt", ["q4_1", "q2_k", "q3_k", "q4_k", "iq4_nl"])
+@pytest.mark.parametrize("fmt", ["q4_1", "q2_k", "q3_k", "q4_k", "iq4_nl", "iq2_xs", "iq3_xxs", "iq1_m", "iq4_xs"])
 @pytest.mark.parametrize("coupled", [False, True])
 def test_format_scale_refinement_never_increases_the_objective(fmt: str, coupled: bool) -> None:
     W, H, H_row = problem(seed=3)
     f = get_format(fmt)
     heads = H_row.shape[0]
     Wh = W.reshape(heads, -1, W.shape[1])
-    res = gptq_quantize(Wh, H.expand(heads, -1, -1), FormatSpec(fmt), f.group_size)
+    res = gptq_quantize(Wh, H.expand(heads, -1, -1), format_spec(fmt), f.group_size)
     Hr = H_row if coupled else None
     before = kron_objective(Wh, res.Q, H.unsqueeze(0), Hr)
     grid, Q = refine_format_scales(f, Wh, res.codes, res.stored, H.unsqueeze(0), Hr, iters=2)
@@ -110,7 +111,7 @@ def test_refinement_finds_the_optimal_super_scale_of_a_per_row_problem() -> None
     f = get_format("q4_0")
     gen = torch.Generator().manual_seed(4)
     W = torch.randn(1, 8, 32, generator=gen)
-    res = rtn_quantize(W, FormatSpec("q4_0", search=False), 32)
+    res = rtn_quantize(W, format_spec("q4_0", search=False), 32)
     grid, _ = refine_format_scales(f, W, res.codes, res.stored, torch.eye(32)[None], None)
     lv = f.levels[res.codes.long()]
     best = (W * lv).sum(-1) / (lv * lv).sum(-1)

@@ -186,7 +186,7 @@ class QuantConfig:
         from .formats.presets import preset_format
 
         default = preset_format(self.preset, name, shape) if self.preset else self.format
-        return layer_format(default, name, columns, parse_overrides(self.tensor_formats))
+        return layer_format(default, name, columns, parse_overrides(self.tensor_formats), bool(self.preset))
 
     def embedding_format(self, columns: int, shape: Any, name: str = "") -> str:
         """The token embedding's format (or, with ``name`` = the head's, an untied head's): ``embed_format``
@@ -202,10 +202,14 @@ class QuantConfig:
         name = name or EMBEDDING
         if self.embed_format.lower() == FLOAT:
             return ""
+        derived = not self.embed_format
         if self.embed_format:
             fmt = self.embed_format.lower()
         elif self.preset:
             fmt = preset_format(self.preset, name, shape)
+            output = name != EMBEDDING or shape.tied
+            if output and columns % 256:  # llama.cpp: an output matrix whose width takes no 256-block is q8_0
+                fmt = "q8_0"
         else:  # the layers' file type; a grid GGUF cannot hold (uniform, LPBQ) has none: about 8-bit tables
             fmt = (table_format(self.format, name, shape) if is_ggml_format(self.format)
                    else output_type("q8_0" if self.bits == 8 else ""))
@@ -213,7 +217,7 @@ class QuantConfig:
                 fmt = FALLBACK.get(fmt, fmt)
             if not get_format(fmt).supports_width(columns):
                 return ""  # no block of this type fits the width: the table stays float, as the user did not ask
-        return layer_format(fmt, name, columns, parse_overrides(self.tensor_formats))
+        return layer_format(fmt, name, columns, parse_overrides(self.tensor_formats), from_preset=derived)
 
     def grid_spec(self) -> GridSpec:
         search = self.grid == "search" or (self.grid == "auto" and self.method != "rtn")

@@ -29,6 +29,9 @@ class GridSpec:
     search: bool = False
     search_steps: int = 100
 
+    vector_width = 1  # columns one code covers
+    span = 1  # columns whose codes constrain each other
+
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
@@ -56,6 +59,11 @@ class GridSpec:
     def round(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Codes ``clamp(round(w / s) + z0, 0, maxq)`` (float)."""
         return quantize_codes(w, scale, zero, self.maxq)
+
+    def nearest(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                H: torch.Tensor | None = None) -> torch.Tensor:
+        """RTN's codes: :meth:`round` of every weight."""
+        return self.round(W, scale, zero)
 
     def value(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """``s * (z - z0)``: :func:`dequantize`."""

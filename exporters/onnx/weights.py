@@ -36,6 +36,7 @@ import torch
 
 from turboboa.errors import UserError
 from turboboa.formats import get_format
+from turboboa.formats.iquant import CodebookFormat
 from turboboa.formats.lpbq import LPBQ_BLOCKS
 from turboboa.quantized import UNIFORM, QuantizedLinear
 
@@ -213,6 +214,8 @@ def onnx_expressible(fmt: str) -> bool:
 def _why_not(fmt: str) -> str:
     """Why the storage format ``fmt`` has no DequantizeLinear form: a float offset or non-uniform levels."""
     f = get_format(fmt)
+    if issubclass(f, CodebookFormat):
+        return f"a lattice codebook (each {f.dim} weights one codeword, no per-weight integer code)"
     if f.asymmetric:
         return "a float offset per group (w = s*q - o, o/s not an integer zero point)"
     return "non-uniform levels"

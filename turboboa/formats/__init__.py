@@ -8,7 +8,7 @@ an exporter writes it: a ggml type (:class:`~turboboa.formats.base.GgmlFormat`) 
 ``formats/lpbq.py`` for the tables of types, levels and formulas.
 """
 
-from turboboa.formats import ggml, lpbq
+from turboboa.formats import ggml, iquant, lpbq
 from turboboa.formats.base import (
     BlockFields,
     BlockFormat,
@@ -21,4 +21,4 @@ from turboboa.formats.base import (
 )
 
 __all__ = ["BlockFields", "BlockFormat", "GgmlFormat", "GgmlGrid", "all_format_names", "format_names",
-           "get_format", "ggml", "is_ggml_format", "lpbq"]
+           "get_format", "ggml", "iquant", "is_ggml_format", "lpbq"]

@@ -143,7 +143,7 @@ class BlockFormat(ABC):
         cls.groups_per_block = cls.block_size // cls.group_size
         cls.levels = cls.levels.to(torch.float32)
         cls._levels_cache = {}
-        assert cls.levels.numel() == 2**cls.bits, name
+        assert 2 < cls.levels.numel() <= 2**cls.bits, name
         assert bool((cls.levels[1:] > cls.levels[:-1]).all()), f"{name}: levels must increase with the code"
         _REGISTRY[name] = cls
 
@@ -164,8 +164,9 @@ class BlockFormat(ABC):
 
     @classmethod
     def code_max(cls) -> int:
-        """The largest code, ``2^bits - 1`` (codes run over ``0..code_max``)."""
-        return 2**cls.bits - 1
+        """The largest code, ``len(levels) - 1`` (codes run over ``0..code_max``; ``2^bits - 1`` except for
+        the i-quants' sign-magnitude tables, e.g. IQ2's six levels in 3 bits)."""
+        return cls.levels.numel() - 1
 
     @classmethod
     def levels_on(cls, device: torch.device | str) -> torch.Tensor:

@@ -15,6 +15,10 @@ q5_k    q5_1
 q6_k    q8_0
 ======  ========
 
+The i-quants (256-column blocks too) fall back to ``iq4_nl`` as in llama.cpp (``tensor_type_fallback``),
+but only where a preset chose them: an i-quant asked for explicitly (``--format``, ``--tensor-format``,
+``--embed-format``) on a layer it cannot hold is an error naming the layer and ``--pad-to 256``.
+
 ``--pad-to 256`` (padding the model's widths) is the alternative that keeps k-quants everywhere.
 """
 
@@ -24,10 +28,12 @@ from fnmatch import fnmatchcase
 
 from turboboa.errors import UserError
 from turboboa.formats.base import all_format_names, get_format
+from turboboa.formats.iquant import I_QUANTS
 from turboboa.formats.lpbq import FAMILY, LPBQ_BLOCKS, is_lpbq, lpbq_name
 from turboboa.quantized import UNIFORM
 
-FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
+            **{name: "iq4_nl" for name in I_QUANTS}}
 DEFAULT_GROUP_SIZE = 128  # the uniform grid's group when --group-size is not given
 
 
@@ -71,12 +77,21 @@ def requested_format(default: str, name: str, overrides: tuple[tuple[str, str], 
     return fmt
 
 
-def layer_format(default: str, name: str, columns: int, overrides: tuple[tuple[str, str], ...] = ()) -> str:
-    """The format layer ``name`` (``columns`` inputs) is quantized onto, after overrides and fallbacks."""
+def layer_format(default: str, name: str, columns: int, overrides: tuple[tuple[str, str], ...] = (),
+                 from_preset: bool = False) -> str:
+    """The format layer ``name`` (``columns`` inputs) is quantized onto, after overrides and fallbacks.
+
+    ``from_preset``: ``default`` is a preset's choice (an i-quant then falls back like a k-quant); otherwise
+    an i-quant the layer cannot hold raises :class:`UserError`."""
     fmt = requested_format(default, name, overrides)
     if fmt == UNIFORM:
         return fmt
     if not get_format(fmt).supports_width(columns) and fmt in FALLBACK:
+        explicit = not from_preset or any(fnmatchcase(name, pattern) for pattern, _ in overrides)
+        if fmt in I_QUANTS and explicit:
+            raise UserError(f"{name}: {fmt} stores 256-column blocks but this layer has {columns} input "
+                            f"columns; add --pad-to 256, or give it a 32-column type with "
+                            f"--tensor-format '{name}=iq4_nl'")
         fmt = FALLBACK[fmt]
     get_format(fmt).check_width(columns)
     return fmt

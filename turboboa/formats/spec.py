@@ -91,6 +91,9 @@ class FormatSpec:
     def bits(self) -> int:
         return self.fmt.bits
 
+    vector_width = 1  # columns one code covers (a codebook's dim, :mod:`turboboa.formats.codebook`)
+    span = 1  # columns whose codes constrain each other (kept together under act-order)
+
     def fit_width(self, group_size: int, columns: int) -> int:
         """Columns fixed together: one ggml block."""
         return self.fmt.block_size
@@ -174,6 +177,11 @@ class FormatSpec:
         dead = scale == 0
         t = torch.round((w + offset) / scale.masked_fill(dead, 1.0)) - l0
         return t.masked_fill_(dead, 0.0).clamp_(0, fmt.code_max())
+
+    def nearest(self, W: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                H: torch.Tensor | None = None) -> torch.Tensor:
+        """RTN's codes: every weight of ``W`` rounded on its own (:meth:`round`; ``H`` is not needed)."""
+        return self.round(W, scale, offset)
 
     def value(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """``fp32(scale * levels[code]) - offset``: ggml's dequantizer (float32). For consecutive integer

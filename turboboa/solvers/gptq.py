@@ -89,6 +89,7 @@ def gptq_columns(
     G = group_size if group_size > 0 else C
     n_groups = (C + G - 1) // G
     fw = spec.fit_width(group_size, C)
+    v, span = spec.vector_width, spec.span
     bs = aligned_block_size(block_size, fw if fw < C else group_size)
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
@@ -101,7 +102,7 @@ def gptq_columns(
         W1 = W[..., i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[:, i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        for i in range(0, i2 - i1, v):
             j = i1 + i
             if static:
                 s, z = col_params[0][..., j], col_params[1][..., j]
@@ -118,20 +119,55 @@ def gptq_columns(
                     if bg.stored is not None:
                         stored_parts.append(bg.stored)
                 s, z = scale[..., j // G], zero[..., j // G]
-            w = W1[..., i]
-            c = spec.round(w, s, z)
-            q = spec.value(c, s, z)
-            codes[..., j] = c
-            Q[..., j] = q
-            err = (w - q) / U1[:, i, i].unsqueeze(-1)
-            W1[..., i:] -= err.unsqueeze(-1) * U1[:, i, i:].unsqueeze(1)
-            Err1[..., i] = err
+            if v == 1:
+                w = W1[..., i]
+                c = spec.round(w, s, z)
+                q = spec.value(c, s, z)
+                codes[..., j] = c
+                Q[..., j] = q
+                err = (w - q) / U1[:, i, i].unsqueeze(-1)
+                W1[..., i:] -= err.unsqueeze(-1) * U1[:, i, i:].unsqueeze(1)
+                Err1[..., i] = err
+                continue
+            J = slice(i, i + v)
+            c, q, err = _vector_step(spec, W1[..., J], s, U1[:, J, J], codes[..., j - j % span : j])
+            codes[..., j : j + v] = c
+            Q[..., j : j + v] = q
+            W1[..., i + v :] -= err @ U1[:, J, i + v :]
+            Err1[..., J] = err
         if i2 < C:
             W[..., i2:] -= Err1 @ U[:, i1:i2, i2:]
     stored = None
     if stored_parts:
         stored = cat_grids(stored_parts)
     return ColumnResult(Q, codes, scale, zero, stored)
+
+
+def _vector_step(spec: Grid, w: torch.Tensor, s: torch.Tensor, U_JJ: torch.Tensor,
+                 prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One codeword of every row: ``w`` (``(B, R, v)``) at scale ``s`` (``(B, R)``) chosen under the metric
+    ``M = A A^T``, ``A = U_JJ^-1`` (``||(w - q) A||^2``: the loss with every later column compensated);
+    returns (codes, ``q``, ``E = (w - q) A``), the later columns then moving by ``-E U_J,later``."""
+    B, R, v = w.shape
+    eye = torch.eye(v, dtype=U_JJ.dtype, device=U_JJ.device)
+    A = torch.linalg.solve_triangular(U_JJ, eye.expand_as(U_JJ), upper=True)
+    M = A @ A.transpose(-1, -2)
+    M = M if M.shape[0] == 1 else M.unsqueeze(1).expand(B, R, v, v).reshape(B * R, v, v)
+    c = spec.round_vector(w.reshape(B * R, v), s.reshape(B * R), M,
+                          prior.reshape(B * R, prior.shape[-1])).reshape(B, R, v)
+    q = spec.value(c, s.unsqueeze(-1), torch.zeros_like(s).unsqueeze(-1)).to(w.dtype)
+    return c, q, (w - q) @ A
+
+
+def span_order(H: torch.Tensor, span: int) -> torch.Tensor:
+    """GPTQ's act-order over whole spans of ``span`` columns: spans by decreasing summed ``diag(H)``,
+    columns in their natural order inside a span (``(B|1, C)`` column permutation)."""
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)
+    if span == 1:
+        return torch.argsort(diag, dim=-1, descending=True, stable=True)
+    Bh, C = diag.shape
+    order = torch.argsort(diag.reshape(Bh, C // span, span).sum(-1), dim=-1, descending=True, stable=True)
+    return (order.unsqueeze(-1) * span + torch.arange(span, device=H.device)).reshape(Bh, C)
 
 
 def permute_square(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -158,7 +194,7 @@ class ColumnSolver:
         self.act_order = act_order
         C = H.shape[-1]
         if act_order:
-            self.perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+            self.perm = span_order(H, spec.span)
             self.invperm = torch.argsort(self.perm, dim=-1)
             Hp = permute_square(H, self.perm)
         else:
