@@ -1,6 +1,9 @@
-"""Our GGUF files against llama.cpp's own quantizer on the default model, measured by one evaluator.
+"""Our GGUF files against llama.cpp's own quantizer, measured by one evaluator.
 
-For each file type (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M):
+``--model``: ``smollm2-135m`` (default; its 576-wide layers take no 256-column type, so our padded files
+``--pad-to 256`` are the comparison that holds k-quants and i-quants) or ``qwen2.5-coder-1.5b`` (every width
+takes every type). ``--presets``: the k-quant file types (Q4_0, Q2_K, Q3_K_S, Q3_K_M, Q4_K_M) and the i-quant
+ones (IQ1_S ... IQ4_XS, ``--presets iq`` for all of them). For each file type:
 
 * llama.cpp: an F32 GGUF of the same float model quantized by ``llama-quantize``, without and with an
   importance matrix from ``llama-imatrix`` on the calibration text we use (WikiText-2 validation rows,
@@ -11,7 +14,10 @@ For each file type (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M):
   with ``turboboa export --to gguf``.
 
 Every file is run in llama.cpp (llama-cpp-python) on the same WikiText-2 test windows, tokens from the same
-Hugging Face tokenizer. Writes ``bench/results/gguf-vs-llamacpp.{json,md,png}`` after every file; a rerun
+Hugging Face tokenizer: its PPL and its mean KL divergence ``KL(p_float || p_file)`` per predicted token to the
+F32 file of the float model (whose log-probabilities are kept on disk as fp16, one file per window). Writes
+``bench/results/<name>.{json,md,png}`` after every file (``<name>``: ``gguf-vs-llamacpp`` for the k-quant file
+types of the default model, else ``--name``, by default ``gguf-vs-llamacpp-<model>-<k|iq>``); a rerun
 reuses a row only when its provenance (settings, data sizes, machine, library versions; ``bench/provenance.py``)
 matches the current run, ``--fresh`` measures every row again. ``--device`` is our quantization's; llama.cpp
 runs on the CPU. The tools are built by ``bench/llamacpp_tools.py`` into a cache folder.
@@ -31,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import provenance as pv  # noqa: E402
 
-PRESETS = ("Q4_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
+from turboboa.formats.presets import I_PRESETS, K_PRESETS, PRESETS  # noqa: E402
+
 LLAMA = ("llama_cpp_python",)  # every row runs in llama.cpp (its tools are built from that package's source)
 THREADS = 2  # llama.cpp threads of llama-quantize, llama-imatrix and the evaluation
 LEGACY_SETTINGS = ("n_params", "machine", "llama_cpp_python")  # document-level fields of earlier runs
@@ -43,23 +50,25 @@ def run(cmd: list[str], log: Path, meter: pv.RowMeter | None = None) -> None:
     (meter or pv.RowMeter()).run(cmd, cwd=pv.ROOT, log=log)
 
 
-def float_gguf(ctx: pv.Context, work: Path) -> tuple[Path, Path, int]:
-    """The F32 GGUF of the default model (tokenizer metadata copied from the source GGUF), the HF tokenizer
-    folder of the float model, and its parameter count. The GGUF is kept in ``work`` for the commit, machine
-    and versions that made it (:meth:`provenance.Context.cache_valid`)."""
+def float_gguf(ctx: pv.Context, work: Path, model: str) -> tuple[Path, Path, int]:
+    """The F32 GGUF of the model alias ``model`` (tokenizer metadata copied from the source GGUF), the HF
+    tokenizer folder of the float model, and its parameter count. The GGUF is kept in ``work`` for the commit,
+    machine and versions that made it (:meth:`provenance.Context.cache_valid`)."""
     from exporters.gguf import float_tensors, write_gguf
     from turboboa.models import load_float_model
     from turboboa.models.loader import alias_gguf_path
 
-    loaded = load_float_model("smollm2-135m")
+    loaded = load_float_model(model)
     n_params = sum(p.numel() for p in loaded.model.parameters())
-    path = work / "smollm2-135m-f32.gguf"
-    made_for: dict[str, Any] = {"model": "smollm2-135m", "type": "F32"}
+    path = work / f"{model}-f32.gguf"
+    made_for: dict[str, Any] = {"model": model, "type": "F32"}
     if not ctx.cache_valid(path, made_for, {}):
         write_gguf(path, loaded.model.config, None, float_tensors(loaded.model.state_dict()),
-                   source_gguf=alias_gguf_path("smollm2-135m"))  # (written atomically)
+                   source_gguf=alias_gguf_path(model))  # (written atomically)
         ctx.mark_cache(path, made_for, {})
-    return path, loaded.cache_dir, n_params
+    cache_dir = loaded.cache_dir
+    del loaded
+    return path, cache_dir, n_params
 
 
 def calibration_text(work: Path) -> Path:
@@ -73,24 +82,62 @@ def calibration_text(work: Path) -> Path:
     return path
 
 
-def evaluate(path: Path, tokenizer: Path, seqlen: int, windows: int) -> dict:
-    """PPL of a GGUF file in llama.cpp on the first ``windows`` test windows, tokens from ``tokenizer``."""
-    from turboboa.api import evaluate_gguf
+class KLTap:
+    """A llama.cpp logits function that also accumulates ``KL(p_float || p_file)`` over the predicted tokens of
+    each window it runs, against the float model's log-probabilities in ``reference`` (``window-<i>.npy``,
+    fp16); with ``record`` it writes them instead (the float file's own run)."""
 
-    res = evaluate_gguf(path, "wikitext2", seqlen, windows, progress=False, tokenizer=str(tokenizer),
-                        threads=THREADS)
-    return res.to_dict()
+    def __init__(self, fn: Any, reference: Path, record: bool) -> None:
+        self.fn, self.reference, self.record = fn, reference, record
+        self.window, self.kl, self.tokens = 0, 0.0, 0
+
+    def __call__(self, ids: Any) -> Any:
+        import numpy as np
+        import torch
+
+        logits = self.fn(ids)
+        logp = torch.log_softmax(logits[0, :-1].double(), dim=-1)
+        path = self.reference / f"window-{self.window}.npy"
+        if self.record:
+            np.save(path, logp.to(torch.float16).numpy())
+        else:
+            ref = torch.from_numpy(np.load(path)).double()
+            self.kl += float((ref.exp() * (ref - logp)).sum())
+            self.tokens += logp.shape[0]
+        self.window += 1
+        return logits
+
+
+def evaluate(path: Path, tokenizer: Path, seqlen: int, windows: int, reference: Path,
+             record: bool = False) -> dict:
+    """PPL and mean KL divergence to the float model (:class:`KLTap`) of a GGUF file in llama.cpp on the first
+    ``windows`` test windows, tokens from ``tokenizer``."""
+    from transformers import AutoTokenizer
+
+    from runtime_check.llamacpp import gguf_logits_fn, validate_gguf
+    from turboboa.data import eval_tokens
+    from turboboa.eval.perplexity import make_windows, perplexity
+
+    validate_gguf(path)
+    reference.mkdir(parents=True, exist_ok=True)
+    ids = eval_tokens(AutoTokenizer.from_pretrained(str(tokenizer)), "wikitext2")
+    with gguf_logits_fn(path, n_ctx=seqlen, threads=THREADS) as fn:
+        tap = KLTap(fn, reference, record)
+        res = perplexity(tap, make_windows(ids, seqlen, windows), "llama.cpp", progress=False).to_dict()
+    res["kld"] = 0.0 if record else tap.kl / max(1, tap.tokens)
+    return res
 
 
 def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
     """How every file is scored."""
     return {"backend": "llama.cpp (llama-cpp-python, CPU)", "data": "wikitext2", "seqlen": args.eval_seqlen,
-            "max_windows": args.max_windows, "threads": THREADS, "tokenizer": "the float model's (Hugging Face)"}
+            "max_windows": args.max_windows, "threads": THREADS, "tokenizer": "the float model's (Hugging Face)",
+            "kld": "mean KL(p_float || p_file) per token, float: the F32 file in llama.cpp (fp16 log-probs)"}
 
 
 def quantize_args(args: argparse.Namespace, preset: str, maker: str) -> list[str]:
     """``turboboa quantize`` arguments (after the subcommand, without -o) of one of our files."""
-    cmd = ["smollm2-135m", "--method", args.method, "--preset", preset, "--nsamples", str(args.nsamples),
+    cmd = [args.model, "--method", args.method, "--preset", preset, "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--device", args.device, "-q"]
     if "pad256" in maker:  # turboboa+pad256: padded, unrotated; +hadamard: what --rotate auto does
         cmd += ["--pad-to", "256", "--rotate", "hadamard" if maker.endswith("hadamard") else "none"]
@@ -103,7 +150,7 @@ def row_settings(args: argparse.Namespace, preset: str, maker: str) -> dict[str,
     if maker.startswith("llama.cpp"):
         imatrix = ({"tool": "llama-imatrix", "calibration": "wikitext2", "chunks": args.nsamples,
                     "ctx": args.seqlen, "threads": THREADS} if maker.endswith("imatrix") else None)
-        made = {"llama_quantize": {"source": "F32 GGUF of smollm2-135m", "type": preset, "threads": THREADS,
+        made = {"llama_quantize": {"source": f"F32 GGUF of {args.model}", "type": preset, "threads": THREADS,
                                    "imatrix": imatrix}}
     else:
         made = {"quantize": pv.quantize_settings(quantize_args(args, preset, maker)),
@@ -117,7 +164,7 @@ def row_data(args: argparse.Namespace) -> dict[str, Any]:
             "evaluation": pv.evaluation_data(args.max_windows, args.eval_seqlen)}
 
 
-def plot(rows: list[dict], float_ppl: float | None, out: Path) -> None:
+def plot(rows: list[dict], float_ppl: float | None, out: Path, title: str) -> None:
     """``gguf-vs-llamacpp.png``: PPL in llama.cpp against file size, one line per maker."""
     import matplotlib
 
@@ -139,7 +186,7 @@ def plot(rows: list[dict], float_ppl: float | None, out: Path) -> None:
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("WikiText-2 PPL in llama.cpp")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M: turboboa GGUF vs llama-quantize")
+    ax.set_title(f"{title}: turboboa GGUF vs llama-quantize")
     ax.legend(fontsize=8)
     fig.tight_layout()
     pv.save_figure(fig, out, dpi=120)
@@ -152,7 +199,7 @@ def write_table(doc: dict, out: Path) -> None:
     s = doc["settings"]
     legend = pv.Legend()
     lines = [
-        "# GGUF files: turboboa vs llama.cpp's quantizer (SmolLM2-135M-Instruct)",
+        f"# GGUF files: turboboa vs llama.cpp's quantizer ({s.get('model', 'smollm2-135m')})",
         "",
         f"Calibration: {s['nsamples']} x {s['seqlen']} tokens of WikiText-2 validation (turboboa: TurboBoA; "
         f"llama-imatrix: {s['nsamples']} chunks of {s['seqlen']} tokens of the same text). Evaluation: "
@@ -162,15 +209,19 @@ def write_table(doc: dict, out: Path) -> None:
         "Bits per weight: 8 x file size / parameters of the original model "
         f"({s['n_params']:,}), so padded files pay for their padding.",
         "",
-        "| preset | maker | PPL | file MiB | bits/weight | quantize s | provenance |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "KL: mean KL divergence per token from the float model (F32 file in llama.cpp) to the file.",
+        "",
+        "| preset | maker | PPL | KL | file MiB | bits/weight | quantize s | provenance |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     if doc.get("float"):
         f = doc["float"]
-        lines.append(f"| F32 | float | {f['ppl']:.3f} | {f['file_mib']:.1f} | {f['bpw']:.2f} | | {legend.cell(f)} |")
-    for r in sorted(doc["rows"], key=lambda r: (PRESETS.index(r["preset"]), r["maker"])):
-        lines.append(f"| {r['preset']} | {r['maker']} | {r['ppl']:.3f} | {r['file_mib']:.1f} | {r['bpw']:.3f} | "
-                     f"{r.get('quantize_seconds', 0):.0f} | {legend.cell(r)} |")
+        lines.append(f"| F32 | float | {f['ppl']:.3f} | 0 | {f['file_mib']:.1f} | {f['bpw']:.2f} | | "
+                     f"{legend.cell(f)} |")
+    for r in sorted(doc["rows"], key=lambda r: (r["file_mib"], r["maker"])):
+        kld = f"{r['kld']:.4f}" if "kld" in r else ""
+        lines.append(f"| {r['preset']} | {r['maker']} | {r['ppl']:.3f} | {kld} | {r['file_mib']:.1f} | "
+                     f"{r['bpw']:.3f} | {r.get('quantize_seconds', 0):.0f} | {legend.cell(r)} |")
     lines += ["", "## Dominance check", "",
               "For each llama.cpp file made with an importance matrix: the best of our files no more than 2% "
               "larger.", "", "| preset | llama.cpp+imatrix PPL / MiB | ours PPL / MiB | ours | lower PPL |",
@@ -200,14 +251,14 @@ def measure(ctx: pv.Context, args: argparse.Namespace, preset: str, maker: str, 
     """Make one file (llama-quantize, or our quantize and export) and score it in llama.cpp; the row."""
     work, log = paths["work"], paths["log"]
     meter = pv.RowMeter()
-    target = work / f"{preset}-{maker.replace('+', '-').replace('.', '')}.gguf"
+    target = work / f"{args.model}-{preset}-{maker.replace('+', '-').replace('.', '')}.gguf"
     if maker.startswith("llama.cpp"):
         cmd = [str(paths["tools"] / "llama-quantize")]
         if maker.endswith("imatrix"):
             cmd += ["--imatrix", str(paths["imatrix"])]
         run(cmd + [str(paths["f32"]), str(target), preset, str(THREADS)], log, meter)
     else:
-        qdir = work / f"{preset}-{maker.replace('+', '-')}.qdir"
+        qdir = work / f"{args.model}-{preset}-{maker.replace('+', '-')}.qdir"
         run([sys.executable, "-m", "cli", "quantize", *quantize_args(args, preset, maker), "-o", str(qdir)], log, meter)
         settings = {**settings, "quantize": pv.confirm_quantize(settings["quantize"], qdir)}
         rec = pv.qdir_record(qdir)
@@ -215,18 +266,21 @@ def measure(ctx: pv.Context, args: argparse.Namespace, preset: str, maker: str, 
             meter.add(gpu=rec["peak_memory_bytes"])
         run([sys.executable, "-m", "cli", "export", str(qdir), "--to", "gguf", "-o", str(target)], log, meter)
     seconds = meter.result()["wall_seconds"]
-    r = evaluate(target, paths["tokenizer"], args.eval_seqlen, args.max_windows)
+    r = evaluate(target, paths["tokenizer"], args.eval_seqlen, args.max_windows, paths["reference"])
     size = target.stat().st_size
     measured = meter.result(quantize_seconds=seconds, eval_tokens=r["tokens"], eval_windows=r["windows"],
                             evaluated_in_process=True)
-    return {"preset": preset, "maker": maker, "ppl": r["ppl"], "file_mib": size / 2**20,
+    return {"preset": preset, "maker": maker, "ppl": r["ppl"], "kld": r["kld"], "file_mib": size / 2**20,
             "bpw": 8 * size / n_params, "quantize_seconds": round(seconds, 1), "file": target.name,
             "provenance": ctx.record(settings, row_data(args), measured, LLAMA)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--model", default="smollm2-135m", help="model alias: smollm2-135m or qwen2.5-coder-1.5b")
+    ap.add_argument("--presets", default=",".join(K_PRESETS),
+                    help="comma-separated file types; 'k' for every k-quant one, 'iq' for every i-quant one")
+    ap.add_argument("--name", default=None, help="results file name (default: from the model and the presets)")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-seqlen", type=int, default=512)
@@ -249,9 +303,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench.log"
     out.mkdir(parents=True, exist_ok=True)
+    presets = {"k": ",".join(K_PRESETS), "iq": ",".join(I_PRESETS)}.get(args.presets, args.presets).split(",")
+    for preset in presets:
+        if preset not in PRESETS:
+            ap.error(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    family = "iq" if presets[0] in I_PRESETS else "k"
+    name = args.name or ("gguf-vs-llamacpp" if (args.model, family) == ("smollm2-135m", "k")
+                         else f"gguf-vs-llamacpp-{args.model}-{family}")
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "eval_seqlen": args.eval_seqlen,
-                "windows": args.max_windows, "method": args.method}
-    json_path = out / "gguf-vs-llamacpp.json"
+                "windows": args.max_windows, "method": args.method, "model": args.model}
+    json_path = out / f"{name}.json"
     doc = json.loads(json_path.read_text()) if json_path.exists() else {}
     if {k: v for k, v in doc.get("settings", {}).items() if k not in LEGACY_SETTINGS} != settings:
         doc = {"settings": dict(settings), "rows": []}
@@ -260,31 +321,34 @@ def main() -> None:
         pv.drop_legacy_fields(doc, [doc.get("float"), *doc["rows"]], ("machine", "llama_cpp_python"),
                               holder=doc["settings"])
         pv.write_json_atomic(json_path, doc)
-        write_table(doc, out / "gguf-vs-llamacpp.md")
-        plot(doc["rows"], doc.get("float", {}).get("ppl"), out / "gguf-vs-llamacpp.png")
+        write_table(doc, out / f"{name}.md")
+        plot(doc["rows"], doc.get("float", {}).get("ppl"), out / f"{name}.png", args.model)
 
     tools = build()
-    f32, tokenizer, n_params = float_gguf(ctx, work)
+    f32, tokenizer, n_params = float_gguf(ctx, work, args.model)
     doc["settings"]["n_params"] = n_params
-    float_settings = {"file": "F32 GGUF of smollm2-135m", "eval": eval_settings(args)}
+    float_settings = {"file": f"F32 GGUF of {args.model}", "eval": eval_settings(args)}
     float_data = {"evaluation": pv.evaluation_data(args.max_windows, args.eval_seqlen)}
-    if not ctx.reuse("F32", doc.get("float"), float_settings, float_data, LLAMA):
+    reference = work / f"{args.model}-logp-{args.max_windows}x{args.eval_seqlen}"
+    recorded = all((reference / f"window-{i}.npy").exists() for i in range(args.max_windows))
+    if not recorded or not ctx.reuse("F32", doc.get("float"), float_settings, float_data, LLAMA):
         meter = pv.RowMeter()
-        r = evaluate(f32, tokenizer, args.eval_seqlen, args.max_windows)
+        r = evaluate(f32, tokenizer, args.eval_seqlen, args.max_windows, reference, record=True)
         measured = meter.result(eval_tokens=r["tokens"], eval_windows=r["windows"], evaluated_in_process=True)
         doc["float"] = {"ppl": r["ppl"], "file_mib": f32.stat().st_size / 2**20,
                         "bpw": 8 * f32.stat().st_size / n_params,
                         "provenance": ctx.record(float_settings, float_data, measured, LLAMA)}
         save()
-    imatrix = work / f"imatrix-{args.nsamples}x{args.seqlen}.gguf"
+    imatrix = work / f"imatrix-{args.model}-{args.nsamples}x{args.seqlen}.gguf"
     imatrix_for = row_settings(args, PRESETS[0], "llama.cpp+imatrix")["llama_quantize"]["imatrix"]
     if not ctx.cache_valid(imatrix, imatrix_for, row_data(args), LLAMA):
         imatrix.unlink(missing_ok=True)
         run([str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(calibration_text(work)), "-o", str(imatrix),
              "-c", str(args.seqlen), "--chunks", str(args.nsamples), "-t", str(THREADS)], log)
         ctx.mark_cache(imatrix, imatrix_for, row_data(args), LLAMA)
-    paths = {"work": work, "log": log, "tools": tools, "f32": f32, "imatrix": imatrix, "tokenizer": tokenizer}
-    for preset in args.presets.split(","):
+    paths = {"work": work, "log": log, "tools": tools, "f32": f32, "imatrix": imatrix, "tokenizer": tokenizer,
+             "reference": reference}
+    for preset in presets:
         for maker in args.makers.split(","):
             settings_row = row_settings(args, preset, maker)
             at = next((i for i, r in enumerate(doc["rows"]) if (r["preset"], r["maker"]) == (preset, maker)), None)
@@ -299,7 +363,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "provenance"}), flush=True)
             save()
     save()
-    print((out / "gguf-vs-llamacpp.md").read_text())
+    print((out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -226,3 +226,19 @@ def test_i_quant_presets_follow_llama_quantize() -> None:
     assert preset_format("IQ2_XXS", layer.format(5, "self_attn.v_proj"), small) == "q2_k"
     assert preset_format("IQ2_S", layer.format(5, "self_attn.v_proj"), small) == "iq3_s"
     assert preset_format("IQ3_XXS", layer.format(5, "self_attn.v_proj"), small) == "iq3_xxs"
+
+
+def test_cli_refuses_an_i_quant_a_layer_cannot_hold_and_onnx_of_an_i_quant(tmp_path, tiny_llama_dir, capsys) -> None:
+    from .conftest import assert_one_line_error, run_main
+
+    q = tmp_path / "q"
+    r = run_main("quantize", str(tiny_llama_dir), "--method", "rtn", "--format", "iq2_xs", "--nsamples", "2",
+                 "--seqlen", "32", "-q", "-o", str(q), capsys=capsys)
+    assert_one_line_error(r, "iq2_xs", "--pad-to 256")
+    assert not q.exists()
+    r = run_main("quantize", str(tiny_llama_dir), "--method", "rtn", "--format", "iq2_xs", "--pad-to", "256",
+                 "--nsamples", "2", "--seqlen", "32", "-q", "-o", str(q), capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    r = run_main("export", str(q), "--to", "onnx", "-o", str(tmp_path / "m.onnx"), capsys=capsys)
+    assert_one_line_error(r, "iq2_xs", "codebook", "--to gguf")
+    assert not (tmp_path / "m.onnx").exists()

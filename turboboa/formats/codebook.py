@@ -39,6 +39,8 @@ from turboboa.formats.spec import FormatSpec, grouped, reshape_grid
 from turboboa.grids import BlockGrid
 
 TRIAL_FACTORS = (0.6, 0.7, 0.8, 0.87, 0.93, 1.0, 1.07, 1.15, 1.25, 1.4)
+FIT_CANDIDATES = 8  # codewords per vector kept for the trial scales (the nearest at S = max|w| / top)
+FLIP_CANDIDATES = 16  # codewords per vector whose sign flips are priced (the best without a flip)
 CHUNK_ELEMENTS = 1 << 24  # candidates x vectors evaluated at once
 
 
@@ -114,6 +116,9 @@ class CodebookSpec(FormatSpec):
         top = float(cand.abs().max())
         amax = wg.abs().amax(-1)  # (B, R, ng)
         base = amax / top
+        b = base[..., None, None]
+        keep = (b * quad - 2 * lin).topk(min(FIT_CANDIDATES, cand.shape[0]), dim=-1, largest=False).indices
+        lin, quad = lin.gather(-1, keep), quad.gather(-1, keep)
         best_s = base.clone()
         best_e = torch.full_like(base, float("inf"))
 
@@ -184,23 +189,55 @@ class CodebookSpec(FormatSpec):
             odd = (negatives % 2) == 1
             if bool(odd.any()):
                 rows = odd.nonzero().squeeze(-1)
-                Ms_o, S_o = Ms[rows], S[rows]
-                MsC = torch.einsum("nji,ki->nkj", Ms_o, cand)  # (n, K, v): (M_s c)_j
-                diag = torch.diagonal(Ms_o, dim1=-2, dim2=-1).unsqueeze(1)
-                dL = 4 * S_o.unsqueeze(-1) * cand * (a[rows].unsqueeze(1) - S_o.unsqueeze(-1) * MsC) \
-                    + 4 * (S_o * S_o).unsqueeze(-1) * cand * cand * diag
-                cost, j = dL.min(-1)  # (n, K)
-                loss[rows] += cost
-                flip = (rows, j)
-        k = loss.argmin(-1)
-        if flip is not None:
-            rows, j = flip
-            jk = j.gather(1, k[rows].unsqueeze(-1)).squeeze(-1)
+                flip = self._cheapest_flips(loss[rows], a[rows], Ms[rows], S[rows])
+        if flip is None:
+            k = loss.argmin(-1)
+        else:
+            k = loss.argmin(-1)
+            k_odd, j = flip
+            k[rows] = k_odd
             s = s.clone()
-            s[rows, jk] = -s[rows, jk]
+            s[rows, j] = -s[rows, j]
         m = coords[k]
         n = len(fmt.magnitudes)
         return torch.where(s < 0, n - 1 - m, n + m).to(w.dtype)
+
+    def _cheapest_flips(self, loss: torch.Tensor, a: torch.Tensor, Ms: torch.Tensor,
+                        S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For rows whose signs have the wrong parity: the best codeword with its cheapest single flip
+        (``(n,)`` codeword, ``(n,)`` flipped coordinate). ``loss``: ``(n, K)`` losses without a flip, ``a``:
+        ``M_s u``, ``Ms``: ``M_s``, ``S``: ``(n, 1)``.
+
+        The flips of the ``FLIP_CANDIDATES`` best codewords are priced first. A flip adds
+        ``dL = 4 S g_j ((M_s (u - S g))_j + S g_j M_jj)``, which is never negative under a diagonal metric;
+        there the best of the rest costs at least its unflipped loss, so rows whose flipped best is above the
+        smallest unflipped loss left out are priced over every codeword (exact for diagonal metrics)."""
+        cand, _, _ = _tables(self.fmt.name, loss.device)
+
+        def price(idx: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            g = cand[idx]  # (n, T, v)
+            Sr = S[rows].unsqueeze(-1)  # (n, 1, 1)
+            MsG = g @ Ms[rows].transpose(-1, -2)  # (n, T, v): (M_s g)_j
+            diag = torch.diagonal(Ms[rows], dim1=-2, dim2=-1).unsqueeze(1)
+            dL = 4 * Sr * g * (a[rows].unsqueeze(1) - Sr * MsG + Sr * g * diag)
+            cost, j = dL.min(-1)
+            total = loss[rows].gather(-1, idx) + cost
+            best = total.argmin(-1, keepdim=True)
+            return idx.gather(-1, best).squeeze(-1), j.gather(-1, best).squeeze(-1), total.gather(-1, best)
+
+        n, K = loss.shape
+        T = min(FLIP_CANDIDATES, K)
+        every = torch.arange(n, device=loss.device)
+        if T == K:
+            k, j, _ = price(torch.arange(K, device=loss.device).expand(n, K), every)
+            return k, j
+        vals, idx = loss.topk(T + 1, dim=-1, largest=False)
+        k, j, total = price(idx[:, :T], every)
+        unsure = (total.squeeze(-1) > vals[:, T]).nonzero().squeeze(-1)
+        if unsure.numel():
+            k2, j2, _ = price(torch.arange(K, device=loss.device).expand(unsure.numel(), K), unsure)
+            k[unsure], j[unsure] = k2, j2
+        return k, j
 
     def nearest(self, W: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                 H: torch.Tensor | None = None) -> torch.Tensor:
