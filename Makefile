@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test accuracy lint bench clean
+.PHONY: venv demo test accuracy lint bench bench-qwen clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,13 @@ SOLVER_ARGS   ?= --blocks 5 --bits 3 --group-size -1 \
                  $(if $(findstring cuda,$(BENCH_ARGS)),--nsamples 128 --seqlen 2048,--nsamples 16 --seqlen 512)
 ROTATION_ARGS ?= --nsamples 8 --seqlen 512 --eval-seqlen 512 --max-windows 8
 GGUF_ARGS     ?= --nsamples 16 --seqlen 512 --eval-seqlen 512 --max-windows 16
+IQ_ARGS       ?= --model smollm2-135m --presets IQ2_XXS,IQ2_XS,IQ2_S,IQ3_XXS,IQ3_M \
+                 --makers llama.cpp+imatrix,turboboa+pad256 --nsamples 8 --seqlen 512 --eval-seqlen 512 --max-windows 16
+# The second reference model (bench-qwen, not part of `make bench`): every width takes every type. Tens of minutes
+# per file on a CPU; a GPU (BENCH_ARGS="--device cuda") is the intended machine for our quantizations.
+QWEN_ARGS     ?= --model qwen2.5-coder-1.5b --name gguf-vs-llamacpp-qwen2.5-coder-1.5b \
+                 --presets IQ2_XXS,IQ2_XS,IQ2_S,IQ2_M,Q2_K,IQ3_XXS,IQ3_M,Q3_K_S,Q3_K_M,Q4_K_M \
+                 --makers llama.cpp+imatrix,turboboa --nsamples 32 --seqlen 512 --eval-seqlen 512 --max-windows 16
 NPU_ARGS      ?= --windows 4 --seqlen 128 --nsamples 16 --calib-seqlen 512
 
 bench: venv
@@ -58,12 +65,16 @@ bench: venv
 	$(PY) bench/methods.py $(METHODS_ARGS) $(BENCH_ARGS)
 	$(PY) bench/rotation.py $(ROTATION_ARGS) $(BENCH_ARGS)
 	$(PY) bench/gguf_vs_llamacpp.py $(GGUF_ARGS) $(BENCH_ARGS)
+	$(PY) bench/gguf_vs_llamacpp.py $(IQ_ARGS) $(BENCH_ARGS)
 	$(PY) bench/npu.py $(NPU_ARGS) $(BENCH_ARGS)
 
 # The accuracy claims on the default model with their thresholds (bench/accuracy.py's docstring): GPTQ 4-bit
 # group 128 within 10% of float, TurboBoA <= GPTQ at 4 bits, TurboBoA < GPTQ < RTN at 3 bits, the rotation's
 # gain. Run it whenever a change touches solvers, grids or defaults; it writes bench/results/accuracy.{json,md}
 # (rows reused only when settings, data, machine and versions match) and fails when a check fails.
+bench-qwen: venv
+	$(PY) bench/gguf_vs_llamacpp.py $(QWEN_ARGS) $(BENCH_ARGS)
+
 accuracy: venv
 	$(PY) bench/accuracy.py $(BENCH_ARGS)
 
