@@ -69,6 +69,39 @@ class GridSpec:
         """``s * (z - z0)``: :func:`dequantize`."""
         return dequantize(codes, scale, zero)
 
+    # ------------------------------------------------------------------- continuous parameters (F3)
+    def linear_params(self, codes: torch.Tensor, grid: BlockGrid, group_size: int) -> LinearParams:
+        """With the codes fixed, ``W_hat[r, c] = s[r, g(c)] * (Z[r, c] - z0[r, g(c)])`` is linear in the scales:
+        one parameter per (row, group), ``theta = s`` (``(B, R, 1, n_groups)``), basis ``Phi = Z - z0`` on the
+        group's columns (``span = G``; the whole row per channel; a ragged last group is narrower)."""
+        C = codes.shape[-1]
+        Phi = codes - expand_groups(grid.offset, group_size, C)
+        return LinearParams(grid.scale.unsqueeze(2), Phi.unsqueeze(2), self.fit_width(group_size, C),
+                            exact_steps=True, residual_first=True)
+
+    def store(self, theta: torch.Tensor) -> torch.Tensor:
+        """The scales as stored: unrounded (float32, float64 in exact tests)."""
+        return theta
+
+    def valid(self, theta: torch.Tensor) -> torch.Tensor:
+        """Every scale is acceptable."""
+        return torch.ones_like(theta, dtype=torch.bool)
+
+    def with_params(self, grid: BlockGrid, theta: torch.Tensor, group_size: int) -> BlockGrid:
+        """``grid`` with the scales ``theta`` (``(B, R, 1, n_groups)``, as :meth:`store` gives them)."""
+        return BlockGrid(theta[:, :, 0], grid.offset)
+
+    def decode(self, codes: torch.Tensor, grid: BlockGrid, group_size: int) -> torch.Tensor:
+        """``W_hat`` of ``codes`` (``(B, R, C)``) on ``grid``: :func:`dequantize_weight`."""
+        return dequantize_weight(codes, grid.scale, grid.offset, group_size)
+
+    def linear_fields(self, grid: BlockGrid, d_out: int, group_size: int) -> dict[str, Any]:
+        """The fields of a ``QuantizedLinear`` (besides its codes) for ``grid`` (``(B, R, n_groups)``, ``B R =
+        d_out``): float32 per-(row, group) scale and zero point, bits, group size, symmetry."""
+        return {"scale": grid.scale.reshape(d_out, -1).float().cpu().contiguous(),
+                "zero": grid.offset.reshape(d_out, -1).float().cpu().contiguous(),
+                "bits": self.bits, "group_size": group_size, "sym": self.sym}
+
 
 # Range search weights errors by the full diagonal block H_gg up to this group width, by diag(H) beyond.
 FULL_BLOCK_SEARCH_MAX = 256
@@ -82,6 +115,38 @@ class BlockGrid:
     scale: torch.Tensor
     offset: torch.Tensor
     stored: Any = None
+
+    def rows(self, rows: slice) -> BlockGrid:
+        """The grids of rows ``rows`` (dim 1) of every field, the stored ones included."""
+        stored = None
+        if self.stored is not None:
+            stored = type(self.stored)(**{k: None if v is None else v[:, rows] for k, v in vars(self.stored).items()})
+        return BlockGrid(self.scale[:, rows], self.offset[:, rows], stored)
+
+
+@dataclass(frozen=True)
+class LinearParams:
+    """A grid's continuous parameters with its codes (and integer sub-scales) fixed, on which ``W_hat`` is
+    linear: parameter ``t`` of span ``k`` covers columns ``[k span, (k + 1) span)`` of its row and
+
+        W_hat[r, c] = sum_t theta[r, t, k(c)] * Phi[r, t, c],    k(c) = c // span
+
+    (exactly in real arithmetic; the grid's own decoder gives the stored float values). ``theta``:
+    ``(B, R, T, n_spans)``, ``Phi``: ``(B, R, T, C)``; the last span may be narrower than ``span``.
+
+    ``exact_steps``: the grid stores its parameters as computed and constrains none (the uniform grid's
+    float scales), so every refinement step is an exact minimization and is kept as it is; otherwise (fp16
+    super-scales, LPBQ's positive ``s_r``) a stored step is kept only where it is valid and lowers the
+    objective. ``residual_first`` picks the order in which the refinement forms its right-hand side
+    ``Phi H v``: ``Phi (H v)`` (the uniform grid's) or ``(Phi H) v`` (the formats'); the same vector, the
+    order kept per grid so that each grid's refined values stay bit-identical to the earlier solvers.
+    """
+
+    theta: torch.Tensor
+    Phi: torch.Tensor
+    span: int
+    exact_steps: bool = False
+    residual_first: bool = False
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

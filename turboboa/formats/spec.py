@@ -27,11 +27,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from turboboa.formats.base import BlockFormat, GgmlGrid, get_format
-from turboboa.grids import BlockGrid, shrink_search
+from turboboa.grids import BlockGrid, LinearParams, shrink_search
 
 FINE_STEPS = 100
 
@@ -189,6 +190,71 @@ class FormatSpec:
         l0 = _first_level(self.fmt)
         lv = self.fmt.levels_on(codes.device)[codes.long()] if l0 is None else codes.to(torch.float32) + l0
         return scale.to(torch.float32) * lv - offset.to(torch.float32)
+
+
+    # ------------------------------------------------------------------- continuous parameters (F3)
+    def param_span(self, columns: int) -> int:
+        """Columns one continuous parameter covers: a block (``d``, ``dmin``), or the whole row for a per-row
+        scale (LPBQ's ``s_r``)."""
+        return columns if self.fmt.row_scale else self.fmt.block_size
+
+    def linear_params(self, codes: torch.Tensor, grid: BlockGrid, group_size: int) -> LinearParams:
+        """With the codes and integer sub-scales fixed, ``W_hat`` is linear in the super-scale ``d`` (basis
+        ``Phi_0 = sc_g * levels[code]``) and, for the asymmetric types, the super-min ``dmin`` (``Phi_1 =
+        -m_g``; Q4_1's stored min gives ``+1``), one of each per :meth:`param_span`. The bases are read off
+        ``group_scale_offset`` at unit parameters, so they hold for every format. ``codes``: ``(B, R, C)``;
+        ``theta``: ``(B, R, T, n_spans)``."""
+        fmt = self.fmt
+        B, R, C = codes.shape
+        per = self.param_span(C) // fmt.block_size  # stored blocks per parameter (LPBQ repeats s_r per block)
+        flat = reshape_grid(grid.stored, B * R)
+        lv = fmt.levels_on(codes.device)[codes.reshape(B * R, C).long()]
+        ones, zeros = torch.ones_like(flat.d), torch.zeros_like(flat.d)
+        unit_d = GgmlGrid(d=ones, dmin=None if flat.dmin is None else zeros, sc=flat.sc, m=flat.m)
+        s1, _ = fmt.group_scale_offset(unit_d)
+        bases = [s1.repeat_interleave(fmt.group_size, -1)[:, :C] * lv]
+        params = [flat.d]
+        if flat.dmin is not None:
+            _, o1 = fmt.group_scale_offset(GgmlGrid(d=zeros, dmin=ones, sc=flat.sc, m=flat.m))
+            bases.append(-o1.repeat_interleave(fmt.group_size, -1)[:, :C])
+            params.append(flat.dmin)
+        theta = torch.stack([t[:, ::per] for t in params], 1)
+        return LinearParams(theta.reshape(B, R, len(params), -1), torch.stack(bases, 1).reshape(B, R, -1, C),
+                            self.param_span(C))
+
+    def store(self, theta: torch.Tensor) -> torch.Tensor:
+        """Continuous parameters as the block stores them (``fmt.store_scale``: fp16 for ggml, fp32 for LPBQ)."""
+        return self.fmt.store_scale(theta)
+
+    def valid(self, theta: torch.Tensor) -> torch.Tensor:
+        """Where a stored parameter is acceptable (``fmt.valid_scale``: finite; LPBQ's ``s_r`` also positive)."""
+        return self.fmt.valid_scale(theta)
+
+    def with_params(self, grid: BlockGrid, theta: torch.Tensor, group_size: int) -> BlockGrid:
+        """``grid`` (fields ``(B, R, .)``) with ``d`` (and ``dmin``) set to ``theta`` (``(B, R, T, n_spans)``, as
+        :meth:`store` gives them), each repeated over the blocks of its span; sub-scales unchanged."""
+        fmt = self.fmt
+        B, R = theta.shape[:2]
+        per = grid.stored.d.shape[-1] // theta.shape[-1]
+        d = theta[:, :, 0].repeat_interleave(per, -1)
+        dmin = None if grid.stored.dmin is None else theta[:, :, 1].repeat_interleave(per, -1)
+        stored = GgmlGrid(d=d, dmin=dmin, sc=grid.stored.sc, m=grid.stored.m)
+        s, o = fmt.group_scale_offset(reshape_grid(stored, B * R))
+        return BlockGrid(s.reshape(B, R, -1), o.reshape(B, R, -1), stored)
+
+    def decode(self, codes: torch.Tensor, grid: BlockGrid, group_size: int) -> torch.Tensor:
+        """``W_hat`` of ``codes`` (``(B, R, C)``) on ``grid``: the format's exact dequantizer (float32)."""
+        B, R, C = codes.shape
+        return self.fmt.dequantize(codes.reshape(B * R, C), reshape_grid(grid.stored, B * R)).reshape(B, R, C)
+
+    def linear_fields(self, grid: BlockGrid, d_out: int, group_size: int) -> dict[str, Any]:
+        """The fields of a ``QuantizedLinear`` (besides its codes) for ``grid``: the stored fields (``(d_out,
+        .)``), the exact per-group scale and offset they imply, the format's name, bits and group size."""
+        fmt = self.fmt
+        stored = map_grid(grid.stored, lambda t: t.reshape(d_out, -1).cpu().contiguous())
+        scale, offset = fmt.group_scale_offset(stored)
+        return {"scale": scale, "zero": offset, "bits": fmt.bits, "group_size": fmt.group_size,
+                "sym": not fmt.asymmetric, "fmt": self.fmt_name, "grid": stored}
 
 
 def format_spec(name: str, search: bool = True) -> FormatSpec:
