@@ -15,10 +15,11 @@ from turboboa.errors import UserError
 from turboboa.formats import format_names, get_format
 from turboboa.formats.choice import layer_format
 from turboboa.formats.spec import format_spec, reshape_grid
+from turboboa.grids import BlockGrid
 from turboboa.quantized import QuantizedLinear
 from turboboa.solvers import LayerProblem, solve_layer
 from turboboa.solvers.gptq import gptq_quantize
-from turboboa.solvers.refine import kron_objective, refine_format_scales
+from turboboa.solvers.refine import kron_objective, refine_params
 from turboboa.solvers.rtn import rtn_quantize
 
 FORMATS = format_names()
@@ -98,10 +99,11 @@ def test_format_scale_refinement_never_increases_the_objective(fmt: str, coupled
     res = gptq_quantize(Wh, H.expand(heads, -1, -1), format_spec(fmt), f.group_size)
     Hr = H_row if coupled else None
     before = kron_objective(Wh, res.Q, H.unsqueeze(0), Hr)
-    grid, Q = refine_format_scales(f, Wh, res.codes, res.stored, H.unsqueeze(0), Hr, iters=2)
+    grid, Q = refine_params(format_spec(fmt), Wh, res.codes, BlockGrid(res.scale, res.zero, res.stored),
+                            H.unsqueeze(0), Hr, f.group_size, iters=2)
     after = kron_objective(Wh, Q, H.unsqueeze(0), Hr)
     assert after <= before
-    flat = reshape_grid(grid, W.shape[0])
+    flat = reshape_grid(grid.stored, W.shape[0])
     assert torch.equal(Q.reshape(W.shape), f.dequantize(res.codes.reshape(W.shape).to(torch.uint8), flat))
     f.check_grid(res.codes.reshape(W.shape), flat)  # still fp16 super-scales and in-range sub-scales
 
@@ -112,11 +114,12 @@ def test_refinement_finds_the_optimal_super_scale_of_a_per_row_problem() -> None
     gen = torch.Generator().manual_seed(4)
     W = torch.randn(1, 8, 32, generator=gen)
     res = rtn_quantize(W, format_spec("q4_0", search=False), 32)
-    grid, _ = refine_format_scales(f, W, res.codes, res.stored, torch.eye(32)[None], None)
+    grid, _ = refine_params(format_spec("q4_0"), W, res.codes, BlockGrid(res.scale, res.zero, res.stored),
+                            torch.eye(32)[None], None, 32)
     lv = f.levels[res.codes.long()]
     best = (W * lv).sum(-1) / (lv * lv).sum(-1)
     fp16_step = best.abs() * 2.0**-10
-    assert torch.all((grid.d[..., 0] - best).abs() <= fp16_step)
+    assert torch.all((grid.stored.d[..., 0] - best).abs() <= fp16_step)
 
 
 def test_k_quant_widths_fall_back_as_documented() -> None:

@@ -27,10 +27,11 @@ from turboboa.formats.choice import layer_format
 from turboboa.formats.lpbq import K_MAX, LpbqSpec
 from turboboa.formats.presets import EMBEDDING
 from turboboa.formats.spec import format_spec, reshape_grid
+from turboboa.grids import BlockGrid
 from turboboa.quantized import QuantizedLinear
 from turboboa.solvers import LayerProblem, solve_layer
 from turboboa.solvers.gptq import gptq_quantize
-from turboboa.solvers.refine import kron_objective, refine_format_scales
+from turboboa.solvers.refine import kron_objective, refine_params
 from turboboa.solvers.rtn import rtn_quantize
 
 from .conftest import run_cli
@@ -135,10 +136,11 @@ def test_channel_scale_refinement_never_increases_the_objective(coupled: bool) -
     res = gptq_quantize(Wh, H.expand(heads, -1, -1), format_spec("lpbq4"), f.group_size)
     Hr = H_row if coupled else None
     before = kron_objective(Wh, res.Q, H.unsqueeze(0), Hr)
-    grid, Q = refine_format_scales(f, Wh, res.codes, res.stored, H.unsqueeze(0), Hr, iters=2)
+    grid, Q = refine_params(format_spec("lpbq4"), Wh, res.codes, BlockGrid(res.scale, res.zero, res.stored),
+                            H.unsqueeze(0), Hr, f.group_size, iters=2)
     after = kron_objective(Wh, Q, H.unsqueeze(0), Hr)
     assert after < before
-    flat = reshape_grid(grid, W.shape[0])
+    flat = reshape_grid(grid.stored, W.shape[0])
     codes = res.codes.reshape(W.shape).to(torch.uint8)
     assert torch.equal(Q.reshape(W.shape), f.dequantize(codes, flat))
     f.check_grid(codes, flat)  # still one positive s per row, the same k
@@ -147,15 +149,15 @@ def test_channel_scale_refinement_never_increases_the_objective(coupled: bool) -
 
 def test_refinement_finds_the_optimal_channel_scale() -> None:
     """Identity Hessian: with codes and k fixed the best s_r is <w, k q> / <k q, k q> (up to float32)."""
-    f = get_format("lpbq4")
     gen = torch.Generator().manual_seed(4)
     W = torch.randn(1, 8, 128, generator=gen)
     res = rtn_quantize(W, format_spec("lpbq4", search=False), 32)
-    grid, _ = refine_format_scales(f, W, res.codes, res.stored, torch.eye(128)[None], None)
+    grid, _ = refine_params(format_spec("lpbq4"), W, res.codes, BlockGrid(res.scale, res.zero, res.stored),
+                            torch.eye(128)[None], None, 32)
     kq = res.stored.sc.float().repeat_interleave(32, -1) * (res.codes - 8)
     best = (W * kq).sum(-1) / (kq * kq).sum(-1)
-    assert torch.allclose(grid.d[..., 0], best, rtol=1e-5, atol=0)
-    assert bool((grid.d == grid.d[..., :1]).all())
+    assert torch.allclose(grid.stored.d[..., 0], best, rtol=1e-5, atol=0)
+    assert bool((grid.stored.d == grid.stored.d[..., :1]).all())
 
 
 # --- configuration ------------------------------------------------------------------------------------------

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from turboboa.config import QuantConfig
-from turboboa.grids import GridSpec, dequantize, fit_grid, quantize_codes
+from turboboa.grids import BlockGrid, GridSpec, dequantize, expand_groups, fit_grid, quantize_codes
 from turboboa.solvers import LayerProblem, shifted_target, solve_layer
 from turboboa.solvers.boa import row_compensation
 from turboboa.solvers.gptq import gptq_quantize
 from turboboa.solvers.linalg import cholesky_inverse_upper
-from turboboa.solvers.refine import kron_objective, refine_scales
+from turboboa.solvers.refine import kron_objective, refine_params
 from turboboa.solvers.rtn import rtn_quantize
 
 
@@ -173,14 +173,34 @@ def test_scale_refinement_never_increases_objective(group_size, with_row):
     H = p.H.unsqueeze(0)
     H_row = p.H_row if with_row else None
     before = kron_objective(Wh, res.Q, H, H_row)
-    scale = res.scale
+    grid = BlockGrid(res.scale, res.zero)
     prev = before
     for _ in range(3):
-        scale, Q = refine_scales(Wh, res.codes, scale, res.zero, H, H_row, group_size, iters=1)
+        grid, Q = refine_params(spec, Wh, res.codes, grid, H, H_row, group_size, iters=1)
+        assert torch.equal(grid.offset, res.zero)
         now = kron_objective(Wh, Q, H, H_row)
         assert now <= prev + 1e-9 * abs(prev)
         prev = now
     assert prev < 0.95 * before
+
+
+@pytest.mark.parametrize("group_size", [-1, 16, 20])
+def test_scale_refinement_finds_the_optimal_scales_of_a_per_row_problem(group_size):
+    """Identity Hessians: with the codes fixed, each (row, group) scale's optimum is <w, z - z0> / |z - z0|^2
+    (a ragged last group included), reached in one step."""
+    gen = torch.Generator().manual_seed(6)
+    W = torch.randn(2, 5, 48, generator=gen, dtype=torch.float64)
+    spec = GridSpec(bits=3)
+    res = rtn_quantize(W, spec, group_size)
+    grid, Q = refine_params(spec, W, res.codes, BlockGrid(res.scale, res.zero),
+                            torch.eye(48, dtype=torch.float64)[None], None, group_size)
+    G = group_size if group_size > 0 else 48
+    for g0 in range(0, 48, G):
+        zc = res.codes[..., g0 : g0 + G] - res.zero[..., g0 // G, None]
+        best = (W[..., g0 : g0 + G] * zc).sum(-1) / (zc * zc).sum(-1)
+        assert torch.allclose(grid.scale[..., g0 // G], best, rtol=1e-12, atol=0)
+    assert torch.equal(Q, dequantize(res.codes, expand_groups(grid.scale, group_size, 48),
+                                     expand_groups(res.zero, group_size, 48)))
 
 
 def test_f2_shift_is_the_minimizer_and_vanishes_without_deviation():

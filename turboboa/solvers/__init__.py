@@ -9,11 +9,12 @@ import torch
 from ..config import QuantConfig
 from ..formats.base import get_format
 from ..formats.spec import format_spec, map_grid
+from ..grids import BlockGrid
 from ..quantized import UNIFORM, QuantizedLinear
 from .boa import RowOptions, boa_quantize
 from .gptq import ColumnResult, ColumnSolver, Grid, fit_groups
 from .linalg import HessianError, as_float, damp
-from .refine import refine_format_scales, refine_scales
+from .refine import refine_params
 from .rtn import rtn_quantize
 
 __all__ = ["LayerProblem", "solve_layer", "HessianError"]
@@ -61,10 +62,9 @@ def f2_target(W: torch.Tensor, problem: LayerProblem, columns: ColumnSolver, cfg
     return columns.zero_dead(shifted_target(target, cross, columns.H_natural, cfg.alpha))
 
 
-def _to_linear(res: ColumnResult, d_out: int, cfg: QuantConfig, fmt: str,
-               scale: torch.Tensor | None = None) -> QuantizedLinear:
+def _to_linear(res: ColumnResult, d_out: int, cfg: QuantConfig, fmt: str) -> QuantizedLinear:
     C = res.codes.shape[-1]
-    s = res.scale if scale is None else scale
+    s = res.scale
     codes = res.codes.reshape(d_out, C).to(torch.uint8).cpu()
     if fmt == UNIFORM:
         return QuantizedLinear(codes=codes, scale=s.reshape(d_out, -1).float().cpu().contiguous(),
@@ -116,14 +116,10 @@ def solve_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
             act_order_row=cfg.act_order_row,
         )
         res = boa_quantize(target, columns, problem.H_row, options, cfg.percdamp)
-        scale = None
         if cfg.is_turbo and cfg.refine_iters > 0:
-            if fmt == UNIFORM:
-                scale, _ = refine_scales(target, res.codes, res.scale, res.zero, columns.H_natural, problem.H_row,
-                                         G, cfg.refine_iters)
-            else:
-                res.stored, res.Q = refine_format_scales(get_format(fmt), target, res.codes, res.stored,
-                                                         columns.H_natural, problem.H_row, cfg.refine_iters)
-        return _to_linear(res, d_out, cfg, fmt, scale)
+            grid, res.Q = refine_params(spec, target, res.codes, BlockGrid(res.scale, res.zero, res.stored),
+                                        columns.H_natural, problem.H_row, G, cfg.refine_iters)
+            res.scale, res.zero, res.stored = grid.scale, grid.offset, grid.stored
+        return _to_linear(res, d_out, cfg, fmt)
     except HessianError as e:
         raise HessianError(f"{problem.name}: {e}") from None
