@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from turboboa.config import QuantConfig
+from turboboa.formats.spec import FormatSpec
 from turboboa.grids import BlockGrid, GridSpec, dequantize, expand_groups, fit_grid, quantize_codes
 from turboboa.solvers import LayerProblem, shifted_target, solve_layer
 from turboboa.solvers.boa import row_compensation
@@ -248,3 +249,16 @@ def test_failed_cholesky_retries_with_more_damping():
     lam = (Hd[0] - H).diagonal()
     assert torch.all(lam > 0) and torch.allclose(lam, lam[0].expand(16))
     assert torch.allclose(U[0].T @ U[0], torch.linalg.inv(Hd[0]), atol=1e-6)
+
+
+def test_every_layer_format_names_a_solver_grid():
+    """Format "int" is the config's uniform grid, a storage format its own grid and group (LPBQ's, i-quants'
+    spec classes included); every one of them builds its QuantizedLinear and refits its own parameters."""
+    from turboboa.formats.codebook import CodebookSpec
+    from turboboa.formats.lpbq import LpbqSpec
+
+    c = QuantConfig(method="turboboa", bits=3, group_size=32, sym=True)
+    assert c.solver_grid("int") == (c.grid_spec(), 32)
+    for fmt, cls, G in (("q4_k", FormatSpec, 32), ("lpbq4", LpbqSpec, 32), ("iq2_xs", CodebookSpec, 16)):
+        spec, group = c.solver_grid(fmt)
+        assert type(spec) is cls and spec.fmt_name == fmt and group == G and spec.search

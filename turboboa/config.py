@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError
+from .formats.spec import FormatSpec, format_spec
 from .grids import SUPPORTED_BITS, GridSpec
+from .quantized import UNIFORM
 
 METHODS = ("rtn", "gptq", "boa", "turboboa")
 GRIDS = ("auto", "minmax", "search")
@@ -222,6 +224,15 @@ class QuantConfig:
     def grid_spec(self) -> GridSpec:
         search = self.grid == "search" or (self.grid == "auto" and self.method != "rtn")
         return GridSpec(bits=self.bits, sym=self.sym, search=search)
+
+    def solver_grid(self, fmt: str) -> tuple[GridSpec | FormatSpec, int]:
+        """The grid a solver quantizes a layer of format ``fmt`` onto, and its group size: the uniform grid of
+        ``bits``/``sym``/``group_size`` for "int", else the storage format's own grid (:func:`format_spec`,
+        with the same range-search choice) and its group."""
+        if fmt == UNIFORM:
+            return self.grid_spec(), self.group_size
+        spec = format_spec(fmt, search=self.grid_spec().search)
+        return spec, spec.fmt.group_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -33,7 +33,7 @@ How the solvers land on this grid (:class:`LpbqSpec`):
   late lets the block scale follow what the compensation pushed into the block (GPTQ's reason for fitting a
   group's grid at its first column), and the exhaustive search is exact and cheap.
 * TurboBoA's refinement: with codes and ``k`` fixed, ``W_hat`` is linear in ``s_r``, refined in closed form
-  under the row Hessian (:func:`turboboa.solvers.refine.refine_format_scales`), kept where the objective
+  under the row Hessian (:func:`turboboa.solvers.refine.refine_params`), kept where the objective
   falls and ``s_r`` stays positive.
 
 An all-zero row gets ``s_r = 1`` and an all-zero block ``k = 1``, both with codes 8 (``q = 0``): exactly 0.

@@ -7,10 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import QuantConfig
-from ..formats.base import get_format
-from ..formats.spec import format_spec, map_grid
 from ..grids import BlockGrid
-from ..quantized import UNIFORM, QuantizedLinear
+from ..quantized import QuantizedLinear
 from .boa import RowOptions, boa_quantize
 from .gptq import ColumnResult, ColumnSolver, Grid, fit_groups
 from .linalg import HessianError, as_float, damp
@@ -28,8 +26,9 @@ class LayerProblem:
     ``H_row``: the attention row Hessian per head (``(heads, d_h, d_h)``) for q_proj/k_proj under BoA, else None.
     ``heads``: how many consecutive row groups (heads) ``W`` splits into for the per-head problems.
     ``cross``: TurboBoA's F2 term ``C = 2 (X_fp - X) X^T / n`` (same shape as ``H``), or None.
-    ``fmt``: the grid: "int" (the config's uniform grid) or a storage format (a ggml type, LPBQ), whose grid
-    every solver quantizes onto.
+    ``fmt``: the layer's format, whose grid every solver quantizes onto (:meth:`QuantConfig.solver_grid`):
+    "int" (the config's uniform grid) or a storage format (a ggml type, an i-quant, LPBQ); None: the config's
+    ``format``.
     """
 
     name: str
@@ -38,7 +37,7 @@ class LayerProblem:
     H_row: torch.Tensor | None = None
     heads: int = 1
     cross: torch.Tensor | None = None
-    fmt: str = UNIFORM
+    fmt: str | None = None
 
 
 def shifted_target(W: torch.Tensor, cross: torch.Tensor, H: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -62,27 +61,17 @@ def f2_target(W: torch.Tensor, problem: LayerProblem, columns: ColumnSolver, cfg
     return columns.zero_dead(shifted_target(target, cross, columns.H_natural, cfg.alpha))
 
 
-def _to_linear(res: ColumnResult, d_out: int, cfg: QuantConfig, fmt: str) -> QuantizedLinear:
-    C = res.codes.shape[-1]
-    s = res.scale
-    codes = res.codes.reshape(d_out, C).to(torch.uint8).cpu()
-    if fmt == UNIFORM:
-        return QuantizedLinear(codes=codes, scale=s.reshape(d_out, -1).float().cpu().contiguous(),
-                               zero=res.zero.reshape(d_out, -1).float().cpu().contiguous(),
-                               bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym)
-    format_ = get_format(fmt)
-    grid = map_grid(res.stored, lambda t: t.reshape(d_out, -1).cpu().contiguous())
-    scale_g, offset_g = format_.group_scale_offset(grid)
-    return QuantizedLinear(codes=codes, scale=scale_g, zero=offset_g, bits=format_.bits,
-                           group_size=format_.group_size, sym=not format_.asymmetric, fmt=fmt, grid=grid)
+def _to_linear(res: ColumnResult, d_out: int, spec: Grid, group_size: int) -> QuantizedLinear:
+    """The layer's ``QuantizedLinear``: uint8 codes ``(d_out, C)`` and the fields the grid stores."""
+    codes = res.codes.reshape(d_out, res.codes.shape[-1]).to(torch.uint8).cpu()
+    return QuantizedLinear(codes=codes, **spec.linear_fields(BlockGrid(res.scale, res.zero, res.stored), d_out,
+                                                             group_size))
 
 
 def layer_grid(problem: LayerProblem, cfg: QuantConfig) -> tuple[Grid, int]:
-    """The solver's grid for ``problem`` and its group size: the config's uniform grid or the layer's format."""
-    if problem.fmt == UNIFORM:
-        return cfg.grid_spec(), cfg.group_size
-    spec = format_spec(problem.fmt, search=cfg.grid_spec().search)
-    return spec, spec.fmt.group_size
+    """The solver's grid for ``problem`` and its group size (:meth:`QuantConfig.solver_grid` of the layer's
+    format; the config's ``format`` when the problem names none)."""
+    return cfg.solver_grid(problem.fmt or cfg.format)
 
 
 def solve_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
@@ -92,19 +81,18 @@ def solve_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
     if not torch.isfinite(problem.H).all():
         raise HessianError(f"{problem.name}: Hessian holds NaN or Inf (activations overflowed?)")
     spec, G = layer_grid(problem, cfg)
-    fmt = problem.fmt
     W = as_float(problem.W)
     d_out, C = W.shape
     if cfg.method == "rtn":
         Hd, _ = damp(problem.H if problem.H.dim() == 3 else problem.H.unsqueeze(0), cfg.percdamp)
-        return _to_linear(rtn_quantize(W.unsqueeze(0), spec, G, Hd), d_out, cfg, fmt)
+        return _to_linear(rtn_quantize(W.unsqueeze(0), spec, G, Hd), d_out, spec, G)
     try:
         if cfg.method == "gptq":
             solver = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order, percdamp=cfg.percdamp,
                                   block_size=cfg.block_size)
             Wb = f2_target(W.unsqueeze(0), problem, solver, cfg)  # with F2: GPTAQ
             static = fit_groups(solver.zero_dead(Wb), spec, G, solver.H_natural) if cfg.static_groups and G > 0 else None
-            return _to_linear(solver.solve(Wb, static), d_out, cfg, fmt)
+            return _to_linear(solver.solve(Wb, static), d_out, spec, G)
         heads = problem.heads
         Wh = W.reshape(heads, d_out // heads, C)
         columns = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order_col, percdamp=cfg.percdamp,
@@ -120,6 +108,6 @@ def solve_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
             grid, res.Q = refine_params(spec, target, res.codes, BlockGrid(res.scale, res.zero, res.stored),
                                         columns.H_natural, problem.H_row, G, cfg.refine_iters)
             res.scale, res.zero, res.stored = grid.scale, grid.offset, grid.stored
-        return _to_linear(res, d_out, cfg, fmt)
+        return _to_linear(res, d_out, spec, G)
     except HessianError as e:
         raise HessianError(f"{problem.name}: {e}") from None

@@ -20,8 +20,9 @@ from ..grids import BlockGrid, expand_groups
 from .linalg import as_float, cholesky_inverse_upper, dead_columns
 
 # A solver's grid: the uniform integer grid or a storage format (``turboboa.formats.spec.FormatSpec``, LPBQ's
-# ``LpbqSpec``); all offer ``for_rows`` (row-level parameters, fixed at a row's first column), ``fit_width``,
-# ``fit``, ``round`` and ``value``.
+# ``LpbqSpec``, the i-quants' ``CodebookSpec``); all offer ``for_rows`` (row-level parameters, fixed at a row's
+# first column), ``fit_width``, ``fit``, ``round`` and ``value``; for TurboBoA's refinement ``linear_params``,
+# ``store``, ``valid``, ``with_params`` and ``decode``; and ``linear_fields`` for the ``QuantizedLinear``.
 Grid = Any
 
 

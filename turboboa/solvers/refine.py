@@ -23,15 +23,10 @@ independent and one step over all rows at once is the optimum.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..grids import BlockGrid, LinearParams
-
-# A solver's grid (``turboboa.grids.GridSpec`` or a format's ``FormatSpec``); what the refinement uses of it:
-# ``linear_params``, ``store``, ``valid``, ``with_params`` and ``decode``.
-Grid = Any
+from .gptq import Grid
 
 
 def pad_columns(t: torch.Tensor, width: int, dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
