@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from turboboa.config import QuantConfig
+from turboboa.formats.codebook import CodebookSpec
+from turboboa.formats.lpbq import LpbqSpec
 from turboboa.formats.spec import FormatSpec
 from turboboa.grids import BlockGrid, GridSpec, dequantize, expand_groups, fit_grid, quantize_codes
 from turboboa.solvers import LayerProblem, shifted_target, solve_layer
@@ -252,11 +254,8 @@ def test_failed_cholesky_retries_with_more_damping():
 
 
 def test_every_layer_format_names_a_solver_grid():
-    """Format "int" is the config's uniform grid, a storage format its own grid and group (LPBQ's, i-quants'
-    spec classes included); every one of them builds its QuantizedLinear and refits its own parameters."""
-    from turboboa.formats.codebook import CodebookSpec
-    from turboboa.formats.lpbq import LpbqSpec
-
+    """Format "int" is the config's uniform grid, a storage format its own grid and group (LPBQ's and the
+    i-quants' spec classes included), with the config's range-search choice."""
     c = QuantConfig(method="turboboa", bits=3, group_size=32, sym=True)
     assert c.solver_grid("int") == (c.grid_spec(), 32)
     for fmt, cls, G in (("q4_k", FormatSpec, 32), ("lpbq4", LpbqSpec, 32), ("iq2_xs", CodebookSpec, 16)):
