@@ -205,8 +205,8 @@ def layers_from_tensors(entries: dict[str, dict[str, Any]], tensors: dict[str, t
     layers = {}
     for name, e in entries.items():
         fmt = e.get("format", UNIFORM)
-        grid = None
-        if fmt != UNIFORM:
+        grid = None  # the stored fields, saved where the layer has them (storage formats; not the uniform grid)
+        if f"{name}.d" in tensors:
             grid = GgmlGrid(**{k: tensors.get(f"{name}.{k}") for k in ("d", "dmin", "sc", "m")})
         layers[name] = QuantizedLinear(
             codes=tensors[f"{name}.codes"], scale=tensors[f"{name}.scale"], zero=tensors[f"{name}.zero"],

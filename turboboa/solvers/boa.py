@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.spec import cat_grids, gather_grid_rows, map_grid
-from ..grids import BlockGrid
+from ..formats.spec import cat_grids, gather_grid_rows
 from .gptq import ColumnResult, ColumnSolver, permute_square
 from .linalg import cholesky_inverse_upper
 
@@ -82,7 +81,7 @@ def boa_quantize(
     for b0 in range(0, d, N):
         blk = slice(b0, min(b0 + N, d))
         Wb = W[:, blk]
-        static = None if static_all is None else row_slice(static_all, blk)
+        static = None if static_all is None else static_all.rows(blk)
         res = columns.solve(Wb, static)
         Q[:, blk], codes[:, blk], scale[:, blk], zero[:, blk] = res.Q, res.codes, res.scale, res.zero
         stored_parts.append(res.stored)
@@ -96,8 +95,3 @@ def boa_quantize(
         stored = None if stored is None else gather_grid_rows(stored, inv)
     return ColumnResult(Q, codes, scale, zero, stored)
 
-
-def row_slice(grid: BlockGrid, rows: slice) -> BlockGrid:
-    """The grids of rows ``rows`` (dim 1) of every field."""
-    stored = None if grid.stored is None else map_grid(grid.stored, lambda t: t[:, rows])
-    return BlockGrid(grid.scale[:, rows], grid.offset[:, rows], stored)
