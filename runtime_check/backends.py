@@ -67,10 +67,12 @@ def open_float(meta: dict[str, Any], device: torch.device) -> Backend:
 
 
 def open_fakequant(ckpt: Any, device: torch.device) -> Backend:
-    """The QDIR's fake-quant torch model (activation encodings simulated when the QDIR has them)."""
+    """The QDIR's fake-quant torch model (activation encodings simulated when the QDIR has them). On the CPU
+    its linear layers keep only their codes and dequantize at every window (``lazy``): the same logits, and
+    the float model and the runtimes beside it do not need room for a second float copy of the weights."""
     from turboboa.checkpoint import load_fakequant_model
 
-    model = load_fakequant_model(ckpt).to(device)
+    model = load_fakequant_model(ckpt, lazy=device.type == "cpu").to(device)
     settings: dict[str, Any] = {"device": str(device), "dtype": "float32"}
     if ckpt.activations is not None:
         settings["activations"] = ckpt.activations.label()

@@ -47,6 +47,33 @@ def test_qdir_round_trip_is_exact(tmp_path, tiny_llama_dir):
         assert torch.equal(model.get_submodule(name).weight, q.dequantize())
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_lazy_fakequant_model_computes_the_same_logits(tmp_path, tiny_llama_dir, tied):
+    """``lazy=True`` (turboboa check on the CPU): the linear layers keep only their codes and dequantize at
+    every forward pass; the logits are those of the materialized fake-quant model, bit for bit."""
+    from turboboa.checkpoint import CodesWeight
+
+    loaded = load_float_model(str(tiny_llama_dir))
+    if not tied:  # an untied head is a quantized Linear of its own (HEAD)
+        loaded.model.config.tie_word_embeddings = False
+        loaded.model.lm_head.weight = torch.nn.Parameter(loaded.model.lm_head.weight.detach().clone() * 0.9)
+    cfg = QuantConfig(method="rtn", format="q4_0", nsamples=2, seqlen=32)
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    result = quantize_model(loaded.model, ids, cfg, torch.device("cpu"), progress=False)
+    ckpt = load_qdir(save_qdir(tmp_path / "Q", loaded.model, loaded.tokenizer, result.layers, cfg, {}))
+    eager, lazy = load_fakequant_model(ckpt), load_fakequant_model(ckpt, lazy=True)
+    codes_served = {name for name, m in lazy.named_modules() if isinstance(m, CodesWeight)}
+    assert len(codes_served) == len(ckpt.layers) - 1  # all but the embedding
+    assert ("lm_head.parametrizations.weight.0" in codes_served) == (not tied)
+    for name, q in ckpt.layers.items():
+        assert torch.equal(lazy.get_submodule(name).weight, q.dequantize())
+    x = torch.randint(0, 1000, (1, 40))
+    with torch.inference_mode():
+        assert torch.equal(lazy(input_ids=x).logits, eager(input_ids=x).logits)
+    lazy_weights = sum(q.codes.numel() for name, q in ckpt.layers.items() if name != EMBEDDING)
+    assert sum(p.numel() for p in lazy.parameters()) == sum(p.numel() for p in eager.parameters()) - lazy_weights
+
+
 def test_qdir_version_and_marker_are_checked(tmp_path, tiny_llama_dir):
     loaded = load_float_model(str(tiny_llama_dir))
     cfg = QuantConfig(method="rtn", bits=4, group_size=-1)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
+from torch import nn
 
+from turboboa import pipeline
 from turboboa.arch import get_adapter
 from turboboa.config import QuantConfig
 from turboboa.hessians import CovarianceAccumulator
 from turboboa.hessians.attention import AttentionStatistics
 from turboboa.models import load_float_model
-from turboboa.pipeline import _collect, quantize_model
+from turboboa.pipeline import _collect, _round_table, quantize_model
+from turboboa.solvers import LayerProblem, solve_layer
 
 
 def test_collect_accumulates_hessians_and_f2_cross_terms(tiny_llama_dir):
@@ -75,3 +79,22 @@ def test_gptq_f2_is_gptq_on_the_shifted_target(tiny_llama_dir):
     # block 0 sees identical streams (nothing is quantized before it); later blocks see the shift
     down = "model.layers.1.mlp.down_proj"
     assert not torch.equal(results["dx"][down].codes, results["no_dx"][down].codes)
+
+
+@pytest.mark.parametrize(("fmt", "width"), [("q8_0", 64), ("int", 64), ("q4_k", 256), ("q6_k", 256)])
+def test_tables_rounded_in_row_chunks_equal_the_whole_table(fmt, width, monkeypatch) -> None:
+    """The embedding/head is rounded TABLE_ROWS rows at a time (its range search's temporaries grow with the
+    rows): the codes, grids and the weight loaded back are those of one solve over the whole table."""
+    table = nn.Embedding(50, width)
+    with torch.no_grad():
+        table.weight.copy_(torch.randn(50, width, generator=torch.Generator().manual_seed(0)) * 0.05)
+    cfg = QuantConfig(method="rtn", group_size=32)
+    whole = solve_layer(LayerProblem("t", table.weight.detach().clone(), torch.eye(width), fmt=fmt),
+                        dataclasses.replace(cfg, grid="search"))
+    monkeypatch.setattr(pipeline, "TABLE_ROWS", 7)
+    q = _round_table("t", table, fmt, cfg)
+    assert q.fmt == whole.fmt and q.shape == whole.shape
+    for a, b in [(q.codes, whole.codes), (q.scale, whole.scale), (q.zero, whole.zero),
+                 *([] if q.grid is None else zip(vars(q.grid).values(), vars(whole.grid).values(), strict=True))]:
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(table.weight.detach(), whole.dequantize())

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn.utils import parametrize
 
 from .activations.dynamic import DynamicSpec, install_dynamic
 from .activations.encodings import ActivationEncodings, install_input_quantization
@@ -364,9 +365,47 @@ def load_activations(path: Path, doc: dict[str, Any]) -> ActivationEncodings | N
     return ActivationEncodings.from_tensors(entry, tensors)
 
 
+class CodesWeight(torch.nn.Module):
+    """A parametrization of a linear layer's ``weight``: its fake-quant weight dequantized from the layer's
+    codes (:meth:`QuantizedLinear.dequantize`) at every use and dropped after it, so the model holds one byte
+    per weight (the codes) instead of four, at the cost of a dequantization per forward pass."""
+
+    def __init__(self, q: QuantizedLinear) -> None:
+        super().__init__()
+        self.q = q
+
+    def forward(self, placeholder: torch.Tensor) -> torch.Tensor:
+        """``W_hat`` in the placeholder's dtype (the placeholder itself holds nothing)."""
+        return self.q.dequantize().to(placeholder.dtype)
+
+
+def lazy_layer_names(model: torch.nn.Module, layers: dict[str, QuantizedLinear]) -> list[str]:
+    """The quantized layers of ``model`` that :class:`CodesWeight` can serve: ``nn.Linear`` modules whose
+    weight is not shared with the token embedding (a tied head stays what the embedding is)."""
+    emb = model.get_input_embeddings()
+    tied = model.get_output_embeddings() if getattr(model.config, "tie_word_embeddings", False) else None
+    names = []
+    for name in layers:
+        module = model.get_submodule(name)
+        if isinstance(module, torch.nn.Linear) and module is not emb and module is not tied:
+            names.append(name)
+    return names
+
+
+def attach_codes_weight(module: torch.nn.Module, q: QuantizedLinear, dtype: torch.dtype) -> None:
+    """Give ``module`` (still without weight values) the weight :class:`CodesWeight` computes from ``q``."""
+    module.weight = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+    parametrize.register_parametrization(module, "weight", CodesWeight(q), unsafe=True)
+
+
 def load_fakequant_model(ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.float32,
-                         activations: bool = True, dynamic: DynamicSpec | None = None) -> torch.nn.Module:
+                         activations: bool = True, dynamic: DynamicSpec | None = None,
+                         lazy: bool = False) -> torch.nn.Module:
     """The torch model whose quantized linear weights are ``scale * (codes - zero)``; needs only the QDIR.
+
+    ``lazy``: the quantized linear layers (not the embedding, nor a head tied to it) keep only their codes
+    and dequantize their weight at every forward pass (:class:`CodesWeight`): the same weights and outputs,
+    a quarter of their memory, for a CPU model scored next to other models (``turboboa check``).
 
     When the QDIR has activation encodings (and ``activations``), every encoded layer's input is
     fake-quantized by a forward pre-hook (:func:`~turboboa.activations.encodings.fake_quant`); encodings of
@@ -386,12 +425,17 @@ def load_fakequant_model(ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.f
     hf_config = AutoConfig.from_pretrained(ckpt.path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    lazy_names = set(lazy_layer_names(model, ckpt.layers)) if lazy else set()
     state = dict(ckpt.float_tensors)
     for name, q in ckpt.layers.items():
-        state[f"{name}.weight"] = q.dequantize()
+        if name not in lazy_names:
+            state[f"{name}.weight"] = q.dequantize()
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    del state
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
+    for name in sorted(lazy_names):
+        attach_codes_weight(model.get_submodule(name), ckpt.layers[name], dtype)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     missing += [n for n, b in model.named_buffers() if b.device.type == "meta"]
     if missing:

