@@ -50,6 +50,7 @@ from turboboa.formats.ggml import (
     _require_zero_offset,
     _snap_superblock,
     _split,
+    _SymmetricKQuant,
 )
 
 T = GGMLQuantizationType
@@ -91,6 +92,21 @@ def _sign_bits(neg: np.ndarray) -> np.ndarray:
 def _sign_flags(mask: np.ndarray) -> np.ndarray:
     """Inverse of :func:`_sign_bits`: (...,) uint8 -> (..., 8) bool."""
     return ((mask[..., None] >> np.arange(8, dtype=np.uint8)) & 1).astype(bool)
+
+
+def _pack_sign_words(neg: np.ndarray, ls: np.ndarray) -> np.ndarray:
+    """IQ2_XXS/IQ3_XXS: per 32 weights one u32, the 7 stored sign bits of 8-group g at bits ``7g`` and ``ls`` at
+    bits 28-31: ``(N, 256)`` flags and ``(N, 8)`` ls -> ``(N, 8)`` uint32."""
+    n = neg.shape[0]
+    s7 = (_sign_bits(neg.reshape(n, 8, 4, 8)) & 127).astype(np.uint32)
+    return np.bitwise_or.reduce(s7 << (7 * np.arange(4, dtype=np.uint32)), axis=-1) | (ls.astype(np.uint32) << 28)
+
+
+def _unpack_sign_words(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`_pack_sign_words` (the 8th sign bit from the parity table): ``(N, 8)`` uint32 ->
+    (``(N, 256)`` negative flags, ``(N, 8)`` ls)."""
+    s7 = (w[:, :, None] >> (7 * np.arange(4, dtype=np.uint32))) & 127
+    return _sign_flags(_KSIGNS[s7]).reshape(w.shape[0], 256), w >> 28
 
 
 class CodebookFormat(GgmlFormat):
@@ -223,25 +239,39 @@ _IQ3XXS_MAG = tuple(v / 4 for v in gq.IQ3_XXS.grid_map)
 _IQ3S_MAG = tuple(float(v) for v in gq.IQ3_S.grid_map)
 
 
-class IQ2_XXS(CodebookFormat, name="iq2_xxs", ggml_type=T.IQ2_XXS):
+class _IQ2(CodebookFormat):
+    """IQ2_*: 8-weight codewords over the magnitudes {8, 25, 43} / 8, ``S_g = d (2 ls_g + 1)``, ls 0..15."""
+
+    bits = 3
+    dim = 8
+    magnitudes = _IQ2_MAG
+    levels = _sign_level_table(_IQ2_MAG)
+    ls_max = 15
+    sc_range = (0, 15)
+
+
+class _IQ3(CodebookFormat):
+    """IQ3_*: 4-weight codewords over 8 magnitudes, ``S_g = d (2 ls_g + 1)``, ls 0..15, groups of 32."""
+
+    group_size = 32
+    bits = 4
+    dim = 4
+    ls_max = 15
+    sc_range = (0, 15)
+
+
+class IQ2_XXS(_IQ2, name="iq2_xxs", ggml_type=T.IQ2_XXS):
     """``d | 8 x (4 grid bytes, u32 W)`` (66 B): W holds four 7-bit sign masks (bits 7g) and ``ls`` (bits 28-31)."""
 
     group_size = 32
-    bits = 3
-    dim = 8
     grid = _gguf_grid(gq.IQ2_XXS)
-    magnitudes = _IQ2_MAG
-    levels = _sign_level_table(_IQ2_MAG)
     sign_rule = "even"
-    ls_max = 15
-    sc_range = (0, 15)
 
     @classmethod
     def _pack_blocks(cls, blocks: BlockFields) -> np.ndarray:
         idx, neg, ls = cls._fields(blocks)
         n = idx.shape[0]
-        s7 = (_sign_bits(neg.reshape(n, 8, 4, 8)) & 127).astype(np.uint32)
-        w = np.bitwise_or.reduce(s7 << (7 * np.arange(4, dtype=np.uint32)), axis=-1) | (ls.astype(np.uint32) << 28)
+        w = _pack_sign_words(neg, ls)
         body = np.concatenate([idx.reshape(n, 8, 4).astype(np.uint8), _bytes(w, "<u4").reshape(n, 8, 4)], axis=2)
         return np.concatenate([_f16_bytes(blocks.d), body.reshape(n, 64)], axis=1)
 
@@ -251,24 +281,16 @@ class IQ2_XXS(CodebookFormat, name="iq2_xxs", ggml_type=T.IQ2_XXS):
         n = raw.shape[0]
         body = body.reshape(n, 8, 8)
         idx = body[:, :, :4].reshape(n, 32).astype(np.int64)
-        w = _u32(body[:, :, 4:]).reshape(n, 8, 1)
-        s7 = (w >> (7 * np.arange(4, dtype=np.uint32))) & 127
-        neg = _sign_flags(_KSIGNS[s7]).reshape(n, 256)
-        return cls._blocks(idx, neg, (w[:, :, 0] >> 28), _f16_values(d))
+        neg, ls = _unpack_sign_words(_u32(body[:, :, 4:]).reshape(n, 8))
+        return cls._blocks(idx, neg, ls, _f16_values(d))
 
 
-class IQ2_XS(CodebookFormat, name="iq2_xs", ggml_type=T.IQ2_XS):
+class IQ2_XS(_IQ2, name="iq2_xs", ggml_type=T.IQ2_XS):
     """``d | 32 x u16 (9-bit index | 7-bit signs << 9) | scales[8]`` (74 B); ``ls`` per 16 weights."""
 
     group_size = 16
-    bits = 3
-    dim = 8
     grid = _gguf_grid(gq.IQ2_XS)
-    magnitudes = _IQ2_MAG
-    levels = _sign_level_table(_IQ2_MAG)
     sign_rule = "even"
-    ls_max = 15
-    sc_range = (0, 15)
 
     @classmethod
     def _pack_blocks(cls, blocks: BlockFields) -> np.ndarray:
@@ -289,18 +311,12 @@ class IQ2_XS(CodebookFormat, name="iq2_xs", ggml_type=T.IQ2_XS):
         return cls._blocks((q & 511).astype(np.int64), neg, ls, _f16_values(d))
 
 
-class IQ2_S(CodebookFormat, name="iq2_s", ggml_type=T.IQ2_S):
+class IQ2_S(_IQ2, name="iq2_s", ggml_type=T.IQ2_S):
     """``d | idx low[32] | signs[32] | idx high 2-bit[8] | scales[8]`` (82 B); 8 free sign bits per 8."""
 
     group_size = 16
-    bits = 3
-    dim = 8
     grid = _gguf_grid(gq.IQ2_S)
-    magnitudes = _IQ2_MAG
-    levels = _sign_level_table(_IQ2_MAG)
     sign_rule = "free"
-    ls_max = 15
-    sc_range = (0, 15)
 
     @classmethod
     def _pack_blocks(cls, blocks: BlockFields) -> np.ndarray:
@@ -321,49 +337,34 @@ class IQ2_S(CodebookFormat, name="iq2_s", ggml_type=T.IQ2_S):
         return cls._blocks(idx, _sign_flags(signs).reshape(n, 256), ls, _f16_values(d))
 
 
-class IQ3_XXS(CodebookFormat, name="iq3_xxs", ggml_type=T.IQ3_XXS):
+class IQ3_XXS(_IQ3, name="iq3_xxs", ggml_type=T.IQ3_XXS):
     """``d | idx[64] | 8 x u32 W`` (98 B): W holds four 7-bit sign masks of 8 weights and ``ls`` (bits 28-31)."""
 
-    group_size = 32
-    bits = 4
-    dim = 4
     grid = _gguf_grid(gq.IQ3_XXS)
     magnitudes = _IQ3XXS_MAG
     levels = _sign_level_table(_IQ3XXS_MAG)
     sign_rule = "even"
-    ls_max = 15
-    sc_range = (0, 15)
 
     @classmethod
     def _pack_blocks(cls, blocks: BlockFields) -> np.ndarray:
         idx, neg, ls = cls._fields(blocks)
-        n = idx.shape[0]
-        s7 = (_sign_bits(neg.reshape(n, 8, 4, 8)) & 127).astype(np.uint32)
-        w = np.bitwise_or.reduce(s7 << (7 * np.arange(4, dtype=np.uint32)), axis=-1) | (ls.astype(np.uint32) << 28)
+        w = _pack_sign_words(neg, ls)
         return np.concatenate([_f16_bytes(blocks.d), idx.astype(np.uint8), _bytes(w, "<u4")], axis=1)
 
     @classmethod
     def _unpack_blocks(cls, raw: np.ndarray) -> BlockFields:
         d, idx, words = _split(raw, (2, 64, 32))
-        n = raw.shape[0]
-        w = _u32(words).reshape(n, 8, 1)
-        s7 = (w >> (7 * np.arange(4, dtype=np.uint32))) & 127
-        neg = _sign_flags(_KSIGNS[s7]).reshape(n, 256)
-        return cls._blocks(idx.astype(np.int64), neg, w[:, :, 0] >> 28, _f16_values(d))
+        neg, ls = _unpack_sign_words(_u32(words).reshape(raw.shape[0], 8))
+        return cls._blocks(idx.astype(np.int64), neg, ls, _f16_values(d))
 
 
-class IQ3_S(CodebookFormat, name="iq3_s", ggml_type=T.IQ3_S):
+class IQ3_S(_IQ3, name="iq3_s", ggml_type=T.IQ3_S):
     """``d | idx low[64] | idx bit 8 [8] | signs[32] | scales[4]`` (110 B); ``S_g = d (1 + 2 ls_g)``."""
 
-    group_size = 32
-    bits = 4
-    dim = 4
     grid = _gguf_grid(gq.IQ3_S)
     magnitudes = _IQ3S_MAG
     levels = _sign_level_table(_IQ3S_MAG)
     sign_rule = "free"
-    ls_max = 15
-    sc_range = (0, 15)
 
     @classmethod
     def _pack_blocks(cls, blocks: BlockFields) -> np.ndarray:
@@ -485,34 +486,16 @@ class IQ1_M(_IQ1, name="iq1_m", ggml_type=T.IQ1_M):
         return cls._blocks(idx, neg, ls, d)
 
 
-class IQ4_XS(GgmlFormat, name="iq4_xs", ggml_type=T.IQ4_XS):
+class IQ4_XS(_SymmetricKQuant, name="iq4_xs", ggml_type=T.IQ4_XS):
     """``d | scales_h u16 | scales_l[4] | qs[128]`` (136 B): ``w = d * (ls - 32) * K[q]``, ls 6-bit per 32.
 
-    A scalar type (IQ4_NL's 16 values under Q3_K-like signed sub-scales); ``sc`` holds ``ls - 32``."""
+    A scalar type: IQ4_NL's 16 values under Q3_K-like signed sub-scales (``sc`` holds ``ls - 32``; the group
+    scale of largest magnitude maps to ``sc = -32``, as llama.cpp does)."""
 
-    block_size = 256
     group_size = 32
     bits = 4
-    asymmetric = False
     levels = torch.tensor(gq.IQ4_NL.kvalues, dtype=torch.float32)
     sc_range = (-32, 31)
-
-    @classmethod
-    def group_scale_offset(cls, grid: GgmlGrid) -> tuple[torch.Tensor, torch.Tensor]:
-        """``S_g = fp32(d * sc_g)`` (exact), offset 0."""
-        assert grid.sc is not None
-        d = grid.d.to(torch.float32).repeat_interleave(cls.groups_per_block, dim=-1)
-        scale = d * grid.sc.to(torch.float32)
-        return scale, torch.zeros_like(scale)
-
-    @classmethod
-    def snap(cls, scale: torch.Tensor, offset: torch.Tensor | None = None) -> GgmlGrid:
-        """The group scale of largest magnitude maps to ``sc = -32`` (``d = fp16(s* / -32)``), the others to
-        ``clamp(round(s_g / d), -32, 31)``, as llama.cpp does."""
-        _check_snap_input(cls, scale, "scale")
-        _require_zero_offset(cls, offset)
-        d, sc = _snap_superblock(scale, cls.groups_per_block, -32, -32, 31)
-        return GgmlGrid(d=d, sc=sc)
 
     @classmethod
     def _pack_blocks(cls, blocks: BlockFields) -> np.ndarray:
