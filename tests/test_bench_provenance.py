@@ -260,7 +260,7 @@ def test_scripts_resolve_every_rows_settings():
     import rotation
 
     a = argparse.Namespace(nsamples=8, seqlen=512, seed=0, eval_seqlen=512, max_windows=8, device="cpu",
-                           windows=4, calib_seqlen=512, method="turboboa")
+                           windows=4, calib_seqlen=512, method="turboboa", model="smollm2-135m")
     ev = ["--seqlen", "512", "--json", "-q", "--device", "cpu", "--max-windows", "8"]
     wa = rotation.row_settings("turboboa", "W4A4KV4", "hadamard", a, ev)
     assert wa["quantize"]["quant_config"]["dyn_act_bits"] == 4 and wa["eval"]["kv_bits"] == 4
@@ -278,3 +278,8 @@ def test_scripts_resolve_every_rows_settings():
         assert s["maker"] == maker and s["eval"]["threads"] == gguf_vs_llamacpp.THREADS
     assert gguf_vs_llamacpp.row_settings(a, "Q2_K", "turboboa")["quantize"]["quant_config"]["rotate"] == "auto"
     assert gguf_vs_llamacpp.row_settings(a, "Q2_K", "turboboa+pad256")["quantize"]["quant_config"]["rotate"] == "none"
+    iq = gguf_vs_llamacpp.row_settings(argparse.Namespace(**{**vars(a), "model": "qwen2.5-coder-1.5b"}), "IQ2_XS",
+                                       "llama.cpp+imatrix")
+    assert iq["llama_quantize"] == {"source": "F32 GGUF of qwen2.5-coder-1.5b", "type": "IQ2_XS", "threads": 2,
+                                    "imatrix": {"tool": "llama-imatrix", "calibration": "wikitext2", "chunks": 8,
+                                                "ctx": 512, "threads": 2}}

@@ -64,12 +64,16 @@ def _realistic_weights(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 def test_registry_lists_all_types() -> None:
-    assert set(format_names()) == set(ALL)
-    for name in ALL:
+    from turboboa.formats.iquant import CODEBOOK_FORMATS, I_QUANTS
+
+    assert set(format_names()) == set(ALL) | set(I_QUANTS)
+    for name in (*ALL, *I_QUANTS):
         fmt = get_format(name)
         assert fmt.name == name and fmt.ggml_type.name.lower() == name
         assert fmt.bpw == 8 * fmt.type_size / fmt.block_size
-        assert fmt.levels.dtype == torch.float32 and fmt.levels.numel() == 2**fmt.bits
+        # one code per level; the codebooks' sign-magnitude tables (IQ2: 6 levels) fill fewer codes
+        assert fmt.levels.dtype == torch.float32
+        assert fmt.levels.numel() <= 2**fmt.bits if name in CODEBOOK_FORMATS else fmt.levels.numel() == 2**fmt.bits
     assert get_format("Q4_K") is get_format("q4_k")
 
 
