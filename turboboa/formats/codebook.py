@@ -190,10 +190,8 @@ class CodebookSpec(FormatSpec):
             if bool(odd.any()):
                 rows = odd.nonzero().squeeze(-1)
                 flip = self._cheapest_flips(loss[rows], a[rows], Ms[rows], S[rows])
-        if flip is None:
-            k = loss.argmin(-1)
-        else:
-            k = loss.argmin(-1)
+        k = loss.argmin(-1)
+        if flip is not None:
             k_odd, j = flip
             k[rows] = k_odd
             s = s.clone()
