@@ -222,12 +222,12 @@ def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, devic
              kv_bits: int | None, quiet: bool, as_json: bool) -> None:
     """Perplexity of TARGET: a model (default smollm2-135m), a QDIR (its fake-quant model), a .gguf file
     (run in llama.cpp) or an .onnx file (run in onnxruntime)."""
-    from turboboa import api
+    from workflows.evaluate import evaluate
 
-    res = api.evaluate(target, data=data, seqlen=seqlen, max_windows=max_windows, device=device,
-                       progress=not quiet and not as_json, backend=backend, tokenizer=tokenizer, threads=threads,
-                       rotate=rotate, rotate_seed=rotate_seed,
-                       dynamic={"act_bits": act_bits, "kv_bits": kv_bits} if act_bits or kv_bits else None)
+    res = evaluate(target, data=data, seqlen=seqlen, max_windows=max_windows, device=device,
+                   progress=not quiet and not as_json, backend=backend, tokenizer=tokenizer, threads=threads,
+                   rotate=rotate, rotate_seed=rotate_seed,
+                   dynamic={"act_bits": act_bits, "kv_bits": kv_bits} if act_bits or kv_bits else None)
     if as_json:
         click.echo(json.dumps(res.to_dict()))
     else:
@@ -261,8 +261,9 @@ def eval_cmd(target: str, data: str, seqlen: int, max_windows: int | None, devic
 def export_cmd(qdir: str, to: str, output: str, opset: int | None, profile: str | None, qnn_context: bool,
                seqlen: int | None, act_bits: int | None, quiet: bool) -> None:
     """Pack the quantized checkpoint QDIR into a runtime file (-o), e.g. a llama.cpp GGUF or a QDQ ONNX model."""
-    from exporters import export, size_summary
+    from exporters import size_summary
     from turboboa.checkpoint import load_qdir, source_parameters
+    from workflows.export import export
 
     given = {"opset": opset, "profile": profile, "seqlen": seqlen, "act_bits": act_bits,
              "qnn_context": qnn_context or None}
@@ -388,7 +389,7 @@ def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, e
 
     from runtime_check.checker import CheckSettings
     from runtime_check.report import MD_NAME
-    from turboboa.run import MANIFEST, parse_exports, run
+    from workflows.end_to_end import MANIFEST, parse_exports, run
 
     exports = parse_exports(export_list)
     cfg = quant_config(options)

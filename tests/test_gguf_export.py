@@ -22,6 +22,7 @@ from turboboa.errors import UserError
 from turboboa.eval.perplexity import make_windows
 from turboboa.formats import format_names
 from turboboa.formats.presets import EMBEDDING
+from workflows.evaluate import evaluate as evaluate_file
 
 from .conftest import make_tiny_llama, run_cli
 
@@ -154,6 +155,6 @@ def test_default_model_gguf_matches_its_fake_quant_model(tmp_path, fmt, pad, rot
     path = get_exporter("gguf")(ckpt, tmp_path / "m.gguf")
     assert max(check_gguf_weights(path, ckpt).values()) == 0.0
     ref = api.evaluate(str(tmp_path / "q"), seqlen=512, max_windows=4, device="cpu", progress=False)
-    got = api.evaluate(str(path), seqlen=512, max_windows=4, progress=False, tokenizer=str(tmp_path / "q"))
+    got = evaluate_file(str(path), seqlen=512, max_windows=4, progress=False, tokenizer=str(tmp_path / "q"))
     print(f"{fmt} pad {pad} rotate {rotate}: fake-quant {ref.ppl:.4f}, llama.cpp {got.ppl:.4f}")
     assert abs(got.ppl / ref.ppl - 1) < GGUF_PPL_BOUND[fmt]

@@ -24,7 +24,7 @@ from turboboa.checkpoint import load_qdir
 from turboboa.config import QuantConfig
 from turboboa.errors import UserError
 from turboboa.eval.perplexity import perplexity
-from turboboa.run import choose_format, parse_exports, possible_formats
+from workflows.end_to_end import choose_format, parse_exports, possible_formats
 
 from .conftest import assert_one_line_error, run_cli
 
@@ -333,7 +333,7 @@ def test_export_checks_take_float_tables_and_refuse_a_grid_gguf_lacks() -> None:
     for is refused before quantizing."""
     from turboboa.config import QuantConfig
     from turboboa.errors import UserError
-    from turboboa.run import check_exports
+    from workflows.end_to_end import check_exports
 
     check_exports(QuantConfig(format="q4_0", embed_format="float"), ("gguf", "onnx"), None)
     check_exports(QuantConfig(format="q4_0", embed_format="q8_0"), ("gguf",), None)

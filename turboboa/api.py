@@ -3,7 +3,6 @@ encodings, and ``evaluate`` a model or QDIR."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -263,68 +262,20 @@ def load_for_eval(target: str, rotate: str = "none", rotate_seed: int = 0,
     return loaded.model, loaded.tokenizer, "torch-float"
 
 
-def is_gguf_file(target: str) -> bool:
-    return str(target).endswith(".gguf") and Path(target).is_file()
-
-
-def gguf_tokenizer(path: Path) -> Any:
-    """The Hugging Face tokenizer that transformers builds from a GGUF file's tokenizer metadata."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types on foreign tokenizer metadata
-        raise UserError(f"cannot build a tokenizer from the metadata of {path} "
-                        f"({' '.join(str(e).split())[:200]}); pass --tokenizer with a tokenizer folder or QDIR") from None
-
-
-def is_openvino_ir(target: str) -> bool:
-    return str(target).endswith(".xml") and Path(target).is_file()
-
-
-def is_onnx_file(target: str) -> bool:
-    return str(target).endswith(".onnx")
-
-
-BACKENDS = ("auto", "torch", "llama.cpp", "onnxruntime", "ort", "qnn-htp", "openvino")
-
-
 def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
-             device: str = "auto", progress: bool = True, backend: str = "auto",
-             tokenizer: str | None = None, threads: int | None = None, rotate: str = "none",
+             device: str = "auto", progress: bool = True, tokenizer: str | None = None, rotate: str = "none",
              rotate_seed: int = 0, dynamic: dict[str, int] | None = None) -> PerplexityResult:
-    """Perplexity of ``target`` on ``data``'s evaluation text, non-overlapping windows of ``seqlen`` tokens.
+    """Perplexity of the torch model ``target`` on ``data``'s evaluation text, non-overlapping windows of
+    ``seqlen`` tokens: ``exp(-(1/T) sum_t log p(x_t | x_<t))`` over every predicted token of the windows.
 
-    ``target``: a model spec (float torch model), a QDIR (fake-quant torch model), a ``.gguf`` file, which
-    ``backend`` "auto" runs in llama.cpp ("torch" reads it with transformers instead), an ``.onnx`` file,
-    run in onnxruntime (``ort``), the emulated QNN HTP (``qnn-htp``) or OpenVINO (``openvino``), or an
-    OpenVINO ``.xml`` IR. ``rotate``: a float model with that rotation fused (function-preserving: the PPL
-    must equal the float PPL up to float rounding). The tokens always come from a Hugging Face tokenizer: ``tokenizer`` (a folder or
-    QDIR), else the model's own (for a GGUF file, the one transformers builds from its metadata; for an ONNX
-    file, the one recorded at export), so every backend scores the same windows.
+    ``target``: a model spec (the float model; a ``.gguf`` file is read by transformers), or a QDIR (its
+    fake-quant model). ``rotate``: a float model with that rotation fused (function-preserving: the PPL must
+    equal the float PPL up to float rounding). ``dynamic`` (``act_bits``/``kv_bits``): a QDIR's weights under
+    these per-token activation widths. The tokens come from ``tokenizer`` (a folder or QDIR), else the
+    model's own. Exported files in their runtimes: :func:`workflows.evaluate.evaluate`.
     """
     if seqlen < 2:
         raise UserError("--seqlen must be >= 2")
-    if backend not in BACKENDS:
-        raise UserError(f"unknown --backend {backend!r}; choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
-    if backend == "llama.cpp" and not is_gguf_file(target):
-        raise UserError(f"--backend llama.cpp runs a .gguf file; {target} is not one")
-    backend = "onnxruntime" if backend == "ort" else backend
-    graph = is_onnx_file(target) or is_openvino_ir(target)
-    if backend in GRAPH_RUNTIMES and not graph:
-        raise UserError(f"--backend {backend} runs an exported graph (.onnx, or .xml for openvino); {target} is "
-                        f"not one")
-    if graph and backend not in ("auto", *GRAPH_RUNTIMES):
-        raise UserError(f"{target} is an exported graph; evaluate it with --backend onnxruntime (ort), qnn-htp or openvino")
-    if is_openvino_ir(target) and backend not in ("auto", "openvino"):
-        raise UserError(f"{target} is an OpenVINO IR; evaluate it with --backend openvino (or auto)")
-    if (rotate != "none" or dynamic) and (graph or is_gguf_file(target)):
-        raise UserError(f"--rotate, --act-bits and --kv-bits apply to torch models; {target} is an exported file")
-    if graph:
-        runtime = backend if backend != "auto" else ("openvino" if is_openvino_ir(target) else "onnxruntime")
-        return evaluate_graph(Path(target), data, seqlen, max_windows, progress, tokenizer, threads, runtime)
-    if is_gguf_file(target) and backend != "torch":
-        return evaluate_gguf(Path(target), data, seqlen, max_windows, progress, tokenizer, threads)
     dev = select_device(device)
     model, tok, name = load_for_eval(target, rotate, rotate_seed, dynamic)
     if tokenizer is not None:
@@ -343,76 +294,4 @@ def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windo
         summary = dict(meta.get("dynamic_activations") or {})
         summary.update({k: v for k, v in (dynamic or {}).items() if v})
         result.extra["dynamic_activations"] = summary
-    return result
-
-
-GRAPH_RUNTIMES = ("onnxruntime", "qnn-htp", "openvino")
-
-
-def graph_logits_fn(path: Path, runtime: str, threads: int | None = None, allow_fallback: bool = False) -> Any:
-    """The logits function of an exported graph (``.onnx``, or an OpenVINO ``.xml`` IR) in ``runtime``:
-    onnxruntime CPU, the QNN HTP backend (emulated on x86_64; ``allow_fallback`` lets nodes HTP rejects run
-    on the CPU) or OpenVINO's CPU plugin."""
-    if runtime == "qnn-htp":
-        from runtime_check.qnn import qnn_logits_fn
-
-        return qnn_logits_fn(path, threads=threads, allow_fallback=allow_fallback)
-    if runtime == "openvino":
-        from runtime_check.openvinort import openvino_logits_fn
-
-        return openvino_logits_fn(path, threads=threads)
-    from runtime_check.onnxrt import onnx_logits_fn
-
-    return onnx_logits_fn(path, threads=threads)
-
-
-def evaluate_graph(path: Path, data: str, seqlen: int, max_windows: int | None, progress: bool,
-                   tokenizer: str | None = None, threads: int | None = None,
-                   runtime: str = "onnxruntime") -> PerplexityResult:
-    """Perplexity of an exported decoder graph in ``runtime`` (:func:`graph_logits_fn`; onnxruntime keeps
-    float activations: see :mod:`runtime_check.onnxrt`) on the windows of its recorded tokenizer (or
-    ``tokenizer``); the runtime's settings are in ``extra[runtime]``."""
-    from transformers import AutoTokenizer
-
-    if path.suffix == ".onnx":
-        from runtime_check.onnxrt import validate_onnx
-
-        validate_onnx(path)
-    with graph_logits_fn(path, runtime, threads) as fn:
-        fn.check_length(seqlen)
-        folder = fn.tokenizer(tokenizer)
-        tok = AutoTokenizer.from_pretrained(folder)
-        windows = make_windows(eval_tokens(tok, data), seqlen, max_windows)
-        result = perplexity(fn, windows, runtime, progress=progress)
-        result.extra[runtime] = fn.describe()
-        activations = fn.metadata.get("turboboa.activations", "none")
-        if activations != "none":  # static activation quantization in the graph
-            result.extra["activations"] = json.loads(activations)
-        result.extra["tokenizer"] = folder
-    return result
-
-
-def evaluate_gguf(path: Path, data: str, seqlen: int, max_windows: int | None, progress: bool,
-                  tokenizer: str | None = None, threads: int | None = None) -> PerplexityResult:
-    """Perplexity of a GGUF file in llama.cpp on the HF tokenizer's windows, plus how many of the evaluation
-    tokens llama.cpp's own tokenizer would split differently (``extra["tokenizer_mismatch"]``)."""
-    from runtime_check.llamacpp import gguf_logits_fn, gguf_tokenizer_mismatch, validate_gguf
-
-    from .data import resolve_text
-
-    validate_gguf(path)
-    if tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer)
-    else:
-        tok = gguf_tokenizer(path)
-    ids = eval_tokens(tok, data)
-    windows = make_windows(ids, seqlen, max_windows)
-    with gguf_logits_fn(path, n_ctx=seqlen, threads=threads) as fn:
-        result = perplexity(fn, windows, "llama.cpp", progress=progress)
-    text, _ = resolve_text(data, "eval")
-    mismatch = gguf_tokenizer_mismatch(path, text, ids)
-    result.extra["tokenizer_mismatch"] = {"hf_tokens": mismatch.hf_tokens, "gguf_tokens": mismatch.gguf_tokens,
-                                          "differing": mismatch.differing, "share": round(mismatch.share, 6)}
     return result

@@ -171,7 +171,7 @@ def build_model(ckpt: QuantizedCheckpoint, opset: int | None = None, profile: st
 
 def export_onnx(ckpt: QuantizedCheckpoint, output: Path, opset: int | None = None, profile: str = "generic",
                 seqlen: int | None = None, tokenizer: str | os.PathLike[str] | None = None,
-                act_bits: int | None = None, qnn_context: bool = False, **options: Any) -> Path:
+                act_bits: int | None = None, **options: Any) -> Path:
     """Write ``ckpt`` as the QDQ ONNX file ``output`` and return its path.
 
     ``profile``: ``generic`` (default opset 21, up to 25; dynamic sequence length unless ``seqlen``) or
@@ -180,25 +180,14 @@ def export_onnx(ckpt: QuantizedCheckpoint, output: Path, opset: int | None = Non
     QDIR has static activation encodings, every quantized MatMul's input goes through their
     QuantizeLinear -> DequantizeLinear; ``act_bits`` (8 or 16) asserts their width. The same checkpoint and
     options give a byte-identical file.
-
-    ``qnn_context`` (``--profile qnn-htp`` only): also compile the graph on the QNN HTP backend (CPU fallback
-    disabled) and write the precompiled EPContext model, the form that ships to Snapdragon devices, beside
-    it as :func:`qnn_context_path` (``<name>_ctx.onnx``).
     """
     if options:
         raise UserError(f"the onnx exporter takes no options {sorted(options)}; it takes opset, profile, "
-                        f"seqlen, act_bits, qnn_context")
-    if qnn_context and profile != "qnn-htp":
-        raise UserError("--qnn-context compiles a --profile qnn-htp graph; export with --profile qnn-htp")
+                        f"seqlen, act_bits")
     output = Path(output)
     if output.suffix != ".onnx":
         raise UserError(f"the ONNX file name {output.name} must end in .onnx (turboboa eval recognizes it by that)")
-    path = write_model(build_model(ckpt, opset, profile, seqlen, tokenizer, act_bits, output.parent), output)
-    if qnn_context:
-        from runtime_check.qnn import open_qnn_session
-
-        open_qnn_session(path, context_out=qnn_context_path(path))
-    return path
+    return write_model(build_model(ckpt, opset, profile, seqlen, tokenizer, act_bits, output.parent), output)
 
 
 def qnn_context_path(path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""``turboboa run``: one command from a model to checked runtime files.
+"""``turboboa run``: one command from a model to checked runtime files (quantize, export, check, report).
 
 OUTDIR after a run::
 
@@ -26,10 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checksums import sha256_file, sums_text
-from .config import FLOAT, QuantConfig
-from .errors import UserError
-from .io import remove_stale_temporaries
+from exporters.gguf.export import check_gguf_config
+from exporters.onnx.weights import ONNX_FORMATS, check_onnx_format, onnx_expressible
+from runtime_check.checker import CheckSettings, quantization_summary
+from runtime_check.checker import check as run_check
+from runtime_check.report import JSON_NAME, MD_NAME, PNG_NAME, atomic_write, write_report
+from turboboa import api
+from turboboa.activations import check_act_bits
+from turboboa.checkpoint import load_qdir
+from turboboa.checksums import sha256_file, sums_text
+from turboboa.config import FLOAT, QuantConfig
+from turboboa.errors import UserError
+from turboboa.formats import is_ggml_format
+from turboboa.formats.choice import FALLBACK, parse_overrides
+from turboboa.formats.presets import HEAD, ModelShape, preset_format
+from turboboa.io import remove_stale_temporaries
+from workflows.export import export
 
 EXPORTS = ("gguf", "onnx")
 FILE_NAMES = {"gguf": "model.gguf", "onnx": "model.onnx"}
@@ -64,9 +76,6 @@ def possible_formats(cfg: QuantConfig) -> set[str]:
     """Every storage format a linear layer of ``cfg`` may get, whatever the model's widths: the preset's types
     (every rule of :func:`~turboboa.formats.presets.preset_format`) or ``--format``, the ``--tensor-format``
     overrides, and the width fallbacks of each."""
-    from .formats.choice import FALLBACK, parse_overrides
-    from .formats.presets import HEAD, ModelShape, preset_format
-
     formats = {cfg.format}
     if cfg.preset:  # the preset decides every layer's type (--format is not used): all its rules' types
         suffixes = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -85,10 +94,6 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
     a ggml type for every layer (embedding included) and has no static activation encodings; ONNX needs a
     grid with a DequantizeLinear form that ``onnx_profile`` takes (a quantized embedding of another type is
     stored dequantized, so any type), and ``npu`` needs symmetric uniform grids."""
-    from exporters.onnx.weights import ONNX_FORMATS, check_onnx_format, onnx_expressible
-
-    from .formats import is_ggml_format
-
     formats = possible_formats(cfg)
     if "gguf" in exports:
         embedding = {cfg.embed_format.lower()} - {"", FLOAT}  # a float table is F32 in the file
@@ -96,8 +101,6 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
         if bad:
             raise UserError(f"--export gguf cannot hold the {bad[0]} grid (GGUF stores ggml types only); quantize "
                             f"with a ggml --format (q4_0, q4_k, ...) or --preset, or drop gguf from --export")
-        from exporters.gguf.export import check_gguf_config
-
         check_gguf_config(cfg)
         if act_bits is not None:
             raise UserError("--export gguf cannot hold static activation encodings (--act-bits): llama.cpp "
@@ -124,8 +127,6 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
 def run_output_names() -> set[str]:
     """The names a run writes in OUTDIR: the QDIR (and its resume work folder), the exported files, the
     reports and the manifest."""
-    from runtime_check.report import JSON_NAME, MD_NAME, PNG_NAME
-
     return {QDIR_NAME, f"{QDIR_NAME}.partial", *FILE_NAMES.values(), f"{FILE_NAMES['onnx']}.data", JSON_NAME,
             MD_NAME, PNG_NAME, MANIFEST}
 
@@ -151,8 +152,6 @@ def write_manifest(outdir: Path, files: list[Path], known: dict[str, str] | None
     """``OUTDIR/SHA256SUMS``: ``<sha256>  <path relative to OUTDIR>`` per file, sorted by path (what
     ``sha256sum -c`` reads); written atomically. ``known``: digests already checked, by relative path (the
     QDIR's own SHA256SUMS), not computed again."""
-    from runtime_check.report import atomic_write
-
     known = known or {}
     rel = {p.relative_to(outdir).as_posix() for p in files}
     text = sums_text({r: known.get(r) or sha256_file(outdir / r) for r in rel})
@@ -192,15 +191,6 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
     check's window length; ``qnn-htp``: every tensor quantized, so the activations are calibrated with
     ``act_scope="graph"``). ``resume`` continues an interrupted quantization into the same OUTDIR
     (:func:`turboboa.api.quantize`). ``log`` (a callable taking a line) hears one line per step."""
-    from exporters import export
-    from runtime_check.checker import CheckSettings, quantization_summary
-    from runtime_check.checker import check as run_check
-    from runtime_check.report import write_report
-
-    from . import api
-    from .activations import check_act_bits
-    from .checkpoint import load_qdir
-
     say = log or (lambda line: None)
     outdir = Path(outdir)
     settings = settings or CheckSettings()
