@@ -18,8 +18,12 @@ from typing import Any
 
 import torch
 
+from runtime_check.llamacpp import gguf_logits_fn
+from runtime_check.onnxrt import onnx_logits_fn
+from turboboa.checkpoint import load_fakequant_model
 from turboboa.errors import UserError
 from turboboa.eval.perplexity import LogitsFn, torch_logits_fn
+from turboboa.models import load_float_model
 
 FLOAT, FAKEQUANT, LLAMACPP, ONNXRT = "float", "fake-quant", "llama.cpp", "onnxruntime"
 FAKEQUANT_WEIGHTS = "fake-quant (weights only)"
@@ -52,8 +56,6 @@ def default_threads(threads: int | None) -> int:
 def open_float(meta: dict[str, Any], device: torch.device) -> Backend:
     """The QDIR's source model (``meta["model"]``, the spec it was quantized from) in torch, or a skipped
     backend naming why it cannot be loaded (a folder moved away, a hub id offline, ...)."""
-    from turboboa.models import load_float_model
-
     spec = meta.get("model")
     if not spec:
         return Backend(FLOAT, None, skipped="the QDIR records no source model")
@@ -70,8 +72,6 @@ def open_fakequant(ckpt: Any, device: torch.device) -> Backend:
     """The QDIR's fake-quant torch model (activation encodings simulated when the QDIR has them). On the CPU
     its linear layers keep only their codes and dequantize at every window (``lazy``): the same logits, and
     the float model and the runtimes beside it do not need room for a second float copy of the weights."""
-    from turboboa.checkpoint import load_fakequant_model
-
     model = load_fakequant_model(ckpt, lazy=device.type == "cpu").to(device)
     settings: dict[str, Any] = {"device": str(device), "dtype": "float32"}
     if ckpt.activations is not None:
@@ -82,8 +82,6 @@ def open_fakequant(ckpt: Any, device: torch.device) -> Backend:
 def open_weights_only(ckpt: Any, device: torch.device, windows: int) -> Backend:
     """The QDIR's fake-quant model with float activations (its activation encodings off), on the NPU slice:
     the like-for-like reference of a backend that runs activations in float."""
-    from turboboa.checkpoint import load_fakequant_model
-
     model = load_fakequant_model(ckpt, activations=False).to(device)
     return Backend(FAKEQUANT_WEIGHTS, torch_logits_fn(model, device),
                    {"device": str(device), "dtype": "float32", "activations": "float"}, max_windows=windows)
@@ -92,8 +90,6 @@ def open_weights_only(ckpt: Any, device: torch.device, windows: int) -> Backend:
 def open_llamacpp(path: Path, seqlen: int, threads: int, stack: ExitStack) -> Backend:
     """The GGUF file ``path`` in llama.cpp with a context of ``seqlen`` tokens (closed with ``stack``)."""
     from importlib.metadata import PackageNotFoundError, version
-
-    from runtime_check.llamacpp import gguf_logits_fn
 
     fn = stack.enter_context(gguf_logits_fn(path, n_ctx=seqlen, threads=threads))
     try:
@@ -110,8 +106,6 @@ def open_onnxrt(path: Path, seqlen: int, threads: int, stack: ExitStack) -> Back
     """The ONNX file ``path`` in onnxruntime with the pinned session options (closed with ``stack``); a graph
     that cannot take windows of ``seqlen`` tokens is a :class:`UserError`."""
     import onnxruntime
-
-    from runtime_check.onnxrt import onnx_logits_fn
 
     fn = stack.enter_context(onnx_logits_fn(path, threads=threads))
     fn.check_length(seqlen)

@@ -30,7 +30,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from exporters import size_summary
+from exporters.gguf.export import check_gguf_weights
+from exporters.onnx.check import check_onnx_weights
+from exporters.onnx.export import qnn_context_path
+from turboboa.checkpoint import is_qdir, load_qdir, package_versions, source_parameters
+from turboboa.data import eval_tokens
 from turboboa.errors import UserError
+from turboboa.eval.perplexity import make_windows
+from turboboa.pipeline import select_device
 
 from .backends import (
     FAKEQUANT,
@@ -41,8 +49,13 @@ from .backends import (
     Backend,
     default_threads,
     logits_2d,
+    open_fakequant,
+    open_float,
+    open_llamacpp,
+    open_onnxrt,
     open_weights_only,
 )
+from .llamacpp import validate_gguf
 from .metrics import Reference, StreamMetrics
 from .npu import (
     NPU_BACKENDS,
@@ -55,6 +68,7 @@ from .npu import (
     open_npu,
     openvino_weight_check,
 )
+from .onnxrt import validate_onnx
 
 FAKEQUANT_SLICE = "fake-quant (NPU slice)"
 ONNX_TOL, QUANTIZED_GRAPH_ONNX_TOL = 0.001, 0.02
@@ -100,10 +114,7 @@ class CheckSettings:
 def weight_diffs(kind: str, path: Path, ckpt: Any) -> dict[str, float]:
     """Per quantized tensor, max |exported dequantized - fake-quant| of the ``kind`` ("gguf" or "onnx") file
     ``path``; a file that does not hold this QDIR's tensors is a :class:`UserError`."""
-    if kind == "gguf":
-        from exporters.gguf.export import check_gguf_weights as check_weights
-    else:
-        from exporters.onnx.check import check_onnx_weights as check_weights
+    check_weights = check_gguf_weights if kind == "gguf" else check_onnx_weights
     try:
         return check_weights(path, ckpt)
     except UserError:
@@ -225,8 +236,6 @@ def default_onnx_tol(onnx: Path | None) -> float:
     residual stream's 16-bit step reaches 0.4 where its massive activations set the range)."""
     if onnx is None:
         return ONNX_TOL
-    from .onnxrt import validate_onnx
-
     return QUANTIZED_GRAPH_ONNX_TOL if validate_onnx(onnx).get("turboboa.profile") == "qnn-htp" else ONNX_TOL
 
 
@@ -268,8 +277,6 @@ def npu_context(onnx: Path | None, given: str | Path | None, settings: CheckSett
         return path
     if onnx is None or QNN not in settings.npu:
         return None
-    from exporters.onnx.export import qnn_context_path
-
     path = qnn_context_path(onnx)
     return path if path.is_file() else None
 
@@ -287,8 +294,6 @@ def quantization_summary(ckpt: Any) -> dict[str, Any]:
 
 def check_inputs(qdir: Path, files: dict[str, Path]) -> None:
     """A :class:`UserError` for a missing QDIR, missing files or nothing to check."""
-    from turboboa.checkpoint import is_qdir
-
     if not is_qdir(qdir):
         raise UserError(f"{qdir} is not a turboboa QDIR (no quant_config.json); pass the folder the files were "
                         f"exported from")
@@ -298,12 +303,8 @@ def check_inputs(qdir: Path, files: dict[str, Path]) -> None:
         if not path.is_file():
             raise UserError(f"--{kind} file not found: {path}")
     if "gguf" in files:
-        from .llamacpp import validate_gguf
-
         validate_gguf(files["gguf"], require_ours=True)
     if "onnx" in files:
-        from .onnxrt import validate_onnx
-
         validate_onnx(files["onnx"], require_ours=True)
 
 
@@ -317,14 +318,6 @@ def check(qdir: str | Path, gguf: str | Path | None = None, onnx: str | Path | N
     ``qnn-htp`` runs the ``onnx`` file on the emulated HTP (and its EPContext model ``qnn_context``, by
     default ``<name>_ctx.onnx`` when it exists), ``openvino`` the IR ``openvino`` (else the ``onnx`` file)."""
     from transformers import AutoTokenizer
-
-    from exporters import size_summary
-    from turboboa.checkpoint import load_qdir, package_versions, source_parameters
-    from turboboa.data import eval_tokens
-    from turboboa.eval.perplexity import make_windows
-    from turboboa.pipeline import select_device
-
-    from .backends import open_fakequant, open_float, open_llamacpp, open_onnxrt
 
     t0 = time.perf_counter()
     settings = settings or CheckSettings()

@@ -24,6 +24,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from turboboa.checkpoint import load_fakequant_model
 from turboboa.models.decoder import HEAD, decoder_spec
 
 RESIDUAL = "mlp_residual"
@@ -87,8 +88,6 @@ def localize(onnx_path: Path, ckpt: Any, window: torch.Tensor,
     docstring). ``open_session(path)`` opens the backend on an ONNX file and returns an object with
     ``run(output_names, feeds)``."""
     from transformers import AutoConfig
-
-    from turboboa.checkpoint import load_fakequant_model
 
     spec = decoder_spec(AutoConfig.from_pretrained(ckpt.path))
     points = block_points(spec.layers)

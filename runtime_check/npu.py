@@ -22,9 +22,13 @@ from typing import Any
 
 import torch
 
+from exporters.openvino.check import checkpoint_weights, compressed_weight_types
 from turboboa.errors import UserError
 
 from .backends import Backend
+from .localize import localize
+from .openvinort import openvino_logits_fn, read_ov_model
+from .qnn import load_context_model, open_qnn_session, qnn_logits_fn
 
 QNN, OPENVINO = "qnn-htp", "openvino"
 NPU_BACKENDS = (QNN, OPENVINO)
@@ -53,16 +57,12 @@ def open_npu(name: str, onnx: Path | None, openvino_ir: Path | None, seqlen: int
     if name == QNN:
         if onnx is None:
             raise UserError("--npu qnn-htp runs the ONNX file: pass --onnx (exported with --profile qnn-htp)")
-        from .qnn import qnn_logits_fn
-
         fn = stack.enter_context(qnn_logits_fn(onnx, threads=threads, allow_fallback=allow_fallback))
         path = onnx
     else:
         path = openvino_ir or onnx
         if path is None:
             raise UserError("--npu openvino runs an OpenVINO IR (--openvino FILE.xml) or the --onnx file")
-        from .openvinort import openvino_logits_fn
-
         fn = stack.enter_context(openvino_logits_fn(path, threads=threads))
     fn.check_length(seqlen)
     backend = Backend(name, fn, {"file": str(path), **fn.describe()}, max_windows=windows, keep_first=True)
@@ -73,8 +73,6 @@ def open_npu(name: str, onnx: Path | None, openvino_ir: Path | None, seqlen: int
 def context_check(onnx: Path, context: Path, qnn: Backend, window: torch.Tensor, threads: int) -> dict[str, Any]:
     """Load the EPContext model ``context`` on the HTP, run the first window, and compare its logits with the
     uncompiled graph's (kept by the ``qnn`` backend): the check's entry (max |difference|, must be 0)."""
-    from .qnn import load_context_model
-
     session = load_context_model(context, threads=threads)
     (logits,) = session.run(["logits"], {"input_ids": window[None].numpy()})
     diff = float((torch.from_numpy(logits[0]) - qnn.first_logits).abs().max())
@@ -104,10 +102,6 @@ def openvino_weight_check(ir: Path, ckpt: Any) -> dict[str, Any]:
     """Every quantized layer of ``ckpt`` one integer constant in the OpenVINO IR ``ir`` (its check entry)."""
     import openvino as ov
 
-    from exporters.openvino.check import checkpoint_weights, compressed_weight_types
-
-    from .openvinort import read_ov_model
-
     model, _ = read_ov_model(ov.Core(), ir)
     entry: dict[str, Any] = {"check": "openvino IR weights are integer constants", "limit": 0.0, "kind": "exact"}
     try:
@@ -123,13 +117,9 @@ def openvino_weight_check(ir: Path, ckpt: Any) -> dict[str, Any]:
 def localize_rows(backends: list[Backend], onnx: Path, ckpt: Any, window: torch.Tensor, threads: int,
                   allow_fallback: bool) -> dict[str, list[dict[str, Any]]]:
     """Per NPU backend that ran, the block-by-block comparison with the fake-quant model on ``window``."""
-    from .localize import localize
-
     out = {}
     for b in backends:
         if b.name == QNN and b.logits is not None:
-            from .qnn import open_qnn_session
-
             out[b.name] = localize(onnx, ckpt, window,
                                    lambda p: open_qnn_session(p, allow_fallback=allow_fallback, threads=threads))
     return out

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from exporters.openvino.metadata import read_rt_info
+from exporters.openvino.package import import_openvino
 from turboboa.errors import UserError
 
 from .onnxrt import INPUT, MAX_POSITIONS_KEY, GraphWindows, validate_onnx
@@ -53,8 +55,6 @@ def _text(value: Any) -> Any:
 def read_ov_model(core: Any, path: Path) -> tuple[Any, dict[str, str]]:
     """The ``ov.Model`` of the ``.xml`` IR or ``.onnx`` file ``path`` and its ``turboboa.*`` metadata; a missing,
     incomplete or unreadable file is a one-line :class:`UserError`."""
-    from exporters.openvino.metadata import read_rt_info
-
     if not path.is_file():
         raise UserError(f"OpenVINO model not found: {path}")
     if path.suffix not in (".xml", ".onnx"):
@@ -92,8 +92,6 @@ class OpenVinoLogits(GraphWindows):
     """
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None, device: str = "CPU") -> None:
-        from exporters.openvino.package import import_openvino
-
         ov = import_openvino()
         self.path = Path(path)
         self.device = device

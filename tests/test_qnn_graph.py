@@ -21,7 +21,8 @@ from exporters.onnx import check_onnx_weights, export_onnx
 from runtime_check.onnxrt import onnx_logits_fn
 from turboboa import api
 from turboboa.activations import ActivationEncodings
-from turboboa.activations.program import GRAPH_SCHEME, signed_sine, swap_index
+from turboboa.activations.points import GRAPH_SCHEME
+from turboboa.activations.program import signed_sine, swap_index
 from turboboa.activations.simulate import QuantizedGraphModel
 from turboboa.checkpoint import load_fakequant_model, load_qdir
 from turboboa.config import QuantConfig

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from .activations import ActivationEncodings, calibrate_activations, check_act_bits
-from .activations.dynamic import DynamicSpec
+from .activations.dynamic import DynamicSpec, check_dynamic_bits
+from .activations.simulate import calibrate_graph
+from .arch import get_adapter
 from .checkpoint import (
     estimate_qdir_bytes,
     is_qdir,
@@ -29,9 +31,11 @@ from .eval.perplexity import PerplexityResult, make_windows, perplexity, torch_l
 from .formats.presets import EMBEDDING
 from .io import check_writable, prepare_output
 from .models import load_float_model
+from .models.padding import pad_model, residual_peaks, residual_placement
 from .numerics import check_model_finite
 from .pipeline import check_group_size, quantize_model, select_device
 from .resume import BlockCheckpointer, apply_layers, fingerprint
+from .rotation import install_online_down, rotate_model
 from .rotation.fuse import rotation_unties_head
 
 
@@ -98,8 +102,6 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     dev = select_device(device)
     loaded = load_float_model(model)
     check_model_finite(loaded.model, f"the float model {model}")
-    from .arch import get_adapter
-
     adapter = get_adapter(loaded.model)  # an unsupported architecture is named before padding or rotation
     parameters = sum(p.numel() for p in loaded.model.parameters())  # a tied head once, before padding
     calib = calibration_batch(loaded.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
@@ -155,8 +157,6 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
 def rotate(model: Any, cfg: QuantConfig) -> dict[str, Any] | None:
     """``--rotate``: fold the norms and fuse the rotations into ``model`` (in place, after any padding), and
     install the online down_proj rotation the calibration must see; returns the QDIR's report (or None)."""
-    from .rotation import install_online_down, rotate_model
-
     if cfg.rotate == "none":  # (QuantConfig refuses an online down_proj rotation without one)
         return None
     spec = DynamicSpec.from_config(cfg)
@@ -170,8 +170,6 @@ def rotate(model: Any, cfg: QuantConfig) -> dict[str, Any] | None:
 def pad(model: Any, cfg: QuantConfig, calib: torch.Tensor) -> dict[str, Any]:
     """``--pad-to``: widen ``model`` in place; with ``--pad-order activation`` the residual zero channels are
     placed by the float model's activation peaks on the calibration batch (:mod:`turboboa.models.padding`)."""
-    from .models.padding import pad_model, residual_peaks, residual_placement
-
     index = None
     if cfg.pad_order == "activation":
         padded = -(-model.config.hidden_size // cfg.pad_to) * cfg.pad_to
@@ -221,8 +219,6 @@ def calibrate(qdir: str | os.PathLike, act_bits: int, calib: str | None = None, 
 def graph_encodings(ckpt: Any, ids: torch.Tensor, act_bits: int, scope: str, device: torch.device,
                     progress: bool, calibration: dict[str, Any]) -> ActivationEncodings:
     """``--scope graph`` encodings of ``ckpt`` on ``ids``; another scope is a one-line UserError."""
-    from .activations.simulate import calibrate_graph
-
     if scope != "graph":
         raise UserError(f"unknown activation scope {scope!r}; choose inputs or graph")
     return calibrate_graph(ckpt, ids, act_bits, device, progress, calibration)
@@ -247,16 +243,12 @@ def load_for_eval(target: str, rotate: str = "none", rotate_seed: int = 0,
             spec = DynamicSpec.from_config(ckpt.config)
             spec = dataclasses.replace(spec, act_bits=dynamic.get("act_bits") or spec.act_bits,
                                        kv_bits=dynamic.get("kv_bits") or spec.kv_bits)
-            from .activations.dynamic import check_dynamic_bits
-
             check_dynamic_bits(spec.act_bits, spec.kv_bits)
         return load_fakequant_model(ckpt, dynamic=spec), AutoTokenizer.from_pretrained(target), "torch-fakequant"
     if dynamic:
         raise UserError("--act-bits/--kv-bits on eval simulate a QDIR's activations; quantize the model first")
     loaded = load_float_model(target)
     if rotate != "none":
-        from .rotation import rotate_model
-
         rotate_model(loaded.model, rotate, rotate_seed)
         return loaded.model, loaded.tokenizer, f"torch-float-rotated-{rotate}"
     return loaded.model, loaded.tokenizer, "torch-float"

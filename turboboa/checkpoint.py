@@ -39,6 +39,8 @@ from torch.nn.utils import parametrize
 
 from .activations.dynamic import DynamicSpec, install_dynamic
 from .activations.encodings import ActivationEncodings, install_input_quantization
+from .activations.points import GRAPH_SCHEME
+from .activations.simulate import QuantizedGraphModel
 from .checksums import SUMS_FILE, read_sealed_sums, verify_sums, write_sealed_sums
 from .config import QuantConfig
 from .errors import UserError
@@ -415,12 +417,8 @@ def load_fakequant_model(ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.f
     (the same weights simulated under other activation widths; its online rotations must be the QDIR's)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .activations.program import GRAPH_SCHEME
-
     assert ckpt.path is not None
     if activations and ckpt.activations is not None and ckpt.activations.scheme == GRAPH_SCHEME:
-        from .activations.simulate import QuantizedGraphModel
-
         return QuantizedGraphModel(ckpt, ckpt.activations)
     hf_config = AutoConfig.from_pretrained(ckpt.path)
     with torch.device("meta"):

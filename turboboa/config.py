@@ -6,10 +6,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .activations.dynamic import check_dynamic_bits
 from .errors import UserError
+from .formats import is_ggml_format
+from .formats.base import all_format_names, get_format
+from .formats.choice import FALLBACK, layer_format, parse_overrides, resolve_group
+from .formats.presets import EMBEDDING, check_preset, output_type, preset_format, table_format
 from .formats.spec import FormatSpec, format_spec
 from .grids import SUPPORTED_BITS, GridSpec
 from .quantized import UNIFORM
+from .rotation import ROTATIONS
 
 METHODS = ("rtn", "gptq", "boa", "turboboa")
 GRIDS = ("auto", "minmax", "search")
@@ -86,9 +92,6 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
-        from .formats.base import all_format_names
-        from .formats.choice import parse_overrides, resolve_group
-
         if self.format.lower() not in ("int", *all_format_names()):
             raise UserError(f"unknown --format '{self.format}'; choose int or one of "
                             f"{', '.join(all_format_names())}")
@@ -108,8 +111,6 @@ class QuantConfig:
         object.__setattr__(self, "tensor_formats", tuple(self.tensor_formats))
         parse_overrides(self.tensor_formats)
         if self.preset:
-            from .formats.presets import check_preset
-
             object.__setattr__(self, "preset", check_preset(self.preset))
         if self.embed_format and self.embed_format.lower() not in (FLOAT, *all_format_names()):
             raise UserError(f"unknown --embed-format '{self.embed_format}'; choose {FLOAT} or one of "
@@ -128,9 +129,6 @@ class QuantConfig:
         """Validate ``rotate``/``online_rotate``/``dyn_act_bits``/``kv_bits`` and resolve ``online_rotate="auto"``:
         with a rotation, the down_proj input is rotated online when activations are quantized and queries and
         keys when the KV cache is (QuaRot); without one, nothing is."""
-        from .activations.dynamic import check_dynamic_bits
-        from .rotation import ROTATIONS
-
         if self.rotate == "auto" and (self.method == "rtn" or self.is_weight_activation):
             object.__setattr__(self, "rotate", auto_rotation(self.method, self.is_weight_activation, False))
         if self.rotate not in (*ROTATIONS, "auto"):
@@ -184,9 +182,6 @@ class QuantConfig:
         """The grid layer ``name`` is quantized onto: "int" or a ggml type: the preset's choice (``shape``, a
         :class:`~turboboa.formats.presets.ModelShape`, is then needed) or ``format``, then the overrides, then
         the width fallbacks."""
-        from .formats.choice import layer_format, parse_overrides
-        from .formats.presets import preset_format
-
         default = preset_format(self.preset, name, shape) if self.preset else self.format
         return layer_format(default, name, columns, parse_overrides(self.tensor_formats), bool(self.preset))
 
@@ -196,11 +191,6 @@ class QuantConfig:
         whose layers are the ggml type ``format`` (:func:`~turboboa.formats.presets.table_format`: q6_k for the
         head or a tied embedding, the layers' type for an untied one); for a uniform or LPBQ grid q6_k for
         both. Then the overrides and width fallbacks (q6_k -> q8_0); a width no block fits keeps float."""
-        from .formats import is_ggml_format
-        from .formats.base import get_format
-        from .formats.choice import FALLBACK, layer_format, parse_overrides
-        from .formats.presets import EMBEDDING, output_type, preset_format, table_format
-
         name = name or EMBEDDING
         if self.embed_format.lower() == FLOAT:
             return ""

@@ -34,12 +34,11 @@ from .formats.presets import EMBEDDING, HEAD, ModelShape
 from .hessians import CovarianceAccumulator
 from .hessians.attention import AttentionStatistics
 from .io import kill_point
+from .models.chunks import chunk_size, module_name
 from .numerics import check_finite, check_quantized_finite
 from .quantized import UNIFORM, QuantizedLinear, cat_rows
 from .solvers import HessianError, LayerProblem, solve_layer
 
-# attention probabilities of one chunk are held as (B, H, L, L) float32: keep that under this many elements
-MAX_ATTENTION_ELEMENTS = 1 << 25
 # rows of an embedding table or output head rounded at a time (quantize_embedding, quantize_head)
 TABLE_ROWS = 4096
 
@@ -105,18 +104,6 @@ def check_group_size(model: nn.Module, adapter: ArchAdapter, cfg: QuantConfig) -
                     "choose a group size of at most the smallest layer width, or -1 for per-channel grids"
                 )
     return formats
-
-
-def module_name(model: nn.Module, module: nn.Module) -> str:
-    """The dotted name of ``module`` inside ``model``."""
-    for name, m in model.named_modules():
-        if m is module:
-            return name
-    raise ValueError("module is not part of the model")
-
-
-def chunk_size(n: int, seqlen: int, heads: int) -> int:
-    return max(1, min(n, MAX_ATTENTION_ELEMENTS // max(1, heads * seqlen * seqlen)))
 
 
 class _InputCapture:

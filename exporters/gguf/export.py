@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
 from turboboa.formats import get_format, is_ggml_format
+from turboboa.models.loader import ALIASES, alias_gguf_path
 from turboboa.quantized import UNIFORM, QuantizedLinear
 
+from .metadata import arch_spec, hyperparameters
 from .tensors import GgufTensor, permute_qk_rows
 from .writer import write_gguf
 
@@ -33,8 +35,6 @@ def source_gguf_of(ckpt: QuantizedCheckpoint) -> Path | None:
     metadata is then copied as is)."""
     spec = str(ckpt.meta.get("model", ""))
     try:
-        from turboboa.models.loader import ALIASES, alias_gguf_path
-
         if spec in ALIASES:
             return alias_gguf_path(spec)
     except UserError:
@@ -122,8 +122,6 @@ def check_gguf_weights(path: str | Path, ckpt: QuantizedCheckpoint) -> dict[str,
     llama's q/k row permutation). All zeros mean the file holds exactly the checkpoint's weights."""
     from gguf import get_tensor_name_map
     from transformers import AutoConfig
-
-    from .metadata import arch_spec, hyperparameters
 
     hf_config = AutoConfig.from_pretrained(ckpt.path)
     spec, hp = arch_spec(hf_config), hyperparameters(hf_config)

@@ -18,11 +18,15 @@ from typing import Any
 import onnx
 from onnx import ModelProto, helper
 
+from turboboa.activations import check_act_bits
+from turboboa.activations.dynamic import DynamicSpec
+from turboboa.activations.points import GRAPH_SCHEME
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
 from turboboa.models.decoder import decoder_spec
 
 from .check import check_onnx_weights
+from .dynamic import check_expressible
 from .graph import build_decoder
 from .metadata import has_tokenizer, metadata_props, package_version
 from .profiles import PROFILES, make_profile
@@ -89,8 +93,6 @@ def activation_bits(ckpt: QuantizedCheckpoint, act_bits: int | None, profile: st
     A profile that quantizes the whole graph (``qnn-htp``) needs ``static-graph`` encodings (``turboboa
     calibrate --scope graph``); the other profiles need encodings of the linear layers' inputs, and export a
     QDIR calibrated for the whole graph with float activations."""
-    from turboboa.activations.program import GRAPH_SCHEME
-
     encodings = ckpt.activations
     whole = PROFILES[profile].quantized_graph if profile in PROFILES else False
     graph = encodings is not None and encodings.scheme == GRAPH_SCHEME
@@ -119,10 +121,6 @@ def activation_bits(ckpt: QuantizedCheckpoint, act_bits: int | None, profile: st
 def check_dynamic(ckpt: QuantizedCheckpoint, rules: Any) -> None:
     """Per-token activation/KV quantization and online rotations export under the generic and npu profiles
     in 4 or 8 bits; anything else is one line naming what is unsupported."""
-    from turboboa.activations.dynamic import DynamicSpec
-
-    from .dynamic import check_expressible
-
     spec = DynamicSpec.from_config(ckpt.config)
     if not spec.active:
         return
@@ -139,8 +137,6 @@ def build_model(ckpt: QuantizedCheckpoint, opset: int | None = None, profile: st
     """The ONNX model of ``ckpt`` (see :func:`export_onnx`), in memory; ``base``: the folder it will be
     written to (its recorded paths are relative to it)."""
     from transformers import AutoConfig
-
-    from turboboa.activations import check_act_bits
 
     if ckpt.path is None:
         raise UserError("the checkpoint has no folder; load it with load_qdir")

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from onnx import GraphProto, TensorProto, helper
 
+from turboboa.activations.dynamic import DynamicSpec
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
 from turboboa.models.decoder import ATTENTION, EMBEDDING, FINAL_NORM, HEAD, MLP, DecoderSpec
@@ -56,8 +57,6 @@ class DecoderGraph:
         self._used_layers: set[str] = set()
         self._used_encodings: set[str] = set()
         self._shapes: dict[tuple[int, ...], str] = {}
-        from turboboa.activations.dynamic import DynamicSpec
-
         self.dynamic = DynamicSpec.from_config(ckpt.config)
 
     # --- tensors of the checkpoint -------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from turboboa.activations import check_act_bits
 from turboboa.errors import UserError
 from turboboa.formats import get_format
 from turboboa.formats.lpbq import LPBQ_BLOCKS
@@ -151,8 +152,6 @@ def make_profile(name: str = "generic", opset: int | None = None, seqlen: int | 
     """The profile ``name`` with its opset (``opset`` or the default), sequence length (``seqlen``, else
     the profile's default; None means dynamic) and static activation bits (``act_bits``: None, 8 or 16).
     Bad choices are a one-line :class:`UserError`."""
-    from turboboa.activations import check_act_bits
-
     check_act_bits(act_bits)
     base = PROFILES.get(name)
     if base is None:

@@ -26,7 +26,8 @@ import numpy as np
 from onnx import GraphProto, TensorProto, helper
 
 from turboboa.activations.encodings import TensorEncoding
-from turboboa.activations.program import point_dtype, quantize_codes, run_decoder
+from turboboa.activations.points import point_dtype
+from turboboa.activations.program import quantize_codes, run_decoder
 from turboboa.activations.simulate import GraphConstants, masked_encoding
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError

@@ -17,7 +17,9 @@ from typing import Any
 from onnx import ModelProto
 
 from exporters.onnx.weights import WEIGHT_SUFFIX
+from exporters.openvino.package import openvino_version
 from turboboa.errors import UserError
+from turboboa.models.decoder import EMBEDDING
 
 # the node types of a decompression subgraph between the weight Constant and the MatMul
 DECOMPRESSION_OPS = frozenset({"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "Squeeze",
@@ -64,8 +66,6 @@ def upstream_constants(output: Any, layer: str) -> Iterator[Any]:
 def checkpoint_weights(ckpt: Any) -> dict[str, int]:
     """``{"<layer>.weight_dq": element count}`` of every quantized linear layer of the QDIR ``ckpt`` (what
     its exported graphs dequantize; the embedding is stored as a table, not a DequantizeLinear weight)."""
-    from turboboa.models.decoder import EMBEDDING
-
     return {f"{name}{WEIGHT_SUFFIX}": q.codes.numel() for name, q in ckpt.layers.items() if name != EMBEDDING}
 
 
@@ -75,8 +75,6 @@ def compressed_weight_types(ov_model: Any, weights: ModelProto | dict[str, int])
     :func:`checkpoint_weights`). A layer whose weight is missing, or is stored (also) as a
     float Constant of the weight's size, or whose Constants hold no integer tensor of the weight's size, is a
     one-line :class:`UserError`."""
-    from exporters.openvino.package import openvino_version
-
     sources = tensor_sources(ov_model)
     types: dict[str, str] = {}
     fix = f"OpenVINO {openvino_version()} did not keep the weights compressed; export with --to onnx instead"

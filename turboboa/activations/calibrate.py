@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from turboboa.arch import get_adapter
+from turboboa.models.chunks import chunk_size, module_name
 
 from .encodings import (
     ActivationEncodings,
@@ -53,8 +54,6 @@ def calibrate_activations(model: nn.Module, calib_ids: torch.Tensor, bits: int, 
     """Min-max encodings of the inputs of ``layers`` (full module names of block linears) of the fake-quant
     ``model`` on ``calib_ids`` (``(n, L)`` token ids), each observed with the earlier encodings on (module
     docstring). The model is left as it was (hooks removed, blocks back on the CPU)."""
-    from turboboa.pipeline import chunk_size, module_name
-
     check_act_bits(bits)
     device = torch.device(device)
     adapter = get_adapter(model)

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from turboboa.errors import UserError
+from turboboa.rotation.hadamard import HadamardTransform
+from turboboa.rotation.online import install_online_down
 
 DYNAMIC_ACT_BITS = (4, 6, 8, 16)
 KV_BITS = (4, 8, 16)
@@ -121,8 +123,6 @@ def kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     ``Softmax``, ``MatMul``)."""
     spec: DynamicSpec = module.turboboa_dynamic
     if spec.online_qk:
-        from turboboa.rotation.hadamard import HadamardTransform
-
         T = HadamardTransform(query.shape[-1])
         query, key = T(query), T(key)
     key = fake_quant_dynamic(key, spec.kv_bits, spec.kv_sym)
@@ -144,8 +144,6 @@ def install_dynamic(model: nn.Module, spec: DynamicSpec) -> None:
     the key/value side through the :func:`kv_attention` function."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
-
-    from turboboa.rotation.online import install_online_down
 
     if not spec.active:
         return

@@ -31,6 +31,8 @@ from torch import nn
 
 from turboboa.errors import UserError
 
+from .points import GRAPH_SCHEME, dtype_range, point_dtype
+
 ACT_BITS = (8, 16)
 SCHEME = "static"
 GRANULARITY = "per-tensor"
@@ -131,9 +133,7 @@ class ActivationEncodings:
 
 def zero_point_range(name: str, bits: int, scheme: str) -> tuple[int, int]:
     """The integer range of the zero point of ``name``'s encoding: ``[0, 2^bits - 1]`` for the linear inputs;
-    the point's own type for the whole-graph scheme (:func:`~.program.point_dtype`)."""
-    from .program import GRAPH_SCHEME, dtype_range, point_dtype
-
+    the point's own type for the whole-graph scheme (:func:`~.points.point_dtype`)."""
     return dtype_range(point_dtype(name, bits)) if scheme == GRAPH_SCHEME else (0, 2**bits - 1)
 
 

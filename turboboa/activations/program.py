@@ -33,7 +33,7 @@ keeps nearly the scores' resolution, where a float32-min fill would leave it non
 Gather from the table quantized per tensor (its output keeps the table's encoding); the head is an int8
 per-output-channel symmetric weight (the QDIR's own when ``lm_head`` is quantized).
 
-Encodings (:func:`point_dtype`): uint16 asymmetric min-max, except the operands of the two
+Encodings (:func:`.points.point_dtype`): uint16 asymmetric min-max, except the operands of the two
 activation-by-activation products (``q_rope``, ``k_rope``, ``v``, ``probs``), which are int16 symmetric, the
 pairing HTP multiplies correctly (its uint16 x uint16 MatMul does not); ``v`` is converted to it after its
 projection (HTP's weight MatMul does not write int16). ``--act-bits 8`` (W8A8) runs the block's weight
@@ -54,31 +54,9 @@ import torch
 from turboboa.models.decoder import ATTENTION, EMBEDDING, FINAL_NORM, HEAD, MLP, DecoderSpec
 
 from .encodings import TensorEncoding, encoding_from_range
+from .points import A8, A16, dtype_range
 
 MASK_MARGIN = 20.0
-SYMMETRIC_POINTS = ("self_attn.q_rope", "self_attn.k_rope", "self_attn.v", "self_attn.probs")
-LINEAR_POINTS = tuple(ATTENTION + MLP)
-A8, A16 = ".a8", ".a16"
-GRAPH_SCHEME = "static-graph"
-
-
-def point_dtype(point: str, bits: int) -> str:
-    """The integer type of ``point`` at ``bits`` (module docstring): at 8 bits ``uint8`` for the inputs
-    (``<point>.a8``) and outputs (the layer's name, ``<name>.matmul`` before a bias) of the block's weight
-    layers; ``int16`` for the operands of the activation products (:data:`SYMMETRIC_POINTS`); ``uint16`` for
-    the rest (the embedding, constants, head and logits included)."""
-    if bits == 8 and (point.endswith((A8, ".matmul")) or point.endswith(LINEAR_POINTS)):
-        return "uint8"
-    if point.endswith(SYMMETRIC_POINTS):
-        return "int16"
-    return "uint16"
-
-
-def dtype_range(dtype: str) -> tuple[int, int]:
-    """``(qmin, qmax)`` of ``uint8``, ``uint16`` or ``int16``."""
-    return {"uint8": (0, 255), "uint16": (0, 65535), "int16": (-32768, 32767)}[dtype]
-
-
 def encoding_for(lo: float, hi: float, dtype: str) -> TensorEncoding:
     """Min-max encoding of ``[min(lo, 0), max(hi, 0)]`` in ``dtype``: asymmetric for unsigned types (0 exact,
     ``s = (hi - lo) / qmax``), symmetric for int16 (``zp = 0``, ``s = max(|lo|, |hi|) / 32767``)."""
@@ -200,6 +178,6 @@ def run_decoder(ops: Ops, spec: DecoderSpec, ids: Any) -> Any:
     return ops.head(ops.rms_norm(h, FINAL_NORM))
 
 
-__all__ = ["EMBEDDING", "FINAL_NORM", "GRAPH_SCHEME", "HEAD", "MASK_MARGIN", "Ops",
-           "dequantize_codes", "dtype_range", "encoding_for", "int8_per_channel", "point_dtype", "quantize_codes",
+__all__ = ["EMBEDDING", "FINAL_NORM", "HEAD", "MASK_MARGIN", "Ops",
+           "dequantize_codes", "encoding_for", "int8_per_channel", "quantize_codes",
            "run_block", "run_decoder", "signed_sine", "swap_index"]

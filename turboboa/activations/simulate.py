@@ -26,18 +26,18 @@ from tqdm.auto import tqdm
 
 from turboboa.errors import UserError
 from turboboa.models.decoder import EMBEDDING, FINAL_NORM, HEAD, DecoderSpec, decoder_spec
+from turboboa.models.rope import rope_tables
 
 from .encodings import ActivationEncodings, TensorEncoding, check_act_bits
+from .points import GRAPH_SCHEME, dtype_range, point_dtype
 from .program import (
-    GRAPH_SCHEME,
     MASK_MARGIN,
     dequantize_codes,
-    dtype_range,
     encoding_for,
     int8_per_channel,
-    point_dtype,
     quantize_codes,
     run_block,
+    run_decoder,
     signed_sine,
     swap_index,
 )
@@ -49,7 +49,7 @@ class GraphConstants:
 
     def __init__(self, ckpt: Any, spec: DecoderSpec, hf_config: Any, bits: int) -> None:
         self.ckpt, self.spec, self.hf_config, self.bits = ckpt, spec, hf_config, bits
-        self.dtype = "uint16"  # constants feed 16-bit ops at both widths (program.point_dtype)
+        self.dtype = "uint16"  # constants feed 16-bit ops at both widths (points.point_dtype)
 
     def float_tensor(self, name: str) -> np.ndarray:
         """The float32 tensor ``name`` of the checkpoint (a missing one means an incomplete QDIR)."""
@@ -86,8 +86,6 @@ class GraphConstants:
         """``q_cos``, ``q_sin`` (times ``d^-1/2``), ``k_cos``, ``k_sin`` ``[P, d]`` over every position the model
         has, the sines signed for ``swap`` (:func:`~.program.signed_sine`), each quantized per tensor over all
         ``P`` rows (so a window's rows do not depend on its length)."""
-        from turboboa.models.rope import rope_tables
-
         cos, sin = rope_tables(self.hf_config, self.spec.max_positions, self.spec.head_dim)
         sin = signed_sine(sin)
         scale = np.float32(self.spec.head_dim ** -0.5)
@@ -262,8 +260,6 @@ class QuantizedGraphModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
         """Logits ``(B, L, V)`` of the quantized graph for ``input_ids`` ``(B, L)``."""
-        from .program import run_decoder
-
         with torch.no_grad():
             self.ops.start(int(input_ids.shape[1]))
             return SimpleNamespace(logits=run_decoder(self.ops, self.spec, input_ids.to(self.ops.device)))
