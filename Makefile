@@ -81,11 +81,15 @@ accuracy: venv
 # Two workers (pytest-xdist), a test file per worker at a time so its module fixtures are built once, each
 # computing on one thread (OMP_NUM_THREADS reaches torch in the workers and in the commands they start), so
 # the two never contend for the cores; a test that hangs fails after 15 minutes instead of holding the suite.
+# The layer contracts (import-linter, [tool.importlinter] in pyproject.toml) first: a forbidden import fails the
+# test run before any test does.
 test: venv
+	$(VENV)/bin/lint-imports
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --timeout 900 --durations=15 tests
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) out

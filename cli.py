@@ -1,4 +1,7 @@
-"""The ``turboboa`` command: a thin click layer over :mod:`turboboa.api`."""
+"""The ``turboboa`` command: a thin click layer over the core (:mod:`turboboa.api`) and the workflows.
+
+The packages are imported inside each command, so ``turboboa --help`` and a refused option answer without
+loading torch and transformers."""
 
 from __future__ import annotations
 
