@@ -120,9 +120,11 @@ def localize_lines(report: dict[str, Any]) -> list[str]:
 
 def quantization_lines(q: dict[str, Any]) -> list[str]:
     """How the QDIR was made: method, grid, layer formats, calibration, source model."""
+    from turboboa.formats import get_format
+
     calib = q.get("calibration") or {}
     grid = f"preset {q['preset']}" if q["preset"] else f"format {q['format']}"
-    if q["format"] == "int" and not q["preset"]:
+    if get_format(q["format"]).configurable and not q["preset"]:
         grid += f" w{q['bits']} g{q['group_size']}" + (" sym" if q["sym"] else "")
     return [f"* quantization: {q['method']}, {grid}, layer formats {', '.join(q['layer_formats'])}"
             + (f", padded to {q['pad_to']}" if q["pad_to"] else "")

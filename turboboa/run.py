@@ -87,7 +87,7 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
     stored dequantized, so any type), and ``npu`` needs symmetric uniform grids."""
     from exporters.onnx.weights import ONNX_FORMATS, check_onnx_format, onnx_expressible
 
-    from .formats import is_ggml_format
+    from .formats import get_format, is_ggml_format
 
     formats = possible_formats(cfg)
     if "gguf" in exports:
@@ -110,13 +110,14 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
                             f"from --export")
         for fmt in sorted(formats):
             check_onnx_format(fmt, onnx_profile)
-        if onnx_profile in ("npu", "qnn-htp") and "int" in formats and not cfg.sym:
+        run_grid = any(get_format(f).configurable for f in formats)  # some layer on the run's --bits grid
+        if onnx_profile in ("npu", "qnn-htp") and run_grid and not cfg.sym:
             raise UserError(f"--onnx-profile {onnx_profile} needs symmetric weights (zero point 0); add --sym, or "
                             f"use --onnx-profile generic")
         if onnx_profile == "qnn-htp" and act_bits is None:
             raise UserError("--onnx-profile qnn-htp quantizes every activation; add --act-bits 16 (W4A16) or 8 "
                             "(W8A8)")
-        if onnx_profile == "qnn-htp" and "int" in formats and 0 < cfg.group_size < 2**31:
+        if onnx_profile == "qnn-htp" and run_grid and 0 < cfg.group_size < 2**31:
             raise UserError("--onnx-profile qnn-htp takes uniform grids per output channel only; add "
                             "--group-size -1, or --format lpbq4 for blocks")
 

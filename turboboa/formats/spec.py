@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from turboboa.formats.base import BlockFormat, GgmlGrid, get_format
+from turboboa.formats.base import BlockFormat, GgmlGrid
+from turboboa.formats.registry import get_format
 from turboboa.grids import BlockGrid, LinearParams, shrink_search
 
 FINE_STEPS = 100
