@@ -126,3 +126,21 @@ def test_int_is_a_format_choice_but_not_a_table_format() -> None:
         QuantConfig(format="q9")
     with pytest.raises(UserError, match="unknown --embed-format 'int'"):
         QuantConfig(embed_format="int")
+
+
+def test_the_pipeline_asks_each_layers_format_to_check_its_width(tiny_llama_dir) -> None:
+    """Hidden 64, MLP 128: groups of 128 fit the MLP's down_proj but not the 64-wide layers (a uniform
+    grid), while q8_0's 32-column blocks fit every layer whatever the group size."""
+    from transformers import AutoModelForCausalLM
+
+    from turboboa.arch import get_adapter
+    from turboboa.pipeline import check_group_size
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    adapter = get_adapter(model)
+    with pytest.raises(UserError, match=r"--group-size 128 is wider than the input width 64 of layer 0\.self_attn"):
+        check_group_size(model, adapter, QuantConfig(format="int", group_size=128))
+    formats = check_group_size(model, adapter, QuantConfig(format="q8_0", group_size=128))
+    assert set(formats.values()) == {"q8_0"}
+    formats = check_group_size(model, adapter, QuantConfig(format="int", group_size=64))
+    assert set(formats.values()) == {"int"}
