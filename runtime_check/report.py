@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from turboboa.formats import get_format
+
 JSON_NAME, MD_NAME, PNG_NAME = "report.json", "report.md", "report.png"
 NO_MATPLOTLIB = "report.png not written: matplotlib is not installed (pip install matplotlib)"
 
@@ -122,7 +124,7 @@ def quantization_lines(q: dict[str, Any]) -> list[str]:
     """How the QDIR was made: method, grid, layer formats, calibration, source model."""
     calib = q.get("calibration") or {}
     grid = f"preset {q['preset']}" if q["preset"] else f"format {q['format']}"
-    if q["format"] == "int" and not q["preset"]:
+    if get_format(q["format"]).configurable and not q["preset"]:
         grid += f" w{q['bits']} g{q['group_size']}" + (" sym" if q["sym"] else "")
     return [f"* quantization: {q['method']}, {grid}, layer formats {', '.join(q['layer_formats'])}"
             + (f", padded to {q['pad_to']}" if q["pad_to"] else "")

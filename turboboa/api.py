@@ -29,6 +29,7 @@ from .data import calibration_batch, eval_tokens
 from .errors import UserError
 from .eval.perplexity import PerplexityResult, make_windows, perplexity, torch_logits_fn
 from .formats.presets import EMBEDDING
+from .formats.registry import get_format
 from .io import check_writable, prepare_output
 from .models import load_float_model
 from .models.padding import pad_model, residual_peaks, residual_placement
@@ -53,7 +54,7 @@ class QuantizeSummary:
         """One line for the user: layers, method, grid, rotation, time, peak memory, output."""
         cfg = self.config
         g = "per-channel" if cfg.group_size <= 0 else f"g{cfg.group_size}"
-        grid = f"w{cfg.bits} {g}" if cfg.format == "int" else f"format {cfg.format}"
+        grid = f"w{cfg.bits} {g}" if get_format(cfg.format).configurable else f"format {cfg.format}"
         if cfg.preset:
             grid = f"preset {cfg.preset}"
         if cfg.is_weight_activation:

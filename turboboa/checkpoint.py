@@ -45,6 +45,7 @@ from .checksums import SUMS_FILE, read_sealed_sums, verify_sums, write_sealed_su
 from .config import QuantConfig
 from .errors import UserError
 from .formats.base import GgmlGrid
+from .formats.uniform import UNIFORM
 from .io import (
     kill_point,
     prepare_output,
@@ -53,7 +54,7 @@ from .io import (
     write_errors_as_user_errors,
 )
 from .numerics import check_quantized_finite, check_state_finite
-from .quantized import UNIFORM, QuantizedLinear
+from .quantized import QuantizedLinear
 
 QDIR_FORMAT = "turboboa-qdir"
 QDIR_VERSION = 2  # 2: SHA256SUMS

@@ -9,12 +9,12 @@ from typing import Any
 from .activations.dynamic import check_dynamic_bits
 from .errors import UserError
 from .formats import is_ggml_format
-from .formats.base import all_format_names, get_format
+from .formats.base import block_format_names
 from .formats.choice import FALLBACK, layer_format, parse_overrides, resolve_group
 from .formats.presets import EMBEDDING, check_preset, output_type, preset_format, table_format
-from .formats.spec import FormatSpec, format_spec
+from .formats.registry import all_format_names, get_format
+from .formats.spec import FormatSpec
 from .grids import SUPPORTED_BITS, GridSpec
-from .quantized import UNIFORM
 from .rotation import ROTATIONS
 
 METHODS = ("rtn", "gptq", "boa", "turboboa")
@@ -92,9 +92,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
-        if self.format.lower() not in ("int", *all_format_names()):
-            raise UserError(f"unknown --format '{self.format}'; choose int or one of "
-                            f"{', '.join(all_format_names())}")
+        if self.format.lower() not in all_format_names():
+            raise UserError(f"unknown --format '{self.format}'; choose one of {', '.join(all_format_names())}")
         if self.percdamp < 0:
             raise UserError(f"--damp {self.percdamp} is negative; use a share of the mean Hessian diagonal >= 0")
         fmt, group_size = resolve_group(self.format.lower(), self.group_size)
@@ -112,9 +111,9 @@ class QuantConfig:
         parse_overrides(self.tensor_formats)
         if self.preset:
             object.__setattr__(self, "preset", check_preset(self.preset))
-        if self.embed_format and self.embed_format.lower() not in (FLOAT, *all_format_names()):
+        if self.embed_format and self.embed_format.lower() not in (FLOAT, *block_format_names()):
             raise UserError(f"unknown --embed-format '{self.embed_format}'; choose {FLOAT} or one of "
-                            f"{', '.join(all_format_names())}")
+                            f"{', '.join(block_format_names())}")
         if self.pad_to < 0 or (self.pad_to and self.pad_to % 32):
             raise UserError(f"--pad-to {self.pad_to} must be a positive multiple of 32 (256 for k-quants)")
         if self.pad_order not in PAD_ORDERS:
@@ -216,13 +215,12 @@ class QuantConfig:
         return GridSpec(bits=self.bits, sym=self.sym, search=search)
 
     def solver_grid(self, fmt: str) -> tuple[GridSpec | FormatSpec, int]:
-        """The grid a solver quantizes a layer of format ``fmt`` onto, and its group size: the uniform grid of
-        ``bits``/``sym``/``group_size`` for "int", else the storage format's own grid (:func:`format_spec`,
-        with the same range-search choice) and its group."""
-        if fmt == UNIFORM:
-            return self.grid_spec(), self.group_size
-        spec = format_spec(fmt, search=self.grid_spec().search)
-        return spec, spec.fmt.group_size
+        """The grid a solver quantizes a layer of format ``fmt`` onto, and its group size, as the format gives
+        them (:meth:`~turboboa.formats.registry.Format.solver_grid`): the uniform grid of ``bits``/``sym``/
+        ``group_size`` for "int", else the storage format's own grid and group; either with this config's
+        range-search choice."""
+        return get_format(fmt).solver_grid(bits=self.bits, group_size=self.group_size, sym=self.sym,
+                                           search=self.grid_spec().search)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -31,12 +31,13 @@ from .arch.base import ArchAdapter
 from .config import QuantConfig
 from .errors import UserError
 from .formats.presets import EMBEDDING, HEAD, ModelShape
+from .formats.registry import get_format
 from .hessians import CovarianceAccumulator
 from .hessians.attention import AttentionStatistics
 from .io import kill_point
 from .models.chunks import chunk_size, module_name
 from .numerics import check_finite, check_quantized_finite
-from .quantized import UNIFORM, QuantizedLinear, cat_rows
+from .quantized import QuantizedLinear, cat_rows
 from .solvers import HessianError, LayerProblem, solve_layer
 
 # rows of an embedding table or output head rounded at a time (quantize_embedding, quantize_head)
@@ -86,9 +87,10 @@ def model_shape(model: nn.Module) -> ModelShape:
 def check_group_size(model: nn.Module, adapter: ArchAdapter, cfg: QuantConfig) -> dict[str, str]:
     """Every layer's grid, checked before any work: returns the format of each layer by full name.
 
-    A uniform grid must hold at least one whole group: a width that is not a multiple of the group size ends
-    in a narrower last group (576 = 4 x 128 + 64 for SmolLM2's hidden size), as GPTQ does; a group wider than
-    a layer is an error. A ggml format must fit the width (after the documented fallbacks).
+    Each layer's format checks its width (:meth:`~turboboa.formats.registry.Format.check_columns`): a uniform
+    grid must hold at least one whole group (a width that is not a multiple of the group size ends in a
+    narrower last group, 576 = 4 x 128 + 64 for SmolLM2's hidden size, as GPTQ does; a group wider than a
+    layer is an error); a block format must fit the width (after the documented fallbacks).
     """
     group_size = cfg.group_size
     formats = {}
@@ -98,11 +100,7 @@ def check_group_size(model: nn.Module, adapter: ArchAdapter, cfg: QuantConfig) -
         for name in adapter.linear_names():
             width = block.get_submodule(name).in_features
             fmt = formats[prefix + name] = cfg.layer_format(prefix + name, width, shape)
-            if fmt == UNIFORM and 0 < group_size and group_size > width:
-                raise UserError(
-                    f"--group-size {group_size} is wider than the input width {width} of layer {i}.{name}; "
-                    "choose a group size of at most the smallest layer width, or -1 for per-channel grids"
-                )
+            get_format(fmt).check_columns(width, group_size, f"layer {i}.{name}")
     return formats
 
 

@@ -1,9 +1,11 @@
 """The quantized form of one linear layer: integer codes and the grid they decode on.
 
-Two kinds of grid, one dequantizer each, used by every consumer (fake-quant model, exporters, checker):
+The layer names its format (``fmt``, a registered :class:`~turboboa.formats.registry.Format`), and that
+format's ``dequantize_layer`` is the one dequantizer every consumer (fake-quant model, exporters, checker)
+uses:
 
-* ``fmt == "int"``: the uniform grid ``W_hat[r, c] = scale[r, g] * (codes[r, c] - zero[r, g])``,
-  ``g = c // group_size`` (:func:`turboboa.grids.dequantize_weight`);
+* ``fmt == "int"`` (:mod:`turboboa.formats.uniform`): the uniform grid of the layer's ``bits``/``group_size``/
+  ``sym``, ``W_hat[r, c] = scale[r, g] * (codes[r, c] - zero[r, g])``, ``g = c // group_size``;
 * ``fmt`` a ggml type (``q4_k``, ``iq4_nl``, ...): the stored block fields in ``grid`` (fp16 ``d``/``dmin``,
   integer ``sc``/``m``) decoded by that format's ``dequantize``, bit-identical to ggml's dequantizer;
   ``scale``/``zero`` then hold the exact per-group ``scale_g``/``offset_g`` (``w = scale_g * level - offset_g``);
@@ -18,16 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats.base import GgmlGrid, get_format
-from .grids import dequantize_weight
-
-UNIFORM = "int"
+from .formats.base import GgmlGrid
+from .formats.registry import get_format
+from .formats.uniform import UNIFORM
 
 
 @dataclass
 class QuantizedLinear:
-    """Codes ``(d_out, d_in)`` uint8, per-(row, group) ``scale``/``zero`` float32, and a ggml ``grid`` when
-    ``fmt`` names a ggml type."""
+    """Codes ``(d_out, d_in)`` uint8, per-(row, group) ``scale``/``zero`` float32, the grid's ``bits``/
+    ``group_size``/``sym``, its format ``fmt`` (the uniform grid by default) and the stored block fields
+    ``grid`` when ``fmt`` names a block format."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -39,11 +41,8 @@ class QuantizedLinear:
     grid: GgmlGrid | None = None
 
     def dequantize(self) -> torch.Tensor:
-        """The fake-quant weight ``W_hat`` (float32)."""
-        if self.fmt == UNIFORM:
-            return dequantize_weight(self.codes, self.scale, self.zero, self.group_size)
-        assert self.grid is not None
-        return get_format(self.fmt).dequantize(self.codes, self.grid)
+        """The fake-quant weight ``W_hat`` (float32): the layer's format decodes its stored fields."""
+        return get_format(self.fmt).dequantize_layer(self)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -37,7 +37,7 @@ from turboboa.checkpoint import load_qdir
 from turboboa.checksums import sha256_file, sums_text
 from turboboa.config import FLOAT, QuantConfig
 from turboboa.errors import UserError
-from turboboa.formats import is_ggml_format
+from turboboa.formats import get_format, is_ggml_format
 from turboboa.formats.choice import FALLBACK, parse_overrides
 from turboboa.formats.presets import HEAD, ModelShape, preset_format
 from turboboa.io import remove_stale_temporaries
@@ -113,13 +113,14 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
                             f"from --export")
         for fmt in sorted(formats):
             check_onnx_format(fmt, onnx_profile)
-        if onnx_profile in ("npu", "qnn-htp") and "int" in formats and not cfg.sym:
+        run_grid = any(get_format(f).configurable for f in formats)  # some layer on the run's --bits grid
+        if onnx_profile in ("npu", "qnn-htp") and run_grid and not cfg.sym:
             raise UserError(f"--onnx-profile {onnx_profile} needs symmetric weights (zero point 0); add --sym, or "
                             f"use --onnx-profile generic")
         if onnx_profile == "qnn-htp" and act_bits is None:
             raise UserError("--onnx-profile qnn-htp quantizes every activation; add --act-bits 16 (W4A16) or 8 "
                             "(W8A8)")
-        if onnx_profile == "qnn-htp" and "int" in formats and 0 < cfg.group_size < 2**31:
+        if onnx_profile == "qnn-htp" and run_grid and 0 < cfg.group_size < 2**31:
             raise UserError("--onnx-profile qnn-htp takes uniform grids per output channel only; add "
                             "--group-size -1, or --format lpbq4 for blocks")
 

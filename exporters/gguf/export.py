@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
-from turboboa.formats import get_format, is_ggml_format
+from turboboa.formats import get_format
 from turboboa.models.loader import ALIASES, alias_gguf_path
-from turboboa.quantized import UNIFORM, QuantizedLinear
+from turboboa.quantized import QuantizedLinear
 
 from .metadata import arch_spec, hyperparameters
 from .tensors import GgufTensor, permute_qk_rows
@@ -59,19 +59,14 @@ def check_gguf_config(cfg: Any) -> None:
 
 def gguf_tensors(ckpt: QuantizedCheckpoint, progress: bool = False) -> dict[str, GgufTensor]:
     """Every tensor of the checkpoint for the GGUF writer: packed ggml rows or F32 values, by HF name
-    (``progress``: a bar with ETA over the layers being packed, on stderr)."""
+    (``progress``: a bar with ETA over the layers being packed, on stderr). A layer whose format has no ggml
+    type is refused in one line, the format's own (``Format.gguf_refusal``)."""
     check_gguf_config(ckpt.config)
     tensors = {name: GgufTensor.from_float(t) for name, t in ckpt.float_tensors.items()}
-    uniform = [name for name, q in ckpt.layers.items() if q.fmt == UNIFORM]
-    if uniform:
-        raise UserError(f"{ckpt.path} holds layers on turboboa's uniform grid (e.g. {uniform[0]}), which no ggml "
-                        f"type stores; quantize with --format (q4_k, q4_0, iq4_nl, ...) to export GGUF")
-    other = [(name, q.fmt) for name, q in ckpt.layers.items() if not is_ggml_format(q.fmt)]
-    if other:
-        name, fmt_name = other[0]
-        raise UserError(f"{ckpt.path} holds {fmt_name} layers (e.g. {name}), Qualcomm's LPBQ grid, which "
-                        f"no ggml type stores; export it with --to onnx (--profile npu), or quantize with a "
-                        f"ggml --format")
+    for name, q in ckpt.layers.items():
+        fmt = get_format(q.fmt)
+        if fmt.ggml_type is None:
+            raise UserError(fmt.gguf_refusal(str(ckpt.path), name))
     for name, q in tqdm(ckpt.layers.items(), desc="pack gguf", unit="layer", total=len(ckpt.layers),
                         file=sys.stderr, disable=not progress):
         fmt = get_format(q.fmt)

@@ -23,6 +23,7 @@ from turboboa.activations.dynamic import DynamicSpec
 from turboboa.activations.points import GRAPH_SCHEME
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
+from turboboa.formats import get_format
 from turboboa.models.decoder import decoder_spec
 
 from .check import check_onnx_weights
@@ -156,7 +157,7 @@ def build_model(ckpt: QuantizedCheckpoint, opset: int | None = None, profile: st
     model = helper.make_model(graph, opset_imports=opset_ids, producer_name="turboboa",
                               producer_version=package_version(),
                               ir_version=helper.find_min_ir_version_for(opset_ids))
-    grid = f"w{ckpt.config.bits}" if ckpt.config.format == "int" else ckpt.config.format
+    grid = f"w{ckpt.config.bits}" if get_format(ckpt.config.format).configurable else ckpt.config.format
     model.doc_string = (f"turboboa {ckpt.config.method} {grid} decoder in QDQ form "
                         f"(profile {rules.name}, opset {rules.opset})")
     props = metadata_props(ckpt, spec, rules, built.encoded.values(), built.embedding_note,

@@ -11,7 +11,6 @@ from pathlib import Path
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.formats import get_format
 from turboboa.models.decoder import DecoderSpec
-from turboboa.quantized import UNIFORM
 
 from .containers import LEVEL_FORMATS
 from .profiles import ExportProfile
@@ -53,14 +52,13 @@ def layer_formats(encoded: Iterable[EncodedWeight]) -> dict[str, int]:
 
 
 def grid_summary(ckpt: QuantizedCheckpoint) -> tuple[str, str, str]:
-    """``(bits, group size, sym)`` of the run: the uniform grid's (``--bits``, ``--group-size``, ``--sym``), or
-    the storage format's when one was asked for (``--format q4_0``: 4, 32, true; ``q6_k``: 6, 16, true)."""
+    """``(bits, group size, sym)`` of the run's format (``Format.grid_params``): the uniform grid's
+    (``--bits``, ``--group-size``, ``--sym``), or the storage format's own when one was asked for (``--format
+    q4_0``: 4, 32, true; ``q6_k``: 6, 16, true)."""
     cfg = ckpt.config
-    if cfg.format == UNIFORM:
-        group = str(cfg.group_size) if cfg.group_size > 0 else "per-channel"
-        return str(cfg.bits), group, str(bool(cfg.sym)).lower()
-    fmt = get_format(cfg.format)
-    return str(fmt.bits), str(fmt.group_size), str(not fmt.asymmetric).lower()
+    bits, group_size, sym = get_format(cfg.format).grid_params(cfg.bits, cfg.group_size, cfg.sym)
+    group = str(group_size) if group_size > 0 else "per-channel"
+    return str(bits), group, str(bool(sym)).lower()
 
 
 def weight_pattern(encoded: Iterable[EncodedWeight]) -> str:

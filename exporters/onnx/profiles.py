@@ -29,8 +29,7 @@ from dataclasses import dataclass, replace
 from turboboa.activations import check_act_bits
 from turboboa.errors import UserError
 from turboboa.formats import get_format
-from turboboa.formats.lpbq import LPBQ_BLOCKS
-from turboboa.quantized import UNIFORM, QuantizedLinear
+from turboboa.quantized import QuantizedLinear
 
 from .containers import LEVEL_FORMATS, Container, container_for, level_container
 
@@ -72,7 +71,7 @@ class ExportProfile:
     def container(self, q: QuantizedLinear) -> Container:
         """The container of layer ``q`` under this profile's opset: a ggml type's levels
         (:func:`~.containers.level_container`), else by bits and symmetry (native int2 from opset 25 on)."""
-        levels = level_container(q.fmt) if q.fmt != UNIFORM else None
+        levels = level_container(q.fmt)
         if levels is not None:
             return levels
         native = self.native_int2 and self.opset >= 25
@@ -84,24 +83,27 @@ class ExportProfile:
         return per_channel or self.group_sizes is None or block in self.group_sizes
 
     def block_fix(self, fmt: str) -> str:
-        """How to quantize again so the blocks fit: the uniform grid's group sizes, LPBQ's block sizes, or the
-        ggml types whose blocks this profile takes (or ``--profile generic``, which takes every block)."""
+        """How to quantize again so the blocks fit: the group sizes of a configurable grid (the uniform one),
+        the block sizes of the format's family (LPBQ's), or the ggml types whose blocks this profile takes (or
+        ``--profile generic``, which takes every block)."""
         allowed = ", ".join(map(str, self.group_sizes or ()))
-        if fmt == UNIFORM:
+        f = get_format(fmt)
+        if f.configurable:
             return f"--group-size -1 or {allowed}"
         if fmt not in LEVEL_FORMATS:
-            return f"--format {fmt.split('_')[0]} --group-size {allowed}"
+            return f"--format {f.family} --group-size {allowed}"
         fitting = [f for f in LEVEL_FORMATS if self.takes_block(get_format(f).group_size)]
         names = ", ".join(fitting[:-1]) + f" or {fitting[-1]}" if len(fitting) > 1 else "".join(fitting)
         return f"--format {names}, or export with --profile generic"
 
     def check_format(self, fmt: str, subject: str | None = None, columns: int | None = None) -> None:
-        """Raise a one-line :class:`UserError` when the storage format ``fmt`` (not the uniform grid, whose
-        group size is the user's) has blocks this profile does not take; ``subject`` names the layer and
-        ``columns`` its width (a single block is per channel)."""
-        if fmt == UNIFORM:
+        """Raise a one-line :class:`UserError` when the storage format ``fmt`` has blocks this profile does not
+        take (a configurable grid, the uniform one, has the user's group size: checked per layer by
+        :meth:`check_layer`); ``subject`` names the layer and ``columns`` its width (a single block is per
+        channel)."""
+        if get_format(fmt).configurable:
             return
-        if self.blocked_lpbq_only and fmt not in LPBQ_BLOCKS.values():
+        if self.blocked_lpbq_only and get_format(fmt).onnx_encoding != "lpbq":
             raise UserError(f"--profile {self.name} takes symmetric int4/int8 weights per channel or LPBQ blocks, "
                             f"not --format {fmt}; quantize again with --format int --sym --group-size -1, or "
                             f"--format lpbq4")
@@ -117,7 +119,7 @@ class ExportProfile:
         if self.symmetric_only and not q.sym:
             raise UserError(f"--profile {self.name} needs symmetric weights (zero point 0), but {name} has an "
                             f"asymmetric {q.bits}-bit grid; quantize again with --sym")
-        if q.fmt != UNIFORM:
+        if not get_format(q.fmt).configurable:
             self.check_format(q.fmt, name, q.shape[1])
         elif self.blocked_lpbq_only and 0 < q.group_size < q.shape[1]:
             raise UserError(f"--profile {self.name} takes uniform grids per output channel only (blocks need "

@@ -13,11 +13,12 @@ For a layer with codes ``Z`` ``(N, K)`` (HF layout: one row per output), scales 
   output ``<layer>.weight_dq`` ``[K, N]`` feeds the MatMul directly and equals
   ``QuantizedLinear.dequantize().T`` bit for bit: ``(x - zp) * s`` with an exact integer ``x - zp``.
 
-Encoders are registered by the layer's storage format (``QuantizedLinear.fmt``): the uniform grid
-(``"int"``), the ggml types whose dequantization is ``scale_g * (q - l_0)`` with no offset (q4_0, q5_0, q8_0,
-q3_k, q6_k; :func:`encode_levels`: ``x`` the signed level, ``s`` the exact float32 group scale, so the same
-QDIR exports to GGUF and ONNX with identical weights), and Qualcomm's LPBQ (``lpbq4`` and its block-size
-variants, :func:`encode_lpbq`), whose pattern is ORT's (``lpbqmatmul_fusion``): uint8 block multipliers
+A layer's encoder is chosen by the ``onnx_encoding`` its format (``QuantizedLinear.fmt``) declares
+(:data:`ENCODINGS`): ``"uniform"``, the uniform grid ``int`` (:func:`encode_uniform`, as above); ``"levels"``,
+the ggml types, of which DequantizeLinear holds those whose dequantization is ``scale_g * (q - l_0)`` with no
+offset (q4_0, q5_0, q8_0, q3_k, q6_k; :func:`encode_levels`: ``x`` the signed level, ``s`` the exact float32
+group scale, so the same QDIR exports to GGUF and ONNX with identical weights); ``"lpbq"``, Qualcomm's LPBQ
+(``lpbq4`` and its block-size variants, :func:`encode_lpbq`), whose pattern is ORT's (``lpbqmatmul_fusion``): uint8 block multipliers
 ``k`` ``[ceil(K/B), N]`` -> DequantizeLinear(axis=1, per-channel float32 scale ``s`` ``[N]``) -> float32 block
 scales -> DequantizeLinear(int4 weight ``[K, N]``, axis=0, block_size=B) -> MatMul, zero points 0 (int4 /
 uint8 zero tensors, from which QNN reads the types).
@@ -35,10 +36,9 @@ import numpy as np
 import torch
 
 from turboboa.errors import UserError
-from turboboa.formats import get_format
+from turboboa.formats import all_format_names, get_format
 from turboboa.formats.iquant import CodebookFormat
-from turboboa.formats.lpbq import LPBQ_BLOCKS
-from turboboa.quantized import UNIFORM, QuantizedLinear
+from turboboa.quantized import QuantizedLinear
 
 from .builder import GraphBuilder
 from .containers import INT4, LEVEL_FORMATS, UINT8, Container, level_container
@@ -54,7 +54,7 @@ class EncodedWeight:
     output: str
     container: str
     bits: int
-    fmt: str = UNIFORM
+    fmt: str
 
 
 Encoder = Callable[[GraphBuilder, str, QuantizedLinear, ExportProfile], EncodedWeight]
@@ -129,7 +129,7 @@ def encode_uniform(b: GraphBuilder, name: str, q: QuantizedLinear, profile: Expo
     attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": int(q.group_size)}
     out = b.op("DequantizeLinear", inputs, output_names=[f"{name}{WEIGHT_SUFFIX}"],
                name=f"{name}/DequantizeLinear", **attrs)
-    return EncodedWeight(out, container.label, q.bits)
+    return EncodedWeight(out, container.label, q.bits, q.fmt)
 
 
 def _checked_grid(name: str, q: QuantizedLinear) -> None:
@@ -198,12 +198,23 @@ def encode_lpbq(b: GraphBuilder, name: str, q: QuantizedLinear, profile: ExportP
     return EncodedWeight(out, "int4+lpbq", q.bits, q.fmt)
 
 
-ENCODERS: dict[str, Encoder] = {UNIFORM: encode_uniform, **{fmt: encode_levels for fmt in LEVEL_FORMATS},
-                                **{fmt: encode_lpbq for fmt in LPBQ_BLOCKS.values()}}
-# Every storage format an ONNX export takes: "int", q4_0, q5_0, q8_0, q3_k, q6_k and the LPBQ block sizes.
+# The encoder of each ``Format.onnx_encoding``, in the order refusals list the formats.
+ENCODINGS: dict[str, Encoder] = {"uniform": encode_uniform, "lpbq": encode_lpbq, "levels": encode_levels}
+
+
+def _encodes(name: str, encoding: str) -> bool:
+    """True when format ``name`` declares ``encoding`` and DequantizeLinear holds it (for ``"levels"``: its
+    level table fits a container exactly, :func:`~.containers.level_container`)."""
+    return get_format(name).onnx_encoding == encoding and (encoding != "levels" or name in LEVEL_FORMATS)
+
+
+# Every format an ONNX export takes ("int", the LPBQ block sizes, q4_0, q5_0, q8_0, q3_k, q6_k) -> its encoder.
+ENCODERS: dict[str, Encoder] = {name: encoder for encoding, encoder in ENCODINGS.items()
+                                for name in all_format_names() if _encodes(name, encoding)}
 ONNX_FORMATS = frozenset(ENCODERS)
-# How a refusal names them (the families: lpbq4 takes --group-size 16/32/64/128).
-ONNX_FORMAT_LIST = ", ".join([UNIFORM, "lpbq4", *LEVEL_FORMATS[:-1]]) + f" or {LEVEL_FORMATS[-1]}"
+# How a refusal names them: by family (lpbq4 takes --group-size 16/32/64/128).
+_FAMILIES = list(dict.fromkeys(get_format(name).family for name in ENCODERS))
+ONNX_FORMAT_LIST = ", ".join(_FAMILIES[:-1]) + f" or {_FAMILIES[-1]}"
 
 
 def onnx_expressible(fmt: str) -> bool:

@@ -15,13 +15,13 @@ products of the stored values (exact for ggml, §1: ``fp32(d*sc)`` and ``fp32(dm
 :class:`BlockFormat` is the grid (what every solver and the ONNX exporter need); :class:`GgmlFormat` adds the
 ggml type and its byte packing. Each concrete format (:mod:`turboboa.formats.ggml`,
 :mod:`turboboa.formats.lpbq`) subclasses one of them with a ``name=`` keyword and is registered at definition
-time; :func:`get_format` looks a name up. Formats are used as classes (all methods are class methods; there
-is no instance state).
+time in the registry of every grid (:mod:`turboboa.formats.registry`, which also holds the uniform grid
+``int``); :func:`~turboboa.formats.registry.get_format` looks a name up.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,11 +30,12 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from turboboa.errors import UserError
+from turboboa.formats.fields import GgmlGrid
+from turboboa.formats.registry import Format, GridParams, StoredLayer, all_format_names, get_format
+from turboboa.formats.spec import format_spec
 
 FP16_MAX = 65504.0
 DEQUANT_ELEMENTS = 1 << 22  # weights dequantized per step: a big table's temporaries stay at a few MiB
-
-_REGISTRY: dict[str, type[BlockFormat]] = {}
 
 
 def round_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -52,45 +53,6 @@ def is_fp16_representable(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all()) and torch.equal(x.to(torch.float16).to(torch.float32), x)
 
 
-@dataclass(frozen=True)
-class GgmlGrid:
-    """The values a row of ggml blocks stores, apart from the codes (a separate ``(rows, cols)`` tensor).
-
-    * ``d``: ``(rows, n_blocks)`` float32, fp16-representable: the block scale (simple types) or super-scale
-      (k-quants). Signed where the type allows (every type; llama.cpp makes it negative only for Q3_K/Q6_K).
-    * ``dmin``: ``(rows, n_blocks)`` float32, fp16-representable, or ``None`` for symmetric types. For
-      Q2_K/Q4_K/Q5_K it is the super-min (``offset_g = dmin * m_g``); for Q4_1 it is the block's stored fp16
-      min ``m`` (``w = d*q + m``, so ``offset = -dmin``).
-    * ``sc``: ``(rows, n_groups)`` int32 sub-scales of the k-quants (Q2_K 0..15, Q3_K -32..31 = stored 6-bit
-      value minus 32, Q4_K/Q5_K 0..63, Q6_K -128..127), ``None`` for the 32-blocks.
-    * ``m``: ``(rows, n_groups)`` int32 sub-mins of Q2_K (0..15) and Q4_K/Q5_K (0..63), else ``None``.
-
-    LPBQ (:mod:`turboboa.formats.lpbq`) uses the same fields: ``d`` its float32 per-channel scale ``s_r``
-    repeated in every block of the row, ``sc`` the integer block multipliers ``k`` (1..16).
-    """
-
-    d: torch.Tensor
-    dmin: torch.Tensor | None = None
-    sc: torch.Tensor | None = None
-    m: torch.Tensor | None = None
-
-    def to(self, device: torch.device | str) -> GgmlGrid:
-        """The same grid with every tensor moved to ``device``."""
-        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return GgmlGrid(d=self.d.to(device), dmin=mv(self.dmin), sc=mv(self.sc), m=mv(self.m))
-
-    def equal(self, other: GgmlGrid) -> bool:
-        """Field-by-field exact equality (``None`` equals only ``None``; ``-0.0 == 0.0``)."""
-        for a, b in ((self.d, other.d), (self.dmin, other.dmin), (self.sc, other.sc), (self.m, other.m)):
-            if (a is None) != (b is None):
-                return False
-            if a is not None and not torch.equal(a.cpu(), b.cpu()):
-                return False
-        return True
-
-
 @dataclass
 class BlockFields:
     """One ggml block per row of every array: the unit :meth:`GgmlFormat._pack_blocks` works on.
@@ -106,10 +68,11 @@ class BlockFields:
     m: np.ndarray | None = None
 
 
-class BlockFormat(ABC):
+class BlockFormat(Format):
     """A block-quantized storage grid: block layout, levels and the exact dequantizer. Subclass with ``name=``
     to register (:class:`GgmlFormat` for the ggml types, which add byte packing; LPBQ in
-    :mod:`turboboa.formats.lpbq` has no GGUF type and no packing).
+    :mod:`turboboa.formats.lpbq` has no GGUF type and no packing). Its bits, group size and symmetry are the
+    format's own, whatever the run's ``--bits``/``--group-size``/``--sym``.
 
     Class constants (set by the subclass or derived in ``__init_subclass__``): ``name``, ``block_size``
     (columns fixed together), ``group_size``, ``bits``, ``levels`` (float32, code -> level, increasing),
@@ -130,23 +93,34 @@ class BlockFormat(ABC):
     groups_per_block: ClassVar[int]
     _levels_cache: ClassVar[dict[torch.device, torch.Tensor]]
 
-    def __init__(self) -> None:
-        raise TypeError("formats are used as classes (get_format(name).dequantize(...)), not instances")
-
-    def __init_subclass__(cls, *, name: str | None = None, **kwargs: object) -> None:
+    def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         """Fill the derived constants and register ``cls`` under ``name`` (abstract helpers pass no name)."""
-        super().__init_subclass__(**kwargs)
-        if name is None:
-            return
-        if name in _REGISTRY:
-            raise TypeError(f"format {name!r} is registered twice")
-        cls.name = name
-        cls.groups_per_block = cls.block_size // cls.group_size
-        cls.levels = cls.levels.to(torch.float32)
-        cls._levels_cache = {}
-        assert 2 < cls.levels.numel() <= 2**cls.bits, name
-        assert bool((cls.levels[1:] > cls.levels[:-1]).all()), f"{name}: levels must increase with the code"
-        _REGISTRY[name] = cls
+        if name is not None:
+            cls.groups_per_block = cls.block_size // cls.group_size
+            cls.levels = cls.levels.to(torch.float32)
+            cls._levels_cache = {}
+            assert 2 < cls.levels.numel() <= 2**cls.bits, name
+            assert bool((cls.levels[1:] > cls.levels[:-1]).all()), f"{name}: levels must increase with the code"
+        super().__init_subclass__(name=name, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ layer
+    @classmethod
+    def grid_params(cls, bits: int, group_size: int, sym: bool) -> GridParams:
+        """The format's own ``(bits, group_size, not asymmetric)``; the run's settings do not apply."""
+        return GridParams(cls.bits, cls.group_size, not cls.asymmetric)
+
+    @classmethod
+    def solver_grid(cls, bits: int, group_size: int, sym: bool, search: bool) -> tuple[Any, int]:
+        """The format's solver grid (:func:`~turboboa.formats.spec.format_spec`: ``FormatSpec`` or the class
+        ``spec_class`` names) and its group size; the run's ``bits``/``group_size``/``sym`` do not apply."""
+        return format_spec(cls.name, search=search), cls.group_size
+
+    @classmethod
+    def dequantize_layer(cls, layer: StoredLayer) -> torch.Tensor:
+        """:meth:`dequantize` of the layer's codes on its stored block fields ``layer.grid``."""
+        if layer.grid is None:
+            raise ValueError(f"{cls.name}: a layer without its stored grid fields")
+        return cls.dequantize(layer.codes, layer.grid)
 
     # ----------------------------------------------------------------------------------------- geometry
     @classmethod
@@ -279,6 +253,7 @@ class GgmlFormat(BlockFormat):
     ggml_type: ClassVar[GGMLQuantizationType]
     type_size: ClassVar[int]
     bpw: ClassVar[float]
+    onnx_encoding = "levels"
 
     def __init_subclass__(cls, *, name: str | None = None, ggml_type: GGMLQuantizationType | None = None,
                           **kwargs: object) -> None:
@@ -378,25 +353,7 @@ class GgmlFormat(BlockFormat):
         return codes, grid
 
 
-def get_format(name: str) -> type[BlockFormat]:
-    """The registered format called ``name`` (case-insensitive); :class:`UserError` listing the known ones."""
-    fmt = _REGISTRY.get(name.lower())
-    if fmt is None:
-        raise UserError(f"unknown format {name!r}; choose one of {', '.join(all_format_names())}")
-    return fmt
-
-
-def is_ggml_format(name: str) -> bool:
-    """True when ``name`` is a registered ggml type (one a GGUF file can store)."""
-    fmt = _REGISTRY.get(name.lower())
-    return fmt is not None and issubclass(fmt, GgmlFormat)
-
-
-def format_names() -> tuple[str, ...]:
-    """Names of the registered ggml types (the GGUF-packable formats), in registration order."""
-    return tuple(name for name, fmt in _REGISTRY.items() if issubclass(fmt, GgmlFormat))
-
-
-def all_format_names() -> tuple[str, ...]:
-    """Names of every registered storage format: the ggml types, then the others (LPBQ)."""
-    return tuple(_REGISTRY)
+def block_format_names() -> tuple[str, ...]:
+    """Names of the registered block formats (the ggml types, then LPBQ): the grids a lookup table (the
+    embedding, an untied head) can be rounded onto."""
+    return tuple(name for name in all_format_names() if issubclass(get_format(name), BlockFormat))

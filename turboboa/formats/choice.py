@@ -27,10 +27,9 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 
 from turboboa.errors import UserError
-from turboboa.formats.base import all_format_names, get_format
 from turboboa.formats.iquant import I_QUANTS
 from turboboa.formats.lpbq import FAMILY, LPBQ_BLOCKS, is_lpbq, lpbq_name
-from turboboa.quantized import UNIFORM
+from turboboa.formats.registry import all_format_names, get_format
 
 FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
             **{name: "iq4_nl" for name in I_QUANTS}}
@@ -61,7 +60,7 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str]
     out = []
     for item in items:
         pattern, sep, fmt = item.partition("=")
-        if not sep or not pattern or fmt.lower() not in (UNIFORM, *all_format_names()):
+        if not sep or not pattern or fmt.lower() not in all_format_names():
             raise UserError(f"--tensor-format {item!r} must be NAME_PATTERN=TYPE with TYPE one of "
                             f"{', '.join(all_format_names())} (e.g. '*.down_proj=q6_k')")
         out.append((pattern, fmt.lower()))
@@ -84,8 +83,6 @@ def layer_format(default: str, name: str, columns: int, overrides: tuple[tuple[s
     ``from_preset``: ``default`` is a preset's choice (an i-quant then falls back like a k-quant); otherwise
     an i-quant the layer cannot hold raises :class:`UserError`."""
     fmt = requested_format(default, name, overrides)
-    if fmt == UNIFORM:
-        return fmt
     if not get_format(fmt).supports_width(columns) and fmt in FALLBACK:
         explicit = not from_preset or any(fnmatchcase(name, pattern) for pattern, _ in overrides)
         if fmt in I_QUANTS and explicit:

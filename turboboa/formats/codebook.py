@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from turboboa.formats.base import get_format
+from turboboa.formats.registry import get_format
 from turboboa.formats.spec import FormatSpec, grouped, reshape_grid
 from turboboa.grids import BlockGrid
 

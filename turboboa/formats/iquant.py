@@ -121,6 +121,7 @@ class CodebookFormat(GgmlFormat):
     asymmetric = False
     block_size = 256
     spec_class = CodebookSpec
+    onnx_encoding = None  # a codeword per ``dim`` weights: no per-weight integer for DequantizeLinear
     dim: ClassVar[int]
     grid: ClassVar[np.ndarray]
     magnitudes: ClassVar[tuple[float, ...]]

@@ -129,6 +129,13 @@ class _Lpbq4(BlockFormat):
     row_scale = True
     sc_range = (1, K_MAX)
     spec_class = LpbqSpec
+    onnx_encoding = "lpbq"
+
+    @classmethod
+    def gguf_refusal(cls, source: str, layer: str) -> str:
+        """No ggml type stores LPBQ: export ONNX, or quantize onto a ggml type."""
+        return (f"{source} holds {cls.name} layers (e.g. {layer}), Qualcomm's LPBQ grid, which no ggml type "
+                f"stores; export it with --to onnx (--profile npu), or quantize with a ggml --format")
 
     @classmethod
     def group_scale_offset(cls, grid: GgmlGrid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,25 +184,25 @@ class _Lpbq4(BlockFormat):
             raise ValueError(f"{cls.name}: sc must be {shape} integers in 1..{K_MAX}")
 
 
-class LPBQ4(_Lpbq4, name="lpbq4"):
+class LPBQ4(_Lpbq4, name="lpbq4", family=FAMILY):
     """LPBQ, blocks of 32 (the default)."""
 
     block_size = group_size = 32
 
 
-class LPBQ4_G16(_Lpbq4, name="lpbq4_g16"):
+class LPBQ4_G16(_Lpbq4, name="lpbq4_g16", family=FAMILY):
     """LPBQ, blocks of 16."""
 
     block_size = group_size = 16
 
 
-class LPBQ4_G64(_Lpbq4, name="lpbq4_g64"):
+class LPBQ4_G64(_Lpbq4, name="lpbq4_g64", family=FAMILY):
     """LPBQ, blocks of 64."""
 
     block_size = group_size = 64
 
 
-class LPBQ4_G128(_Lpbq4, name="lpbq4_g128"):
+class LPBQ4_G128(_Lpbq4, name="lpbq4_g128", family=FAMILY):
     """LPBQ, blocks of 128."""
 
     block_size = group_size = 128

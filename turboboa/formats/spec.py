@@ -27,12 +27,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from turboboa.formats.base import BlockFormat, GgmlGrid, get_format
+from turboboa.formats.fields import GgmlGrid
+from turboboa.formats.registry import get_format
 from turboboa.grids import BlockGrid, LinearParams, shrink_search
+
+if TYPE_CHECKING:
+    from turboboa.formats.base import BlockFormat
 
 FINE_STEPS = 100
 
