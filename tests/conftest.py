@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from turboboa.arch.llama import LlamaAdapter
+
 ROOT = Path(__file__).resolve().parents[1]
+EMBEDDING = LlamaAdapter.LAYOUT.embedding  # the tiny Llamas' module names
+HEAD = LlamaAdapter.LAYOUT.head
 
 
 def make_tiny_llama(path: Path, tokenizer, *, hidden: int = 64, heads: int = 4, kv_heads: int = 2,

@@ -64,17 +64,16 @@ def possible_formats(cfg: QuantConfig) -> set[str]:
     """Every storage format a linear layer of ``cfg`` may get, whatever the model's widths: the preset's types
     (every rule of :func:`~turboboa.formats.presets.preset_format`) or ``--format``, the ``--tensor-format``
     overrides, and the width fallbacks of each."""
+    from .arch import LINEAR_ROLES
     from .formats.choice import FALLBACK, parse_overrides
-    from .formats.presets import HEAD, ModelShape, preset_format
+    from .formats.presets import ModelShape, preset_type
 
     formats = {cfg.format}
     if cfg.preset:  # the preset decides every layer's type (--format is not used): all its rules' types
-        suffixes = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
         shapes = [ModelShape(n, g, False) for n in (1, 2, 8, 16, 24, 32, 48, 64) for g in (1, 2, 4, 8)]
-        formats = {preset_format(cfg.preset, HEAD, shapes[0])}
-        formats |= {preset_format(cfg.preset, f"model.layers.{i}.{s}", shape)
-                    for shape in shapes for i in range(shape.n_layers) for s in suffixes}
+        formats = {preset_type(cfg.preset, "head", None, shapes[0])}
+        formats |= {preset_type(cfg.preset, role, i, shape)
+                    for shape in shapes for i in range(shape.n_layers) for role in LINEAR_ROLES}
     formats |= {fmt for _, fmt in parse_overrides(cfg.tensor_formats)}
     return formats | {FALLBACK[f] for f in formats if f in FALLBACK}
 

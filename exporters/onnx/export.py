@@ -18,9 +18,9 @@ from typing import Any
 import onnx
 from onnx import ModelProto, helper
 
+from turboboa.arch import decoder_spec
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
-from turboboa.models.decoder import decoder_spec
 
 from .check import check_onnx_weights
 from .graph import build_decoder

@@ -64,9 +64,10 @@ def upstream_constants(output: Any, layer: str) -> Iterator[Any]:
 def checkpoint_weights(ckpt: Any) -> dict[str, int]:
     """``{"<layer>.weight_dq": element count}`` of every quantized linear layer of the QDIR ``ckpt`` (what
     its exported graphs dequantize; the embedding is stored as a table, not a DequantizeLinear weight)."""
-    from turboboa.models.decoder import EMBEDDING
+    from turboboa.arch import role_of
 
-    return {f"{name}{WEIGHT_SUFFIX}": q.codes.numel() for name, q in ckpt.layers.items() if name != EMBEDDING}
+    return {f"{name}{WEIGHT_SUFFIX}": q.codes.numel() for name, q in ckpt.layers.items()
+            if role_of(name) != "embedding"}
 
 
 def compressed_weight_types(ov_model: Any, weights: ModelProto | dict[str, int]) -> dict[str, str]:
