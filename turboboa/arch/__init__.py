@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from turboboa.arch import llama as _llama  # noqa: F401  (registers Llama, Mistral, Qwen2)
+from turboboa.arch import opt as _opt  # noqa: F401  (registers OPT)
 from turboboa.arch.base import (
     ArchAdapter,
     AttentionShape,

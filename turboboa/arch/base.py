@@ -73,12 +73,13 @@ class ArchAdapter:
     """Interface that each family implements; instances are stateless.
 
     Methods take the HF ``*ForCausalLM`` model or one of its decoder blocks. Class attributes a family sets:
-    ``MODEL_TYPES``, ``LAYOUT``; ``ROTATION_REFUSAL`` / ``PADDING_REFUSAL``: why the residual stream cannot
+    ``MODEL_TYPES``, ``NAME`` (for messages), ``LAYOUT``; ``ROTATION_REFUSAL`` / ``PADDING_REFUSAL``: why the residual stream cannot
     be rotated / padded without changing the function (None: it can); ``GGUF``: the llama.cpp
     architecture, or the reason there is none.
     """
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
+    NAME: ClassVar[str] = ""
     LAYOUT: ClassVar[Layout]
     LINEAR_GROUPS: ClassVar[list[list[str]]] = []
     ROTATION_REFUSAL: ClassVar[str | None] = None
@@ -197,12 +198,16 @@ class ArchAdapter:
         """The llama.cpp architecture of the family; a one-line UserError saying why there is none."""
         if isinstance(self.GGUF, GgufArch):
             return self.GGUF
-        raise UserError(f"GGUF export of {'/'.join(self.MODEL_TYPES)} models is not possible: {self.GGUF}; "
-                        f"export with --to onnx")
+        raise UserError(f"GGUF export of {self.name()} models is not possible: {self.GGUF}; export with --to onnx")
 
     def decoder_spec(self, hf_config: Any) -> DecoderSpec:
         """The decoder the ONNX graph computes for ``hf_config``; a UserError for what the graph cannot."""
-        raise UserError(f"ONNX export of {'/'.join(self.MODEL_TYPES)} models is not implemented")
+        raise UserError(f"ONNX export of {self.name()} models is not implemented")
+
+    @classmethod
+    def name(cls) -> str:
+        """The family's name for messages: ``NAME``, else its model types."""
+        return cls.NAME or "/".join(cls.MODEL_TYPES)
 
 
 def unsupported_model_error(model: object, model_type: str | None) -> UserError:

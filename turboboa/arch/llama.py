@@ -54,6 +54,7 @@ class LlamaAdapter(ArchAdapter):
     """Llama: the block of the module docstring, no sliding window; exports to llama.cpp's ``llama``."""
 
     MODEL_TYPES = ("llama",)
+    NAME = "Llama"
     LAYOUT = Layout(
         blocks="model.layers",
         embedding="model.embed_tokens",
@@ -199,6 +200,7 @@ class MistralAdapter(LlamaAdapter):
     """Mistral: Llama's block with the config's sliding window on every layer."""
 
     MODEL_TYPES = ("mistral",)
+    NAME = "Mistral"
 
     @staticmethod
     def config_window(hf_config: Any) -> int | None:
@@ -210,4 +212,5 @@ class Qwen2Adapter(LlamaAdapter):
     """Qwen2: Llama's block with q/k/v biases and optional per-layer windows; llama.cpp's ``qwen2``."""
 
     MODEL_TYPES = ("qwen2",)
+    NAME = "Qwen2"
     GGUF = GgufArch("qwen2", permute_qk=False, qkv_bias=True)
