@@ -85,7 +85,7 @@ QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
                        "vocabulary-sized matrix), none for rtn"),
     click.option("--rotate-seed", type=int, default=0, show_default=True, help="seed of the rotation's signs/matrix"),
     click.option("--online-rotate", default="auto", show_default=True,
-                  help="none | down | qk | down,qk: online Hadamard of the down_proj input / of queries and keys "
+                  help="none | down | qk | down,qk: online Hadamard of the down projection's input / of queries and keys "
                        "(weight-activation quantization only; auto: what --act-bits/--kv-bits need under --rotate)"),
     click.option("--act-bits", type=int, default=None,
                   help="activation quantization: 4 or 6 (or 8 with --act-scope token): per-token dynamic min-max "

@@ -1,6 +1,6 @@
 """Benchmark: the papers' tables in small. RTN, GPTQ, BoA and TurboBoA on the default model, each without and
 with ``--rotate hadamard``, at W2A16 and W3A16 per channel and at W4A4KV4 and W4A8KV8 (per-token activations,
-per-token-per-head keys and values, online Hadamard rotations of the down_proj input and of queries/keys
+per-token-per-head keys and values, online Hadamard rotations of the MLP down projection's input and of queries/keys
 under rotation), all on the same calibration; PPL on the WikiText-2 raw test windows and wall time.
 
 Weight-activation rows follow QuaRot's protocol: the weights are solved with float activations (the online
@@ -118,7 +118,7 @@ def write_table(doc: dict, path: Path) -> None:
         f"tokens. {floats}"
         f"Weights per channel, asymmetric, Hessian-weighted range search except RTN (min-max). Activations: "
         f"per-token symmetric min-max; keys and values per token and head, asymmetric; with rotation the "
-        f"down_proj input and queries/keys are rotated online. Each cell's machine and commit under Provenance.",
+        f"down projection's input and queries/keys are rotated online. Each cell's machine and commit under Provenance.",
         "",
         *([doc["note"], ""] if doc.get("note") else []),
         "| setting | method | PPL, no rotation | PPL, Hadamard | quantize time (s), no rotation / Hadamard "

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance as pv  # noqa: E402
 
+from turboboa.arch import get_adapter  # noqa: E402
 from turboboa.config import QuantConfig  # noqa: E402
 from turboboa.data import calibration_batch  # noqa: E402
 from turboboa.models import load_float_model  # noqa: E402
@@ -53,7 +54,7 @@ def time_methods(methods: list[str], blocks: int, bits: int, group: int, nsample
     for method, cfg in configs(methods, bits, group, nsamples, seqlen, seed).items():
         loaded = load_float_model("smollm2-135m")
         model = loaded.model
-        model.model.layers = model.model.layers[:blocks]
+        del get_adapter(model).blocks(model)[blocks:]
         model.config.num_hidden_layers = blocks
         calib = calibration_batch(loaded.tokenizer, "wikitext2", nsamples, seqlen, seed)
         torch.manual_seed(seed)

@@ -15,8 +15,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from turboboa.arch import role_of
 from turboboa.errors import UserError
-from turboboa.formats.presets import EMBEDDING
 from turboboa.io import prepare_output, remove_stale_temporaries, write_errors_as_user_errors
 
 Exporter = Callable[..., Path]
@@ -66,7 +66,8 @@ def estimate_export_bytes(ckpt: Any) -> int:
     tokenizer."""
     total = 8 * 2**20
     for name, q in ckpt.layers.items():
-        total += 4 * q.codes.numel() if name == EMBEDDING else q.codes.numel() * 9 // 8 + 8 * q.scale.numel()
+        table = role_of(name) == "embedding"
+        total += 4 * q.codes.numel() if table else q.codes.numel() * 9 // 8 + 8 * q.scale.numel()
     return total + sum(4 * t.numel() for t in ckpt.float_tensors.values())
 
 

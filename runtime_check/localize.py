@@ -1,7 +1,7 @@
 """``--localize``: where does an NPU backend's output leave the fake-quant model's? Block by block.
 
 The ``qnn-htp`` graph quantizes every tensor at named points (:mod:`turboboa.activations.program`); the
-residual stream after each block is the point ``model.layers.{i}.mlp_residual``, a DequantizeLinear output
+residual stream after each block is the point ``<block i>.mlp_residual``, a DequantizeLinear output
 of the graph. :func:`localize` adds those tensors (and the logits) as outputs of a copy of the ONNX model,
 runs one window through it on the backend, runs the same window through the torch simulation recording the
 same points, and reports per block
@@ -24,21 +24,23 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from turboboa.arch import decoder_spec
+from turboboa.arch.decoder import DecoderSpec
 from turboboa.checkpoint import load_fakequant_model
-from turboboa.models.decoder import HEAD, decoder_spec
 
 RESIDUAL = "mlp_residual"
 
 
-def block_points(n_layers: int) -> list[str]:
-    """The residual stream's point after each block, then the logits'."""
-    return [f"model.layers.{i}.{RESIDUAL}" for i in range(n_layers)] + [HEAD]
+def block_points(spec: DecoderSpec) -> list[str]:
+    """The residual stream's point after each block, then the logits' (the head's)."""
+    return [f"{spec.block(i)}.{RESIDUAL}" for i in range(spec.layers)] + [spec.head]
 
 
-def tensor_of_point(model: onnx.ModelProto, point: str) -> str:
+def tensor_of_point(model: onnx.ModelProto, point: str, head: str) -> str:
     """The graph tensor holding ``point``'s dequantized value: the output of the first DequantizeLinear of an
-    activation (not a constant) with the point's scale (later ones are movement ops re-quantizing it)."""
-    if point == HEAD:
+    activation (not a constant) with the point's scale (later ones are movement ops re-quantizing it); the
+    logits for the ``head``'s point."""
+    if point == head:
         return "logits"
     constants = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
@@ -47,12 +49,12 @@ def tensor_of_point(model: onnx.ModelProto, point: str) -> str:
     raise ValueError(f"the graph has no tensor for {point}; it is not a --profile qnn-htp export")
 
 
-def with_outputs(path: Path, points: list[str], folder: Path) -> Path:
+def with_outputs(path: Path, points: list[str], folder: Path, head: str) -> Path:
     """A copy of the ONNX model ``path`` in ``folder`` whose outputs also include ``points``' tensors."""
     model = onnx.load(str(path))
     existing = {o.name for o in model.graph.output}
     for point in points:
-        name = tensor_of_point(model, point)
+        name = tensor_of_point(model, point, head)
         if name not in existing:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     out = folder / path.name
@@ -90,13 +92,13 @@ def localize(onnx_path: Path, ckpt: Any, window: torch.Tensor,
     from transformers import AutoConfig
 
     spec = decoder_spec(AutoConfig.from_pretrained(ckpt.path))
-    points = block_points(spec.layers)
+    points = block_points(spec)
     sim = load_fakequant_model(ckpt)
     expected = simulated_points(sim, window, points)
     with tempfile.TemporaryDirectory(prefix="turboboa-localize-") as tmp:
-        path = with_outputs(Path(onnx_path), points, Path(tmp))
+        path = with_outputs(Path(onnx_path), points, Path(tmp), spec.head)
         model = onnx.load(str(path), load_external_data=False)
-        names = [tensor_of_point(model, p) for p in points]
+        names = [tensor_of_point(model, p, spec.head) for p in points]
         session = open_session(path)
         got = session.run(names, {"input_ids": window[None].numpy().astype(np.int64)})
         del session

@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from turboboa.arch.llama import LlamaAdapter
+
 ROOT = Path(__file__).resolve().parents[1]
+EMBEDDING = LlamaAdapter.LAYOUT.embedding  # the tiny Llamas' module names
+HEAD = LlamaAdapter.LAYOUT.head
 
 
 def make_tiny_llama(path: Path, tokenizer, *, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
@@ -29,6 +33,28 @@ def make_tiny_llama(path: Path, tokenizer, *, hidden: int = 64, heads: int = 4, 
     return path
 
 
+def make_tiny_opt(path: Path, tokenizer, *, hidden: int = 64, heads: int = 4, layers: int = 2, ffn: int = 128,
+                  seed: int = 0) -> Path:
+    """A random pre-norm OPT (LayerNorm with bias, learned positions, ReLU MLP, tied head) saved as a Hugging
+    Face folder, with a real tokenizer; norms and biases random too, so every one of them matters."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_attention_heads=heads,
+                       num_hidden_layers=layers, ffn_dim=ffn, word_embed_proj_dim=hidden,
+                       max_position_embeddings=2048, tie_word_embeddings=True)
+    model = OPTForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" in name:
+                param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.02 * torch.randn_like(param))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def default_tokenizer():
     from turboboa.models import load_float_model
@@ -39,6 +65,11 @@ def default_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, default_tokenizer) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", default_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory, default_tokenizer) -> Path:
+    return make_tiny_opt(tmp_path_factory.mktemp("tiny") / "tiny-opt", default_tokenizer)
 
 
 def run_cli(*args: str, cwd: Path | None = None, kill_at: str | None = None) -> subprocess.CompletedProcess:

@@ -32,9 +32,8 @@ from turboboa.checkpoint import load_fakequant_model, load_qdir
 from turboboa.config import QuantConfig
 from turboboa.data import calibration_batch, eval_tokens
 from turboboa.errors import UserError
-from turboboa.formats.presets import EMBEDDING
 
-from .conftest import onnx_vs_fake_quant, run_cli
+from .conftest import EMBEDDING, onnx_vs_fake_quant, run_cli
 from .test_onnx_export import REL_BOUND, assert_one_line_error, perturbed_tiny, relative_gap
 
 CALIB = dict(nsamples=4, seqlen=32)

@@ -235,3 +235,22 @@ def test_new_architecture_registers_itself() -> None:
         assert isinstance(get_adapter(model), ToyAdapter)
     finally:
         base._REGISTRY.pop("toy-arch-for-test")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_module_has_a_role_and_the_families_agree(family: str) -> None:
+    """The adapter's layout names every module of the state dict by role; the lookup across the registered
+    families (a QDIR's layer names) finds the same block and role."""
+    from turboboa.arch import LINEAR_ROLES, locate
+
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    layout = adapter.LAYOUT
+    for name in model.state_dict():
+        module = name.rpartition(".")[0]
+        assert layout.locate(module)[1] is not None, module
+        assert locate(module) == layout.locate(module)
+    assert [adapter.role_of(n) for n in adapter.linear_names()] == list(LINEAR_ROLES)
+    assert layout.linear(1, "down") == "model.layers.1.mlp.down_proj"
+    assert [(norm, readers) for norm, readers in layout.norm_readers()] == [
+        ("attention_norm", ("q", "k", "v")), ("mlp_norm", ("gate", "up"))]

@@ -17,11 +17,10 @@ from turboboa.checkpoint import QDIR_VERSION, load_fakequant_model, load_qdir, s
 from turboboa.checksums import SUMS_FILE, folder_files, read_sealed_sums, write_sealed_sums
 from turboboa.config import QuantConfig
 from turboboa.errors import UserError
-from turboboa.formats.presets import EMBEDDING
 from turboboa.models import load_float_model
 from turboboa.pipeline import quantize_model
 
-from .conftest import assert_one_line_error, run_cli, run_main
+from .conftest import EMBEDDING, assert_one_line_error, run_cli, run_main
 
 
 def test_qdir_round_trip_is_exact(tmp_path, tiny_llama_dir):

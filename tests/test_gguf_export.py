@@ -21,10 +21,9 @@ from turboboa.data import eval_tokens
 from turboboa.errors import UserError
 from turboboa.eval.perplexity import make_windows
 from turboboa.formats import format_names
-from turboboa.formats.presets import EMBEDDING
 from workflows.evaluate import evaluate as evaluate_file
 
-from .conftest import make_tiny_llama, run_cli
+from .conftest import EMBEDDING, make_tiny_llama, run_cli
 
 # llama.cpp vs torch fake-quant, max |logit difference| / std of the torch logits. llama.cpp quantizes the
 # activations of quantized matmuls (to q8_0 / q8_K), so the gap is that rounding, not a weight difference.

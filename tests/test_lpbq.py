@@ -25,7 +25,6 @@ from turboboa.errors import UserError
 from turboboa.formats import GgmlGrid, get_format
 from turboboa.formats.choice import layer_format
 from turboboa.formats.lpbq import K_MAX, LpbqSpec
-from turboboa.formats.presets import EMBEDDING
 from turboboa.formats.spec import format_spec, reshape_grid
 from turboboa.grids import BlockGrid
 from turboboa.quantized import QuantizedLinear
@@ -34,7 +33,7 @@ from turboboa.solvers.gptq import gptq_quantize
 from turboboa.solvers.refine import kron_objective, refine_params
 from turboboa.solvers.rtn import rtn_quantize
 
-from .conftest import run_cli
+from .conftest import EMBEDDING, run_cli
 from .test_format_solvers import objective, problem, solve_problem
 from .test_onnx_export import (
     REL_BOUND,

@@ -39,11 +39,10 @@ from turboboa.config import QuantConfig
 from turboboa.errors import UserError
 from turboboa.formats import GgmlGrid, all_format_names, get_format
 from turboboa.formats.lpbq import LPBQ_BLOCKS
-from turboboa.formats.presets import EMBEDDING
 from turboboa.quantized import QuantizedLinear
 from turboboa.solvers import LayerProblem, solve_layer
 
-from .conftest import make_tiny_llama, run_cli
+from .conftest import EMBEDDING, make_tiny_llama, run_cli
 from .test_format_solvers import problem
 from .test_onnx_export import REL_BOUND, assert_one_line_error, one_weight_model, perturbed_tiny, relative_gap
 

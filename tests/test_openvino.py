@@ -42,9 +42,8 @@ from turboboa.checkpoint import load_qdir
 from turboboa.config import QuantConfig
 from turboboa.data import eval_tokens
 from turboboa.errors import UserError
-from turboboa.formats.presets import EMBEDDING
 
-from .conftest import ROOT, assert_one_line_error, run_cli
+from .conftest import EMBEDDING, ROOT, assert_one_line_error, run_cli
 from .test_onnx_export import perturbed_tiny
 
 ov = pytest.importorskip("openvino")

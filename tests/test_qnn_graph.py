@@ -28,9 +28,8 @@ from turboboa.checkpoint import load_fakequant_model, load_qdir
 from turboboa.config import QuantConfig
 from turboboa.data import eval_tokens
 from turboboa.errors import UserError
-from turboboa.models.decoder import HEAD
 
-from .conftest import make_tiny_llama
+from .conftest import HEAD, make_tiny_llama
 
 SEQLEN = 64
 CALIB = dict(nsamples=4, seqlen=SEQLEN)

@@ -28,7 +28,6 @@ from .config import QuantConfig
 from .data import calibration_batch, eval_tokens
 from .errors import UserError
 from .eval.perplexity import PerplexityResult, make_windows, perplexity, torch_logits_fn
-from .formats.presets import EMBEDDING
 from .formats.registry import get_format
 from .io import check_writable, prepare_output
 from .models import load_float_model
@@ -107,7 +106,7 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     parameters = sum(p.numel() for p in loaded.model.parameters())  # a tied head once, before padding
     calib = calibration_batch(loaded.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     padding = pad(loaded.model, cfg, calib) if cfg.pad_to else None
-    cfg = cfg.resolve_rotation(rotation_unties_head(loaded.model))
+    cfg = cfg.resolve_rotation(rotation_unties_head(loaded.model), rotatable=adapter.ROTATION_REFUSAL is None)
     rotation = rotate(loaded.model, cfg)
     check_group_size(loaded.model, adapter, cfg)
     prepare_output(output, estimate_qdir_bytes(loaded.model), "the QDIR")
@@ -141,7 +140,7 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
         }
         activations = None
         if act_bits is not None and act_scope == "inputs":
-            names = [name for name in layers if name != EMBEDDING]
+            names = [name for name in layers if name != adapter.LAYOUT.embedding]
             activations = calibrate_activations(loaded.model, calib, act_bits, names, dev, progress,
                                                 calibration=meta["calibration"])
         save_qdir(output, loaded.model, loaded.tokenizer, layers, cfg, meta, activations)
@@ -157,8 +156,10 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
 
 def rotate(model: Any, cfg: QuantConfig) -> dict[str, Any] | None:
     """``--rotate``: fold the norms and fuse the rotations into ``model`` (in place, after any padding), and
-    install the online down_proj rotation the calibration must see; returns the QDIR's report (or None)."""
-    if cfg.rotate == "none":  # (QuantConfig refuses an online down_proj rotation without one)
+    install the online rotation of the down projection's input the calibration must see; returns the QDIR's
+    report (or None)."""
+
+    if cfg.rotate == "none":  # (QuantConfig refuses an online down rotation without one)
         return None
     spec = DynamicSpec.from_config(cfg)
     report = rotate_model(model, cfg.rotate, cfg.rotate_seed, online_down=spec.online_down)
@@ -211,7 +212,8 @@ def calibrate(qdir: str | os.PathLike, act_bits: int, calib: str | None = None, 
         save_activations(qdir, encodings)
         return encodings
     model = load_fakequant_model(ckpt, activations=False)
-    layers = [name for name in ckpt.layers if name != EMBEDDING]
+    embedding = get_adapter(model).LAYOUT.embedding
+    layers = [name for name in ckpt.layers if name != embedding]
     encodings = calibrate_activations(model, ids, act_bits, layers, dev, progress, calibration=calibration)
     save_activations(qdir, encodings)
     return encodings

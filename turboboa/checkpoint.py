@@ -112,7 +112,7 @@ def float_state(model: torch.nn.Module, quantized: set[str]) -> dict[str, torch.
     for name, t in model.state_dict(keep_vars=False).items():
         key = t.data_ptr()
         if key in seen and t.numel() > 0:
-            continue  # tied weight (lm_head == embed_tokens): stored once, or quantized
+            continue  # tied weight (the head is the embedding): stored once, or quantized
         seen.add(key)
         if name.endswith(".weight") and name[: -len(".weight")] in quantized:
             continue

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .activations.dynamic import check_dynamic_bits
+from .arch import role_of
 from .errors import UserError
 from .formats import is_ggml_format
 from .formats.base import block_format_names
 from .formats.choice import FALLBACK, layer_format, parse_overrides, resolve_group
-from .formats.presets import EMBEDDING, check_preset, output_type, preset_format, table_format
+from .formats.presets import check_preset, output_type, preset_format, table_format
 from .formats.registry import all_format_names, get_format
 from .formats.spec import FormatSpec
 from .grids import SUPPORTED_BITS, GridSpec
@@ -126,8 +127,9 @@ class QuantConfig:
 
     def _check_rotation(self) -> None:
         """Validate ``rotate``/``online_rotate``/``dyn_act_bits``/``kv_bits`` and resolve ``online_rotate="auto"``:
-        with a rotation, the down_proj input is rotated online when activations are quantized and queries and
-        keys when the KV cache is (QuaRot); without one, nothing is."""
+        with a rotation, the input of the MLP's down projection is rotated online when activations are quantized
+        and queries and keys when the KV cache is (QuaRot); without one, nothing is."""
+
         if self.rotate == "auto" and (self.method == "rtn" or self.is_weight_activation):
             object.__setattr__(self, "rotate", auto_rotation(self.method, self.is_weight_activation, False))
         if self.rotate not in (*ROTATIONS, "auto"):
@@ -147,16 +149,19 @@ class QuantConfig:
             raise UserError("online rotations (--online-rotate) are for weight-activation quantization only; add "
                             "--act-bits or --kv-bits below 16, or use --online-rotate none")
         if "down" in parts and self.rotate == "none":
-            raise UserError("--online-rotate down needs --rotate hadamard or random (the down_proj weights "
-                            "absorb the rotation there)")
+            raise UserError("--online-rotate down needs --rotate hadamard or random (the weights of the MLP's "
+                            "down projection absorb the rotation there)")
         object.__setattr__(self, "online_rotate", online)
 
-    def resolve_rotation(self, unties_head: bool) -> QuantConfig:
+    def resolve_rotation(self, unties_head: bool, rotatable: bool = True) -> QuantConfig:
         """This configuration with ``rotate="auto"`` resolved for a model (:func:`auto_rotation`);
         ``unties_head``: whether rotating that model unties its head
-        (:func:`turboboa.rotation.fuse.rotation_unties_head`)."""
+        (:func:`turboboa.rotation.fuse.rotation_unties_head`); ``rotatable``: whether the model's family can be
+        rotated at all (its adapter's ``ROTATION_REFUSAL`` is None); "auto" is "none" when it cannot."""
         if self.rotate != "auto":
             return self
+        if not rotatable:
+            return dataclasses.replace(self, rotate="none")
         return dataclasses.replace(self, rotate=auto_rotation(self.method, self.is_weight_activation, unties_head))
 
     @property
@@ -177,32 +182,36 @@ class QuantConfig:
         """F2 is on: the method takes it (:data:`DX_METHODS`) and ``use_dx`` is set (the second stream runs)."""
         return self.use_dx and self.method in DX_METHODS
 
-    def layer_format(self, name: str, columns: int, shape: Any = None) -> str:
+    def layer_format(self, name: str, columns: int, shape: Any = None, role: str | None = None) -> str:
         """The grid layer ``name`` is quantized onto: "int" or a ggml type: the preset's choice (``shape``, a
-        :class:`~turboboa.formats.presets.ModelShape`, is then needed) or ``format``, then the overrides, then
-        the width fallbacks."""
-        default = preset_format(self.preset, name, shape) if self.preset else self.format
+        :class:`~turboboa.formats.presets.ModelShape`, is then needed; ``role``: the layer's role, by default
+        the one its name has, :func:`turboboa.arch.role_of`) or ``format``, then the overrides, then the width
+        fallbacks."""
+
+        default = preset_format(self.preset, name, shape, role) if self.preset else self.format
         return layer_format(default, name, columns, parse_overrides(self.tensor_formats), bool(self.preset))
 
-    def embedding_format(self, columns: int, shape: Any, name: str = "") -> str:
-        """The token embedding's format (or, with ``name`` = the head's, an untied head's): ``embed_format``
-        ("" for ``float``), else llama-quantize's choice for the file type: the preset's, or that of a file
-        whose layers are the ggml type ``format`` (:func:`~turboboa.formats.presets.table_format`: q6_k for the
-        head or a tied embedding, the layers' type for an untied one); for a uniform or LPBQ grid q6_k for
-        both. Then the overrides and width fallbacks (q6_k -> q8_0); a width no block fits keeps float."""
-        name = name or EMBEDDING
+    def embedding_format(self, columns: int, shape: Any, name: str = "", role: str | None = None) -> str:
+        """The token embedding's format (or, for the head's ``name`` or ``role="head"``, an untied head's):
+        ``embed_format`` ("" for ``float``), else llama-quantize's choice for the file type: the preset's, or that
+        of a file whose layers are the ggml type ``format`` (:func:`~turboboa.formats.presets.table_format`: q6_k
+        for the head or a tied embedding, the layers' type for an untied one); for a uniform or LPBQ grid q6_k
+        for both. Then the overrides (matched against ``name``) and width fallbacks (q6_k -> q8_0); a width no
+        block fits keeps float. ``role``: "embedding" or "head", by default the role of ``name``
+        (:func:`turboboa.arch.role_of`), the embedding without a name."""
+        role = role or (role_of(name) if name else "embedding")
         if self.embed_format.lower() == FLOAT:
             return ""
         derived = not self.embed_format
         if self.embed_format:
             fmt = self.embed_format.lower()
         elif self.preset:
-            fmt = preset_format(self.preset, name, shape)
-            output = name != EMBEDDING or shape.tied
+            fmt = preset_format(self.preset, name, shape, role)
+            output = role == "head" or shape.tied
             if output and columns % 256:  # llama.cpp: an output matrix whose width takes no 256-block is q8_0
                 fmt = "q8_0"
         else:  # the layers' file type; a grid GGUF cannot hold (uniform, LPBQ) has none: about 8-bit tables
-            fmt = (table_format(self.format, name, shape) if is_ggml_format(self.format)
+            fmt = (table_format(self.format, role, shape) if is_ggml_format(self.format)
                    else output_type("q8_0" if self.bits == 8 else ""))
             if not get_format(fmt).supports_width(columns):
                 fmt = FALLBACK.get(fmt, fmt)

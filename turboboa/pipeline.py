@@ -6,7 +6,7 @@ For block i (reference notes, section 4):
    the full-precision stream ``X_fp``;
 2. run the full-precision block on both streams, accumulating every linear layer's input Hessian
    ``H = 2 X X^T / n`` (forward hooks), the F2 cross terms ``C = 2 (X_fp - X) X^T / n`` and, for BoA/TurboBoA,
-   the attention statistics (post-RoPE q/k covariances, attention-weighted v inputs);
+   the attention statistics (post-RoPE query/key covariances, attention-weighted value inputs);
 3. quantize the block's layers;
 4. push ``X`` through the quantized block (``X_fp`` already went through the full-precision block in step 2).
 
@@ -30,7 +30,7 @@ from .arch import get_adapter
 from .arch.base import ArchAdapter
 from .config import QuantConfig
 from .errors import UserError
-from .formats.presets import EMBEDDING, HEAD, ModelShape
+from .formats.presets import ModelShape
 from .formats.registry import get_format
 from .hessians import CovarianceAccumulator
 from .hessians.attention import AttentionStatistics
@@ -76,12 +76,11 @@ class PipelineResult:
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def model_shape(model: nn.Module) -> ModelShape:
+def model_shape(model: nn.Module, adapter: ArchAdapter | None = None) -> ModelShape:
     """Layers, query heads per KV head and tied embeddings of a transformers causal LM (for presets)."""
-    c = model.config
-    return ModelShape(n_layers=c.num_hidden_layers,
-                      n_gqa=c.num_attention_heads // (getattr(c, "num_key_value_heads", None) or c.num_attention_heads),
-                      tied=bool(getattr(c, "tie_word_embeddings", False)))
+    adapter = adapter or get_adapter(model)
+    return ModelShape(n_layers=len(adapter.blocks(model)), n_gqa=adapter.attention_shape(model).group_size,
+                      tied=bool(getattr(model.config, "tie_word_embeddings", False)))
 
 
 def check_group_size(model: nn.Module, adapter: ArchAdapter, cfg: QuantConfig) -> dict[str, str]:
@@ -94,12 +93,12 @@ def check_group_size(model: nn.Module, adapter: ArchAdapter, cfg: QuantConfig) -
     """
     group_size = cfg.group_size
     formats = {}
-    shape = model_shape(model)
+    shape = model_shape(model, adapter)
     for i, block in enumerate(adapter.blocks(model)):
         prefix = module_name(model, block) + "."
         for name in adapter.linear_names():
             width = block.get_submodule(name).in_features
-            fmt = formats[prefix + name] = cfg.layer_format(prefix + name, width, shape)
+            fmt = formats[prefix + name] = cfg.layer_format(prefix + name, width, shape, adapter.role_of(name))
             get_format(fmt).check_columns(width, group_size, f"layer {i}.{name}")
     return formats
 
@@ -205,7 +204,9 @@ def quantize_model(
                 on_block_done(i, block_layers, {"X": X, "X_fp": X_fp, "seconds": block_seconds[-1]})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        for name, table in ((EMBEDDING, quantize_embedding(model, cfg)), (HEAD, quantize_head(model, cfg))):
+        layout = adapter.LAYOUT
+        for name, table in ((layout.embedding, quantize_embedding(model, cfg)),
+                            (layout.head, quantize_head(model, cfg))):
             if table is not None:
                 layers[name] = table
     return PipelineResult(layers, time.time() - t0, peak_memory_bytes(device), block_seconds, phases)
@@ -215,8 +216,10 @@ def quantize_embedding(model: nn.Module, cfg: QuantConfig) -> QuantizedLinear | 
     """The token embedding rounded (RTN, range search) onto ``cfg``'s embedding format, or None to keep it
     in float. It is a lookup table (and the head when tied), so no layer Hessian applies; the fake-quant
     model then uses the quantized table (and head) exactly as llama.cpp does."""
-    emb = model.get_input_embeddings()
-    return _round_table(EMBEDDING, emb, cfg.embedding_format(emb.weight.shape[1], model_shape(model)), cfg)
+    adapter = get_adapter(model)
+    name, emb = adapter.LAYOUT.embedding, model.get_input_embeddings()
+    fmt = cfg.embedding_format(emb.weight.shape[1], model_shape(model, adapter), name, "embedding")
+    return _round_table(name, emb, fmt, cfg)
 
 
 def quantize_head(model: nn.Module, cfg: QuantConfig) -> QuantizedLinear | None:
@@ -226,7 +229,10 @@ def quantize_head(model: nn.Module, cfg: QuantConfig) -> QuantizedLinear | None:
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or head.weight is emb.weight:
         return None
-    return _round_table(HEAD, head, cfg.embedding_format(head.weight.shape[1], model_shape(model), HEAD), cfg)
+    adapter = get_adapter(model)
+    name = adapter.LAYOUT.head
+    fmt = cfg.embedding_format(head.weight.shape[1], model_shape(model, adapter), name, "head")
+    return _round_table(name, head, fmt, cfg)
 
 
 def _round_table(name: str, module: nn.Module, fmt: str, cfg: QuantConfig) -> QuantizedLinear | None:
@@ -257,8 +263,8 @@ def _collect(
     fp_block: nn.Module | None,
     X: torch.Tensor,
     X_fp: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
     step: int,
     covs: dict[str, CovarianceAccumulator],
     attn: AttentionStatistics | None,
@@ -312,14 +318,17 @@ def _solve_groups(
     cfg: QuantConfig,
     covs: dict[str, CovarianceAccumulator],
     attn: AttentionStatistics | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
     use_dx: bool,
     prefix: str,
     formats: dict[str, str],
 ) -> dict[str, QuantizedLinear]:
-    """Build each layer's problem from the statistics, solve it, and load the fake-quant weight into ``block``."""
-    roles = dict(zip("qkv", adapter.LINEAR_GROUPS[0], strict=True))  # by convention the first group is q, k, v
+    """Build each layer's problem from the statistics, solve it, and load the fake-quant weight into ``block``.
+
+    ``cos``/``sin``: the RoPE tables of the calibration length (None without RoPE). By role, the query and key
+    projections take the attention row Hessians, the value projection its attention-weighted column Hessian.
+    """
     out = {}
     row_q = row_k = col_v = cross_v = None
     if attn is not None:
@@ -342,12 +351,13 @@ def _solve_groups(
             else:
                 problem = LayerProblem(prefix + name, W, acc.H, cross=acc.C if use_dx else None)
             problem.fmt = formats[prefix + name]
+            role = adapter.role_of(name)
             if attn is not None:
-                if name == roles["q"]:
+                if role == "q":
                     problem.H_row, problem.heads = row_q, row_q.shape[0]
-                elif name == roles["k"]:
+                elif role == "k":
                     problem.H_row, problem.heads = row_k, row_k.shape[0]
-                elif name == roles["v"]:
+                elif role == "v":
                     problem.H, problem.heads, problem.cross = col_v, col_v.shape[0], cross_v
             try:
                 q = solve_layer(problem, cfg)

@@ -33,13 +33,14 @@ from runtime_check.checker import check as run_check
 from runtime_check.report import JSON_NAME, MD_NAME, PNG_NAME, atomic_write, write_report
 from turboboa import api
 from turboboa.activations import check_act_bits
+from turboboa.arch import LINEAR_ROLES
 from turboboa.checkpoint import load_qdir
 from turboboa.checksums import sha256_file, sums_text
 from turboboa.config import FLOAT, QuantConfig
 from turboboa.errors import UserError
 from turboboa.formats import get_format, is_ggml_format
 from turboboa.formats.choice import FALLBACK, parse_overrides
-from turboboa.formats.presets import HEAD, ModelShape, preset_format
+from turboboa.formats.presets import ModelShape, preset_type
 from turboboa.io import remove_stale_temporaries
 from workflows.export import export
 
@@ -78,12 +79,10 @@ def possible_formats(cfg: QuantConfig) -> set[str]:
     overrides, and the width fallbacks of each."""
     formats = {cfg.format}
     if cfg.preset:  # the preset decides every layer's type (--format is not used): all its rules' types
-        suffixes = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
         shapes = [ModelShape(n, g, False) for n in (1, 2, 8, 16, 24, 32, 48, 64) for g in (1, 2, 4, 8)]
-        formats = {preset_format(cfg.preset, HEAD, shapes[0])}
-        formats |= {preset_format(cfg.preset, f"model.layers.{i}.{s}", shape)
-                    for shape in shapes for i in range(shape.n_layers) for s in suffixes}
+        formats = {preset_type(cfg.preset, "head", None, shapes[0])}
+        formats |= {preset_type(cfg.preset, role, i, shape)
+                    for shape in shapes for i in range(shape.n_layers) for role in LINEAR_ROLES}
     formats |= {fmt for _, fmt in parse_overrides(cfg.tensor_formats)}
     return formats | {FALLBACK[f] for f in formats if f in FALLBACK}
 

@@ -25,7 +25,7 @@ from turboboa.quantized import QuantizedLinear
 
 from .metadata import arch_spec, hyperparameters
 from .tensors import GgufTensor, permute_qk_rows
-from .writer import write_gguf
+from .writer import gguf_tensor_name, write_gguf
 
 COMPARE_ELEMENTS = 1 << 24  # weights compared at a time by check_gguf_weights
 
@@ -98,6 +98,7 @@ def export_gguf(ckpt: QuantizedCheckpoint, output: Path, progress: bool = False,
 
     assert ckpt.path is not None
     hf_config = AutoConfig.from_pretrained(ckpt.path)
+    arch_spec(hf_config)  # a family without a llama.cpp architecture is refused before any packing
     tensors = gguf_tensors(ckpt, progress)
     extra = _extra_kv(ckpt)
     extra["bits_per_weight"] = round(bits_per_weight(tensors), 4)
@@ -115,20 +116,19 @@ def bits_per_weight(tensors: dict[str, GgufTensor]) -> float:
 def check_gguf_weights(path: str | Path, ckpt: QuantizedCheckpoint) -> dict[str, float]:
     """For every quantized layer: max |gguf.quants.dequantize(file bytes) - fake-quant weight| (after undoing
     llama's q/k row permutation). All zeros mean the file holds exactly the checkpoint's weights."""
-    from gguf import get_tensor_name_map
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(ckpt.path)
     spec, hp = arch_spec(hf_config), hyperparameters(hf_config)
-    name_map = get_tensor_name_map(spec.arch, hp.n_layer)
     by_name = {t.name: t for t in GGUFReader(path).tensors}
     out = {}
     for name, q in ckpt.layers.items():
-        gguf_name = name_map.get_name(f"{name}.weight", try_suffixes=(".weight",))
-        t = by_name[gguf_name]
+        found = gguf_tensor_name(spec, f"{name}.weight")
+        t = by_name[found[1] if found is not None else name]
+        role = spec.layout.locate(name)[1]
         heads = None
-        if spec.permute_qk and name.endswith(("q_proj", "k_proj")):
-            heads = hp.n_head if name.endswith("q_proj") else hp.n_head_kv
+        if spec.permute_qk and role in ("q", "k"):
+            heads = hp.n_head if role == "q" else hp.n_head_kv
         out[name] = _max_abs_diff(np.asarray(t.data), t.tensor_type, q, heads)
     return out
 

@@ -1,4 +1,5 @@
-"""Model metadata of a GGUF file: the llama.cpp architecture of an HF config and its hyperparameter keys.
+"""Model metadata of a GGUF file: the llama.cpp architecture of an HF config (its family's adapter says which,
+or why there is none) and its hyperparameter keys.
 
 Keys follow the GGUF reference (section 5): context, embedding and feed-forward lengths, block count, head
 counts, rope base and dimension count, RMS-norm epsilon, vocabulary size, file type and quantization version.
@@ -21,30 +22,30 @@ from gguf import (
     RopeScalingType,
 )
 
+from turboboa.arch import Layout, adapter_for_config
 from turboboa.errors import UserError
+
+ARCH_BY_NAME = {name: arch for arch, name in MODEL_ARCH_NAMES.items()}
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """What the writer must know about a llama.cpp architecture.
+    """What the writer must know about a llama.cpp architecture (from the family's adapter).
 
     ``permute_qk``: llama.cpp applies adjacent-pair ("normal") rope, so q/k rows are permuted from HF's
-    rotate-half order; ``qkv_bias``: the q/k/v biases are required tensors.
+    rotate-half order; ``qkv_bias``: the q/k/v biases are required tensors; ``layout``: the family's module
+    names, by role.
     """
 
     arch: MODEL_ARCH
     permute_qk: bool
     qkv_bias: bool
+    layout: Layout
 
     @property
     def name(self) -> str:
         """The ``general.architecture`` string (``llama``, ``qwen2``)."""
         return MODEL_ARCH_NAMES[self.arch]
-
-
-LLAMA = ArchSpec(MODEL_ARCH.LLAMA, permute_qk=True, qkv_bias=False)
-QWEN2 = ArchSpec(MODEL_ARCH.QWEN2, permute_qk=False, qkv_bias=True)
-ARCH_BY_MODEL_TYPE: dict[str, ArchSpec] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": QWEN2}
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,11 @@ class Hyperparameters:
 
 
 def arch_spec(hf_config: Any) -> ArchSpec:
-    """The llama.cpp architecture for an HF config: ``llama`` for llama and mistral, ``qwen2`` for qwen2."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in ARCH_BY_MODEL_TYPE:
-        raise UserError(f"GGUF export supports model types {', '.join(ARCH_BY_MODEL_TYPE)}, not {model_type!r}")
-    return ARCH_BY_MODEL_TYPE[model_type]
+    """The llama.cpp architecture for an HF config, as its family's adapter names it; a one-line UserError for
+    a family without one (:meth:`~turboboa.arch.base.ArchAdapter.gguf`) or without an adapter."""
+    adapter = adapter_for_config(hf_config)
+    gguf = adapter.gguf()
+    return ArchSpec(ARCH_BY_NAME[gguf.name], gguf.permute_qk, gguf.qkv_bias, adapter.LAYOUT)
 
 
 def _rope(hf_config: Any) -> tuple[float, float | None]:

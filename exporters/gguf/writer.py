@@ -1,7 +1,8 @@
 """``write_gguf``: a llama.cpp-loadable GGUF file from an HF config, a tokenizer and HF-named tensors.
 
 File layout: ``general.*`` keys, the model hyperparameters, file type and quantization version, the
-``tokenizer.*`` keys, then ``turboboa.*`` keys; tensors are named with ``gguf.get_tensor_name_map`` and written
+``tokenizer.*`` keys, then ``turboboa.*`` keys; tensors are named by role (the family's adapter maps each HF
+module name to its block and role, :data:`TENSOR_OF_ROLE` maps the role to llama.cpp's tensor name) and written
 in a fixed order (model-level tensors, then layer by layer, alphabetically within each). For ``llama`` the q/k
 rows (weights and biases, float or packed) are permuted to ggml's rope order. The file is written under a
 temporary name in the target folder and renamed into place when complete. There are no timestamps, so equal
@@ -23,7 +24,6 @@ from gguf import (
     GGUFValueType,
     GGUFWriter,
     LlamaFileType,
-    get_tensor_name_map,
 )
 
 from turboboa.errors import UserError
@@ -45,24 +45,41 @@ from .tokenizer import add_hf_tokenizer, copy_tokenizer
 # general.* keys this writer sets itself; the other general.* keys of a source GGUF are carried over
 OWN_GENERAL_KEYS = ("general.architecture", "general.type", "general.name", "general.file_type",
                     "general.quantization_version", "general.alignment")
-LAYER_TENSORS = (MODEL_TENSOR.ATTN_NORM, MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V,
-                 MODEL_TENSOR.ATTN_OUT, MODEL_TENSOR.FFN_NORM, MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_UP,
-                 MODEL_TENSOR.FFN_DOWN)
+# llama.cpp's tensor of each role (turboboa.arch.layout); blocks' tensors are "blk.{bid}.<name>"
+TENSOR_OF_ROLE = {"embedding": MODEL_TENSOR.TOKEN_EMBD, "final_norm": MODEL_TENSOR.OUTPUT_NORM,
+                  "head": MODEL_TENSOR.OUTPUT, "attention_norm": MODEL_TENSOR.ATTN_NORM, "q": MODEL_TENSOR.ATTN_Q,
+                  "k": MODEL_TENSOR.ATTN_K, "v": MODEL_TENSOR.ATTN_V, "o": MODEL_TENSOR.ATTN_OUT,
+                  "mlp_norm": MODEL_TENSOR.FFN_NORM, "gate": MODEL_TENSOR.FFN_GATE, "up": MODEL_TENSOR.FFN_UP,
+                  "down": MODEL_TENSOR.FFN_DOWN}
+BLOCK_ROLES = ("attention_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def gguf_tensor_name(spec: ArchSpec, hf_name: str) -> tuple[MODEL_TENSOR, str] | None:
+    """``(kind, GGUF name)`` of the HF tensor ``hf_name`` (``<module>.weight`` or ``.bias``): its module's role
+    in the family's layout, named as llama.cpp names that role; None for a tensor without one."""
+    module, dot, suffix = hf_name.rpartition(".")
+    if not dot or suffix not in ("weight", "bias"):
+        return None
+    block, role = spec.layout.locate(module)
+    kind = TENSOR_OF_ROLE.get(role) if role is not None else None
+    if kind is None or (block is None) != (role not in BLOCK_ROLES):
+        return None
+    name = TENSOR_NAMES[kind] if block is None else TENSOR_NAMES[kind].format(bid=block)
+    return kind, f"{name}.{suffix}"
 
 
 def _gguf_tensors(spec: ArchSpec, hp: Hyperparameters,
                   tensors: Mapping[str, GgufTensor]) -> dict[str, GgufTensor]:
-    """Map HF names to GGUF names, drop a tied ``lm_head``, permute llama's q/k rows, and check completeness.
+    """Map HF names to GGUF names, drop a tied head, permute llama's q/k rows, and check completeness.
 
     Returns the tensors by GGUF name in file order: model-level tensors first, then by layer, by name.
     """
-    name_map = get_tensor_name_map(spec.arch, hp.n_layer)
     allowed = set(MODEL_TENSORS[spec.arch])
     heads = {MODEL_TENSOR.ATTN_Q: hp.n_head, MODEL_TENSOR.ATTN_K: hp.n_head_kv}
     out: dict[str, GgufTensor] = {}
     for hf_name, tensor in tensors.items():
-        found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        found = gguf_tensor_name(spec, hf_name)
         if found is None or found[0] not in allowed:
             raise UserError(f"tensor {hf_name!r} has no place in a {spec.name} GGUF file; pass only the "
                             f"model's weights, norms and biases")
@@ -83,8 +100,10 @@ def _required_names(spec: ArchSpec, hp: Hyperparameters) -> list[str]:
     """GGUF names of the tensors llama.cpp needs for this architecture and config."""
     top = [MODEL_TENSOR.TOKEN_EMBD, MODEL_TENSOR.OUTPUT_NORM] + ([] if hp.tied_embeddings else [MODEL_TENSOR.OUTPUT])
     names = [f"{TENSOR_NAMES[t]}.weight" for t in top]
+    present = spec.layout.roles.present()
+    layer = [TENSOR_OF_ROLE[r] for r in BLOCK_ROLES if r in present or r in ("attention_norm", "mlp_norm")]
     for bid in range(hp.n_layer):
-        names += [f"{TENSOR_NAMES[t].format(bid=bid)}.weight" for t in LAYER_TENSORS]
+        names += [f"{TENSOR_NAMES[t].format(bid=bid)}.weight" for t in layer]
         if spec.qkv_bias:
             names += [f"{TENSOR_NAMES[t].format(bid=bid)}.bias"
                       for t in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V)]
@@ -154,8 +173,9 @@ def write_gguf(path: str | os.PathLike[str], hf_config: Any, tokenizer_dir_or_to
                ftype: LlamaFileType | None = None, progress: bool = False) -> Path:
     """Write a GGUF file for llama.cpp and return its path.
 
-    ``hf_config``: the model's ``PretrainedConfig`` (llama, mistral or qwen2). ``tensors``: every weight, norm
-    and bias by HF name (a tied ``lm_head.weight`` may be included; it is dropped). Tokenizer: with
+    ``hf_config``: the model's ``PretrainedConfig`` (of a family whose adapter names a llama.cpp
+    architecture). ``tensors``: every weight, norm and bias by HF name (a tied head's weight may be included;
+    it is dropped). Tokenizer: with
     ``source_gguf`` every ``tokenizer.*`` key (and the descriptive ``general.*`` keys) of that file are copied;
     otherwise they are built from ``tokenizer_dir_or_tokenizer`` (an HF tokenizer folder or object).
     ``extra_kv``: quantization settings stored as ``turboboa.*`` keys. ``name`` overrides ``general.name``;

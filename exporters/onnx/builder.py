@@ -1,6 +1,6 @@
 """A small ``onnx.helper`` wrapper that collects nodes and initializers under readable, unique names.
 
-Names are hierarchical (``model.layers.0.self_attn/q_rope/Mul``), given in a fixed order, so equal inputs
+Names are hierarchical (``<block>.<attention>/q_rope/Mul``), given in a fixed order, so equal inputs
 build byte-identical graphs. A node's output tensor is named like the node (``name:i`` for output ``i > 0``).
 """
 

@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
+from turboboa.arch import role_of
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
-from turboboa.models.decoder import EMBEDDING
 
 from .weights import WEIGHT_SUFFIX
 
@@ -69,12 +69,13 @@ def check_onnx_weights(path: str | os.PathLike[str], ckpt: QuantizedCheckpoint) 
     profile = {p.key: p.value for p in model.metadata_props}.get("turboboa.profile")
     out = {}
     for name, q in ckpt.layers.items():
-        if name == EMBEDDING and name not in dq and profile == "qnn-htp":
+        embedding = role_of(name) == "embedding"
+        if embedding and name not in dq and profile == "qnn-htp":
             continue  # the profile re-encodes the table per tensor at the activation width (exporters.onnx.qnn)
         expected = q.dequantize().numpy()
         if name in dq:
             got = run_alone(node_model(model, dq[name], initializers)).T
-        elif name == EMBEDDING and f"{name}.weight" in initializers:
+        elif embedding and f"{name}.weight" in initializers:
             got = numpy_helper.to_array(initializers[f"{name}.weight"], base_dir=str(Path(path).parent))
         else:
             raise UserError(f"{path} has no DequantizeLinear for {name}; it was not exported from this QDIR")

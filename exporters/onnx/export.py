@@ -21,10 +21,10 @@ from onnx import ModelProto, helper
 from turboboa.activations import check_act_bits
 from turboboa.activations.dynamic import DynamicSpec
 from turboboa.activations.points import GRAPH_SCHEME
+from turboboa.arch import decoder_spec
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
 from turboboa.formats import get_format
-from turboboa.models.decoder import decoder_spec
 
 from .check import check_onnx_weights
 from .dynamic import check_expressible

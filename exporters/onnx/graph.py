@@ -1,15 +1,20 @@
-"""The Llama-family decoder as an ONNX graph: ``input_ids`` int64 ``[1, T]`` -> ``logits`` float32 ``[1, T, V]``.
+"""A family's decoder as an ONNX graph: ``input_ids`` int64 ``[1, T]`` -> ``logits`` float32 ``[1, T, V]``.
 
-Equations (``D`` hidden, ``H`` query heads, ``G`` KV heads, ``d`` head size, ``r = H / G``):
+What the graph computes comes from the family's :class:`~turboboa.arch.decoder.DecoderSpec` (its adapter),
+and every tensor is named by role through the spec's layout. Equations (``D`` hidden, ``H`` query heads,
+``G`` KV heads, ``d`` head size, ``r = H / G``):
 
-* ``h_0 = E[input_ids]`` (Gather);
-* per block ``i``: ``x = RMSNorm(h)``, ``q, k, v = x W_q^T (+ b_q), ...`` split into heads, RoPE
-  ``q~ = q * cos + rotate_half(q) * sin`` (same for ``k``), KV heads repeated so query head ``h`` reads KV head
-  ``h // r``, ``A = softmax(q~ k~^T / sqrt(d) + M)`` with the causal mask ``M`` (0 on and below the diagonal,
-  float32 min above), ``h += concat_h(A v) W_o^T``, then ``y = RMSNorm(h)`` and
-  ``h += (silu(y W_gate^T) * (y W_up^T)) W_down^T`` with ``silu(a) = a * sigmoid(a)``;
-* ``RMSNorm(x) = x * 1 / sqrt(mean(x^2) + eps) * w`` over the last axis, with the config's ``eps``;
-* ``logits = RMSNorm(h_L) W_head^T``, ``W_head = E`` when the embeddings are tied.
+* ``h_0 = E[input_ids]`` (Gather), plus ``P[t + offset]`` (a Slice of the learned position table) for a
+  family with learned positions;
+* per block ``i``: ``x = Norm(h)``, ``q, k, v = x W_q^T (+ b_q), ...`` split into heads, with RoPE
+  ``q~ = q * cos + rotate_half(q) * sin`` (same for ``k``) for a RoPE family, KV heads repeated so query head
+  ``h`` reads KV head ``h // r``, ``A = softmax(q~ k~^T / sqrt(d) + M)`` with the causal mask ``M`` (0 on and
+  below the diagonal, float32 min above), ``h += concat_h(A v) W_o^T (+ b_o)``, then ``y = Norm(h)`` and
+  ``h += (silu(y W_gate^T) * (y W_up^T)) W_down^T`` with ``silu(a) = a * sigmoid(a)`` (gated MLP) or
+  ``h += relu(y W_up^T + b_up) W_down^T + b_down`` (ungated);
+* ``Norm`` is ``RMSNorm(x) = x * 1 / sqrt(mean(x^2) + eps) * w`` over the last axis, or ONNX's
+  ``LayerNormalization`` ``(x - mean(x)) / sqrt(var(x) + eps) * w + b``, with the spec's ``eps``;
+* ``logits = Norm(h_L) W_head^T``, ``W_head = E`` when the embeddings are tied.
 
 Every quantized linear weight comes from its DequantizeLinear (:mod:`.weights`) and feeds the MatMul directly.
 With static activation encodings in the QDIR, the MatMul's other input is ``DequantizeLinear(QuantizeLinear(x,
@@ -18,7 +23,7 @@ With per-token activation or KV quantization in the QDIR (``WxAyKVz``), the MatM
 the post-RoPE keys and the values are quantized by scales computed in the graph, after the online rotations
 (:mod:`.dynamic`). The sequence length ``T`` is either static (RoPE tables and mask are constants) or the dynamic dimension
 ``seq`` (a RoPE table for every position the model supports, sliced to ``T`` rows, and a mask built from
-``Range(T)``).
+``Range(T)``); without RoPE the position table is sliced to rows ``[offset, offset + T)`` the same way.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ import numpy as np
 from onnx import GraphProto, TensorProto, helper
 
 from turboboa.activations.dynamic import DynamicSpec
+from turboboa.arch import adapter_for_config
+from turboboa.arch.decoder import DecoderSpec
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
-from turboboa.models.decoder import ATTENTION, EMBEDDING, FINAL_NORM, HEAD, MLP, DecoderSpec
-from turboboa.models.rope import rope_tables
 
 from .builder import GraphBuilder
 from .dynamic import dynamic_quantize, hadamard
@@ -57,6 +62,7 @@ class DecoderGraph:
         self._used_layers: set[str] = set()
         self._used_encodings: set[str] = set()
         self._shapes: dict[tuple[int, ...], str] = {}
+        self._rows: tuple[str, str] | None = None
         self.dynamic = DynamicSpec.from_config(ckpt.config)
 
     # --- tensors of the checkpoint -------------------------------------------------------------------
@@ -86,16 +92,17 @@ class DecoderGraph:
         quantized onto a grid with a DequantizeLinear form is stored like a linear layer's weight: integer codes
         and scales whose DequantizeLinear output is ``E^T``, transposed for the Gather. Otherwise the table
         is a float32 initializer (a quantized one dequantized into it)."""
-        q = self.ckpt.layers.get(EMBEDDING)
+        name = self.spec.embedding
+        q = self.ckpt.layers.get(name)
         if q is None:
-            return self.b.const(f"{EMBEDDING}.weight", self.float_tensor(f"{EMBEDDING}.weight"), scoped=False), None
+            return self.b.const(f"{name}.weight", self.float_tensor(f"{name}.weight"), scoped=False), None
         if self.profile.name == "generic" and onnx_expressible(q.fmt):
             self.embedding_note = f"{q.fmt} codes, DequantizeLinear"
-            table_t = self.weight(EMBEDDING)
-            return self.b.op("Transpose", [table_t], f"{EMBEDDING}/Transpose", perm=[1, 0]), table_t
-        self._used_layers.add(EMBEDDING)
+            table_t = self.weight(name)
+            return self.b.op("Transpose", [table_t], f"{name}/Transpose", perm=[1, 0]), table_t
+        self._used_layers.add(name)
         self.embedding_note = f"float32, dequantized from {q.fmt}"
-        return self.b.const(f"{EMBEDDING}.weight", np.ascontiguousarray(q.dequantize().numpy()), scoped=False), None
+        return self.b.const(f"{name}.weight", np.ascontiguousarray(q.dequantize().numpy()), scoped=False), None
 
     # --- building blocks ---------------------------------------------------------------------------------
 
@@ -112,7 +119,7 @@ class DecoderGraph:
         """The input of linear layer ``name``: ``x`` itself while activations stay float, else
         ``DequantizeLinear(QuantizeLinear(x, s, zp), s, zp)`` with the QDIR's per-tensor encoding of that
         input (``<name>.input_scale`` float32, ``<name>.input_zero_point`` uint8/uint16 scalars)."""
-        if self.dynamic.active and name != HEAD:
+        if self.dynamic.active and name != self.spec.head:
             return self.dynamic_activation(x, name)
         encodings = self.ckpt.activations
         if self.profile.act_bits is None or encodings is None or name not in encodings.layers:
@@ -127,10 +134,10 @@ class DecoderGraph:
 
     def dynamic_activation(self, x: str, name: str) -> str:
         """The input of the block layer ``name`` under per-token quantization: rotated online first when it
-        is a down_proj and the QDIR rotates it, then quantized with scales computed in the graph."""
+        is a down projection and the QDIR rotates it, then quantized with scales computed in the graph."""
         q = self.ckpt.layers.get(name)
         width = q.shape[1] if q is not None else self.ckpt.float_tensors[f"{name}.weight"].shape[1]
-        if self.dynamic.online_down and name.endswith(MLP[-1]):  # (inside the layer's scope, see linear)
+        if self.dynamic.online_down and self.spec.layout.locate(name)[1] == "down":  # (in the layer's scope)
             x = hadamard(self.b, x, (1, -1), int(width), "OnlineHadamard")
         if self.dynamic.act_bits < 16:
             x = dynamic_quantize(self.b, x, int(width), self.dynamic.act_bits, self.dynamic.act_sym,
@@ -158,6 +165,17 @@ class DecoderGraph:
                 bias = self.b.const("bias", self.float_tensor(f"{name}.bias"))
                 y = self.b.op("Add", [y, bias], "BiasAdd")
         return y
+
+    def norm(self, x: str, name: str) -> str:
+        """The spec's norm ``name`` on ``x``: :meth:`rms_norm` or :meth:`layer_norm`."""
+        return self.rms_norm(x, name) if self.spec.norm == "rms" else self.layer_norm(x, name)
+
+    def layer_norm(self, x: str, name: str) -> str:
+        """``(x - mean(x, -1)) / sqrt(var(x, -1) + eps) * w + b``: one ``LayerNormalization`` over the last axis."""
+        with self.b.scope(name):
+            w = self.b.const("weight", self.float_tensor(f"{name}.weight"))
+            bias = self.b.const("bias", self.float_tensor(f"{name}.bias"))
+            return self.b.op("LayerNormalization", [x, w, bias], axis=-1, epsilon=float(self.spec.eps))
 
     def rms_norm(self, x: str, name: str) -> str:
         """``x * 1 / sqrt(mean(x^2, -1) + eps) * w``."""
@@ -193,15 +211,19 @@ class DecoderGraph:
         index = np.arange(spec.heads, dtype=np.int64) // (spec.heads // spec.kv_heads)
         return self.b.op("Gather", [x, self.b.const(f"{name}/kv_of_head", index)], f"{name}/RepeatKV", axis=1)
 
-    def attention(self, x: str, block: str, cos: str, sin: str, mask: str) -> str:
-        """Causal grouped-query attention of one block, through o_proj."""
+    def attention(self, x: str, i: int, cos: str | None, sin: str | None, mask: str) -> str:
+        """Causal grouped-query attention of block ``i``, through its output projection (RoPE on queries and
+        keys when ``cos``/``sin`` are given)."""
         spec = self.spec
-        q_name, k_name, v_name, o_name = (f"{block}.{n}" for n in ATTENTION)
-        q = self.heads(self.linear(x, q_name), spec.heads, f"{block}.self_attn/q")
-        k = self.heads(self.linear(x, k_name), spec.kv_heads, f"{block}.self_attn/k")
-        v = self.heads(self.linear(x, v_name), spec.kv_heads, f"{block}.self_attn/v")
-        with self.b.scope(f"{block}.self_attn"):
-            q, k, v = self.kv_cache(self.rope(q, cos, sin, "q_rope"), self.rope(k, cos, sin, "k_rope"), v)
+        scope = f"{spec.block(i)}.{spec.layout.attention_scope}"
+        q_name, k_name, v_name, o_name = (spec.linear(i, role) for role in ("q", "k", "v", "o"))
+        q = self.heads(self.linear(x, q_name), spec.heads, f"{scope}/q")
+        k = self.heads(self.linear(x, k_name), spec.kv_heads, f"{scope}/k")
+        v = self.heads(self.linear(x, v_name), spec.kv_heads, f"{scope}/v")
+        with self.b.scope(scope):
+            if cos is not None and sin is not None:
+                q, k = self.rope(q, cos, sin, "q_rope"), self.rope(k, cos, sin, "k_rope")
+            q, k, v = self.kv_cache(q, k, v)
             k = self.repeat_kv(k, "k")
             v = self.repeat_kv(v, "v")
             k_t = self.b.op("Transpose", [k], "k_transposed", perm=[0, 1, 3, 2])
@@ -212,61 +234,109 @@ class DecoderGraph:
             out = self.b.op("Reshape", [out, self.shape(1, None, spec.heads * spec.head_dim)], "merge/Reshape")
         return self.linear(out, o_name)
 
-    def mlp(self, y: str, block: str) -> str:
-        """``(silu(y W_gate^T) * (y W_up^T)) W_down^T``."""
-        gate_name, up_name, down_name = (f"{block}.{n}" for n in MLP)
-        gate, up = self.linear(y, gate_name), self.linear(y, up_name)
-        with self.b.scope(f"{block}.mlp"):
+    def mlp(self, y: str, i: int) -> str:
+        """``(silu(y W_gate^T) * (y W_up^T)) W_down^T`` (gated) or ``act(y W_up^T (+ b)) W_down^T`` of block ``i``."""
+        spec = self.spec
+        scope = f"{spec.block(i)}.{spec.layout.mlp_scope}"
+        up_name, down_name = spec.linear(i, "up"), spec.linear(i, "down")
+        if not spec.gated:
+            up = self.linear(y, up_name)
+            with self.b.scope(scope):
+                hidden = self.b.op({"relu": "Relu"}[spec.activation], [up], "Activation")
+            return self.linear(hidden, down_name)
+        gate, up = self.linear(y, spec.linear(i, "gate")), self.linear(y, up_name)
+        with self.b.scope(scope):
             silu = self.b.op("Mul", [gate, self.b.op("Sigmoid", [gate])], "SiLU")
             gated = self.b.op("Mul", [silu, up], "Gate")
         return self.linear(gated, down_name)
 
-    def positions(self) -> tuple[str, str, str]:
-        """``(cos, sin, mask)``: RoPE tables ``[T, d]`` and the additive causal mask ``[T, T]``."""
+    def positions(self) -> tuple[str | None, str | None, str]:
+        """``(cos, sin, mask)``: RoPE tables ``[T, d]`` and the additive causal mask ``[T, T]``; without RoPE
+        the tables are None and :attr:`_rows` holds the ``(starts, ends)`` of the learned positions' rows."""
         spec, b = self.spec, self.b
+        offset = np.array([spec.position_offset], dtype=np.int64)
+        if not spec.rope and self.profile.static:
+            t = int(self.profile.seqlen)  # type: ignore[arg-type]
+            self._rows = (b.const("position_rows_start", offset), b.const("position_rows_end", offset + t))
+            return None, None, self._static_mask(t)
+        if not spec.rope:
+            with b.scope("positions"):
+                t, pos = self._sequence()
+                mask = self._dynamic_mask(pos)
+                t1d = b.op("Unsqueeze", [t, b.const("axis0", np.array([0], dtype=np.int64))], "SeqLen1d")
+                starts = b.const("rows_start", offset)
+                self._rows = (starts, b.op("Add", [t1d, starts], "RowsEnd"))
+            return None, None, mask
+        rope_tables = adapter_for_config(self.hf_config).rope_tables
         if self.profile.static:
             t = int(self.profile.seqlen)  # type: ignore[arg-type]
-            cos, sin = rope_tables(self.hf_config, t, spec.head_dim)
-            future = np.triu(np.ones((t, t), dtype=bool), k=1)
-            mask = np.where(future, MASK_VALUE, np.float32(0)).astype(np.float32)
-            return b.const("rope_cos", cos), b.const("rope_sin", sin), b.const("causal_mask", mask)
-        cos_table, sin_table = rope_tables(self.hf_config, spec.max_positions, spec.head_dim)
+            cos, sin = rope_tables(self.hf_config, t)
+            return b.const("rope_cos", cos), b.const("rope_sin", sin), self._static_mask(t)
+        cos_table, sin_table = rope_tables(self.hf_config, spec.max_positions)
         with b.scope("positions"):
-            shape = b.op("Shape", [INPUT])
-            t = b.op("Gather", [shape, b.const("seq_axis", np.array(1, dtype=np.int64))], "SeqLen", axis=0)
-            zero, one = b.const("zero", np.array(0, dtype=np.int64)), b.const("one", np.array(1, dtype=np.int64))
-            pos = b.op("Range", [zero, t, one], "Positions")
+            t, pos = self._sequence()
             ends = b.op("Unsqueeze", [t, b.const("axis0", np.array([0], dtype=np.int64))], "SeqLen1d")
             starts = b.const("starts", np.array([0], dtype=np.int64))
             cos = b.op("Slice", [b.const("rope_cos_table", cos_table), starts, ends, starts], "rope_cos")
             sin = b.op("Slice", [b.const("rope_sin_table", sin_table), starts, ends, starts], "rope_sin")
-            query = b.op("Unsqueeze", [pos, b.const("axis1", np.array([1], dtype=np.int64))], "QueryPos")
-            key = b.op("Unsqueeze", [pos, b.const("axis0_key", np.array([0], dtype=np.int64))], "KeyPos")
-            future = b.op("Greater", [key, query], "Future")
-            mask = b.op("Where", [future, b.const("mask_value", np.array(MASK_VALUE, dtype=np.float32)),
-                                  b.const("mask_zero", np.array(0, dtype=np.float32))], "causal_mask")
+            mask = self._dynamic_mask(pos)
         return cos, sin, mask
+
+    def _static_mask(self, t: int) -> str:
+        """The additive causal mask ``[T, T]`` as a constant."""
+        future = np.triu(np.ones((t, t), dtype=bool), k=1)
+        mask = np.where(future, MASK_VALUE, np.float32(0)).astype(np.float32)
+        return self.b.const("causal_mask", mask)
+
+    def _sequence(self) -> tuple[str, str]:
+        """``T`` (a scalar read from ``input_ids``' shape) and the positions ``Range(T)``."""
+        b = self.b
+        shape = b.op("Shape", [INPUT])
+        t = b.op("Gather", [shape, b.const("seq_axis", np.array(1, dtype=np.int64))], "SeqLen", axis=0)
+        zero, one = b.const("zero", np.array(0, dtype=np.int64)), b.const("one", np.array(1, dtype=np.int64))
+        return t, b.op("Range", [zero, t, one], "Positions")
+
+    def _dynamic_mask(self, pos: str) -> str:
+        """The additive causal mask ``[T, T]`` from the positions: ``MASK_VALUE`` where key > query."""
+        b = self.b
+        query = b.op("Unsqueeze", [pos, b.const("axis1", np.array([1], dtype=np.int64))], "QueryPos")
+        key = b.op("Unsqueeze", [pos, b.const("axis0_key", np.array([0], dtype=np.int64))], "KeyPos")
+        future = b.op("Greater", [key, query], "Future")
+        return b.op("Where", [future, b.const("mask_value", np.array(MASK_VALUE, dtype=np.float32)),
+                              b.const("mask_zero", np.array(0, dtype=np.float32))], "causal_mask")
+
+    def learned_positions(self) -> str:
+        """``P[t + offset]`` for ``t < T``: rows ``[offset, offset + T)`` of the learned position table."""
+        name = self.spec.layout.positions
+        table = self.b.const(f"{name}.weight", self.float_tensor(f"{name}.weight"), scoped=False)
+        assert self._rows is not None, "positions() makes the rows first"
+        starts, ends = self._rows
+        axes = self.b.const(f"{name}/axes", np.array([0], dtype=np.int64), scoped=False)
+        return self.b.op("Slice", [table, starts, ends, axes], f"{name}/Slice")
 
     # --- the whole graph ---------------------------------------------------------------------------------
 
     def build(self) -> GraphProto:
         """Embedding, blocks, final norm, head; checks that every tensor of the checkpoint was used."""
         spec, b = self.spec, self.b
+        layout = spec.layout
         cos, sin, mask = self.positions()
         embedding, embedding_t = self.embedding()
-        h = b.op("Gather", [embedding, INPUT], f"{EMBEDDING}/Gather", axis=0)
+        h = b.op("Gather", [embedding, INPUT], f"{spec.embedding}/Gather", axis=0)
+        if not spec.rope:
+            h = b.op("Add", [h, self.learned_positions()], f"{layout.positions}/Add")
         for i in range(spec.layers):
             block = spec.block(i)
-            x = self.rms_norm(h, f"{block}.input_layernorm")
-            h = b.op("Add", [h, self.attention(x, block, cos, sin, mask)], f"{block}/AttentionResidual")
-            y = self.rms_norm(h, f"{block}.post_attention_layernorm")
-            h = b.op("Add", [h, self.mlp(y, block)], f"{block}/MlpResidual")
-        h = self.rms_norm(h, FINAL_NORM)
+            x = self.norm(h, layout.norm(i, "attention_norm"))
+            h = b.op("Add", [h, self.attention(x, i, cos, sin, mask)], f"{block}/AttentionResidual")
+            y = self.norm(h, layout.norm(i, "mlp_norm"))
+            h = b.op("Add", [h, self.mlp(y, i)], f"{block}/MlpResidual")
+        h = self.norm(h, spec.final_norm)
         if spec.tied:
-            head = embedding_t or b.op("Transpose", [embedding], f"{HEAD}/TiedEmbedding", perm=[1, 0])
+            head = embedding_t or b.op("Transpose", [embedding], f"{spec.head}/TiedEmbedding", perm=[1, 0])
         else:
-            head = self.weight(HEAD)
-        b.op("MatMul", [h, head], f"{HEAD}/MatMul", output_names=[OUTPUT])
+            head = self.weight(spec.head)
+        b.op("MatMul", [h, head], f"{spec.head}/MatMul", output_names=[OUTPUT])
         self._check_all_used()
         t: int | str = self.profile.seqlen if self.profile.static else DYNAMIC_DIM  # type: ignore[assignment]
         inputs = [helper.make_tensor_value_info(INPUT, TensorProto.INT64, [1, t])]
@@ -277,7 +347,7 @@ class DecoderGraph:
         """Every quantized layer and float tensor of the checkpoint must be in the graph (nothing dropped)."""
         left = sorted(set(self.ckpt.layers) - self._used_layers)
         if self.spec.tied:
-            self._used_floats.add(f"{HEAD}.weight")
+            self._used_floats.add(f"{self.spec.head}.weight")
         left += sorted(set(self.ckpt.float_tensors) - self._used_floats)
         if self.profile.act_bits is not None and self.ckpt.activations is not None:
             left += [f"the input encoding of {n}" for n in sorted(set(self.ckpt.activations.layers)

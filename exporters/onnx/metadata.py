@@ -8,9 +8,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from turboboa.arch.decoder import DecoderSpec
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.formats import get_format
-from turboboa.models.decoder import DecoderSpec
 
 from .containers import LEVEL_FORMATS
 from .profiles import ExportProfile

@@ -29,9 +29,9 @@ from turboboa.activations.encodings import TensorEncoding
 from turboboa.activations.points import point_dtype
 from turboboa.activations.program import quantize_codes, run_decoder
 from turboboa.activations.simulate import GraphConstants, masked_encoding
+from turboboa.arch.decoder import DecoderSpec
 from turboboa.checkpoint import QuantizedCheckpoint
 from turboboa.errors import UserError
-from turboboa.models.decoder import EMBEDDING, HEAD, DecoderSpec
 
 from .builder import GraphBuilder
 from .profiles import ExportProfile
@@ -111,11 +111,12 @@ class OnnxOps:
 
     def embed(self, ids: str) -> str:
         codes, enc = self.consts.embedding
-        scale, zero = self.qparams(EMBEDDING, enc)
-        table = self.b.const(f"{EMBEDDING}.quantized", codes, scoped=False)
-        table = self.b.op("DequantizeLinear", [table, scale, zero], f"{EMBEDDING}/Dequantize")
-        gathered = self.b.op("Gather", [table, ids], f"{EMBEDDING}/Gather", axis=0)
-        return self.qdq(gathered, EMBEDDING, f"{EMBEDDING}/Gather")
+        name = self.spec.embedding
+        scale, zero = self.qparams(name, enc)
+        table = self.b.const(f"{name}.quantized", codes, scoped=False)
+        table = self.b.op("DequantizeLinear", [table, scale, zero], f"{name}/Dequantize")
+        gathered = self.b.op("Gather", [table, ids], f"{name}/Gather", axis=0)
+        return self.qdq(gathered, name, f"{name}/Gather")
 
     def rms_norm(self, x: str, name: str) -> str:
         gamma = self.constant(f"{name}.weight", *self.consts.norm_weight(name))
@@ -141,16 +142,17 @@ class OnnxOps:
         return self.qdq(self.b.op("Add", [y, bias], f"{name}/BiasAdd"), name, f"{name}/BiasAdd")
 
     def head(self, x: str) -> str:
+        head = self.spec.head
         if self.consts.head is None:
-            weight = self.weight(HEAD)
+            weight = self.weight(head)
         else:
             codes, scale = self.consts.head
-            inputs = [self.b.const(f"{HEAD}.weight_q", np.ascontiguousarray(codes.T), scoped=False),
-                      self.b.const(f"{HEAD}.weight_scale", scale, scoped=False),
-                      self.b.const(f"{HEAD}.weight_zero_point", np.zeros(scale.shape, np.int8), scoped=False)]
-            weight = self.b.op("DequantizeLinear", inputs, f"{HEAD}/DequantizeLinear", axis=1)
-        y = self.b.op("MatMul", [x, weight], f"{HEAD}/MatMul")
-        return self.qdq(y, HEAD, HEAD, output=OUTPUT)
+            inputs = [self.b.const(f"{head}.weight_q", np.ascontiguousarray(codes.T), scoped=False),
+                      self.b.const(f"{head}.weight_scale", scale, scoped=False),
+                      self.b.const(f"{head}.weight_zero_point", np.zeros(scale.shape, np.int8), scoped=False)]
+            weight = self.b.op("DequantizeLinear", inputs, f"{head}/DequantizeLinear", axis=1)
+        y = self.b.op("MatMul", [x, weight], f"{head}/MatMul")
+        return self.qdq(y, head, head, output=OUTPUT)
 
     def heads(self, x: str, n: int, name: str) -> str:
         split = self.move("Reshape", [x, self.shape(f"{name}/heads", 1, self.t, n, self.spec.head_dim)], name)
@@ -224,7 +226,7 @@ def build_quantized_decoder(ckpt: QuantizedCheckpoint, spec: DecoderSpec, hf_con
         raise UserError(f"--profile {profile.name} needs a static --seqlen of at most {spec.max_positions}")
     ops = OnnxOps(ckpt, spec, hf_config, profile)
     run_decoder(ops, spec, INPUT)
-    left = sorted(set(ckpt.layers) - set(ops.encoded) - {EMBEDDING})
+    left = sorted(set(ckpt.layers) - set(ops.encoded) - {spec.embedding})
     if left:
         raise UserError(f"the qnn-htp graph has no place for {left[0]}; this checkpoint's architecture differs "
                         f"from what the exporter computes")

@@ -18,8 +18,8 @@ from onnx import ModelProto
 
 from exporters.onnx.weights import WEIGHT_SUFFIX
 from exporters.openvino.package import openvino_version
+from turboboa.arch import role_of
 from turboboa.errors import UserError
-from turboboa.models.decoder import EMBEDDING
 
 # the node types of a decompression subgraph between the weight Constant and the MatMul
 DECOMPRESSION_OPS = frozenset({"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "Squeeze",
@@ -66,7 +66,8 @@ def upstream_constants(output: Any, layer: str) -> Iterator[Any]:
 def checkpoint_weights(ckpt: Any) -> dict[str, int]:
     """``{"<layer>.weight_dq": element count}`` of every quantized linear layer of the QDIR ``ckpt`` (what
     its exported graphs dequantize; the embedding is stored as a table, not a DequantizeLinear weight)."""
-    return {f"{name}{WEIGHT_SUFFIX}": q.codes.numel() for name, q in ckpt.layers.items() if name != EMBEDDING}
+    return {f"{name}{WEIGHT_SUFFIX}": q.codes.numel() for name, q in ckpt.layers.items()
+            if role_of(name) != "embedding"}
 
 
 def compressed_weight_types(ov_model: Any, weights: ModelProto | dict[str, int]) -> dict[str, str]:

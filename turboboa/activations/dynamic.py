@@ -11,9 +11,9 @@ For one vector ``x`` (a token's layer input, or one head of a token's key or val
 ``round`` is half to even and ``x / s`` a true division: ONNX ``QuantizeLinear`` then ``DequantizeLinear``
 with a scale computed in the graph. A vector of zeros gets ``s = 1``. 16 bits means float (no quantizer).
 
-Online rotations (:mod:`turboboa.rotation.online`) come first: the down_proj input is rotated by ``H_I``
-before it is quantized, queries and keys by ``H_d`` after RoPE (``q k^T`` is unchanged) before the keys are.
-The head (``lm_head``) and the queries stay in float, as in the papers.
+Online rotations (:mod:`turboboa.rotation.online`) come first: the input of the MLP's down projection is
+rotated by ``H_I`` before it is quantized, queries and keys by ``H_d`` after RoPE (``q k^T`` is unchanged) before the keys are.
+The head and the queries stay in float, as in the papers.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from turboboa.arch import get_adapter
 from turboboa.errors import UserError
 from turboboa.rotation.hadamard import HadamardTransform
 from turboboa.rotation.online import install_online_down
@@ -70,8 +71,8 @@ def fake_quant_dynamic(x: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
 @dataclass(frozen=True)
 class DynamicSpec:
     """What a QDIR's fake-quant model computes beyond its weights: per-token activation and KV quantization
-    and the online rotations (``online_down``: ``x H_I`` before down_proj; ``online_qk``: ``H_d`` on queries
-    and keys after RoPE)."""
+    and the online rotations (``online_down``: ``x H_I`` before the MLP's down projection; ``online_qk``:
+    ``H_d`` on queries and keys after RoPE)."""
 
     act_bits: int = 16
     act_sym: bool = True
@@ -139,9 +140,9 @@ def kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
 
 
 def install_dynamic(model: nn.Module, spec: DynamicSpec) -> None:
-    """Make the transformers Llama-family ``model`` compute ``spec`` (in place): the online down_proj rotation
-    and the per-token input quantizer as forward pre-hooks of the block's linear layers (rotation first),
-    the key/value side through the :func:`kv_attention` function."""
+    """Make the transformers ``model`` compute ``spec`` (in place): the online rotation of the down
+    projection's input and the per-token input quantizer as forward pre-hooks of the block's linear layers
+    (rotation first), the key/value side through the :func:`kv_attention` function."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
@@ -149,11 +150,12 @@ def install_dynamic(model: nn.Module, spec: DynamicSpec) -> None:
         return
     if spec.online_down:
         install_online_down(model)
-    for layer in model.model.layers:
+    adapter = get_adapter(model)
+    for block in adapter.blocks(model):
         if spec.act_bits < 16:
-            for lin in (m for m in layer.modules() if isinstance(m, nn.Linear)):
+            for lin in (m for m in block.modules() if isinstance(m, nn.Linear)):
                 lin.register_forward_pre_hook(_input_hook(spec.act_bits, spec.act_sym))
-        layer.self_attn.turboboa_dynamic = spec
+        adapter.attention(block).turboboa_dynamic = spec
     if spec.kv_bits < 16 or spec.online_qk:
         AttentionInterface.register(ATTENTION, kv_attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, eager_mask)

@@ -7,10 +7,9 @@ other point (embedding, constants, head, logits) is ``uint16``.
 
 from __future__ import annotations
 
-from turboboa.models.decoder import ATTENTION, MLP
+from turboboa.arch import LINEAR_ROLES, role_of
 
-SYMMETRIC_POINTS = ("self_attn.q_rope", "self_attn.k_rope", "self_attn.v", "self_attn.probs")
-LINEAR_POINTS = tuple(ATTENTION + MLP)
+SYMMETRIC_POINTS = ("q_rope", "k_rope", "v", "probs")  # inside the attention's scope
 A8, A16 = ".a8", ".a16"
 GRAPH_SCHEME = "static-graph"
 
@@ -20,9 +19,9 @@ def point_dtype(point: str, bits: int) -> str:
     (``<point>.a8``) and outputs (the layer's name, ``<name>.matmul`` before a bias) of the block's weight
     layers; ``int16`` for the operands of the activation products (:data:`SYMMETRIC_POINTS`); ``uint16`` for
     the rest (the embedding, constants, head and logits included)."""
-    if bits == 8 and (point.endswith((A8, ".matmul")) or point.endswith(LINEAR_POINTS)):
+    if bits == 8 and (point.endswith((A8, ".matmul")) or role_of(point) in LINEAR_ROLES):
         return "uint8"
-    if point.endswith(SYMMETRIC_POINTS):
+    if point.rpartition(".")[2] in SYMMETRIC_POINTS:
         return "int16"
     return "uint16"
 

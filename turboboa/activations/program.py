@@ -1,4 +1,5 @@
-"""The fully quantized Llama-family decoder, written once as a program over an abstract set of operations.
+"""The fully quantized RMSNorm / RoPE / SiLU-gated decoder, written once as a program over an abstract set of
+operations.
 
 NPU compilers such as Qualcomm's QNN HTP take a graph only when *every* tensor in it is quantized: each op
 reads DequantizeLinear outputs and writes into a QuantizeLinear. :func:`run_decoder` states that decoder; a
@@ -8,20 +9,21 @@ same function by construction. Every op output is a named *point* with one stati
 movement ops (reshape, transpose, head gathers) keep their input's encoding.
 
 Per block ``b`` (``D`` hidden, ``H`` heads over ``G`` KV heads of size ``d``, ``Q(.)`` the point's
-quantizer)::
+quantizer); a point is named after the module of its role in the family's layout (``[role]``), the
+attention's values under ``[attention]``, the MLP's under ``[mlp]`` (:attr:`Layout.mlp_scope`)::
 
-    x      = Q(RMSNorm(h) * Q(gamma))                              b.input_layernorm
-    q,k,v  = Q(x W^T (+ bias)),  split into heads                  b.self_attn.{q,k,v}_proj
-    q~     = Q(Q(q * C_q) + Q(swap(q) * S'_q))                     b.self_attn.q_{cos,sin,rope}
-    k~     = Q(Q(k * C)   + Q(swap(k) * S'))                       b.self_attn.k_{cos,sin,rope}
-    s      = Q(q~ k~^T),  m = Q(where(future, f, s))               b.self_attn.{scores,masked}
-    v'     = Q(v)  (v's heads in the encoding of the product)        b.self_attn.v
-    p      = Q(softmax(m)),  o = Q(p v')                           b.self_attn.{probs,context}
-    h      = Q(h + Q(o W_o^T))                                     b.self_attn.o_proj, b.attn_residual
-    y      = Q(RMSNorm(h) * Q(gamma'))                             b.post_attention_layernorm
-    g      = Q(y W_gate^T),  u = Q(y W_up^T)                       b.mlp.{gate,up}_proj
-    a      = Q(g * Q(sigmoid(g))),  z = Q(a * u)                   b.mlp.{gate_sigmoid,silu,gated}
-    h      = Q(h + Q(z W_down^T))                                  b.mlp.down_proj, b.mlp_residual
+    x      = Q(RMSNorm(h) * Q(gamma))                              b.[attention_norm]
+    q,k,v  = Q(x W^T (+ bias)),  split into heads                  b.[q], b.[k], b.[v]
+    q~     = Q(Q(q * C_q) + Q(swap(q) * S'_q))                     b.[attention].q_{cos,sin,rope}
+    k~     = Q(Q(k * C)   + Q(swap(k) * S'))                       b.[attention].k_{cos,sin,rope}
+    s      = Q(q~ k~^T),  m = Q(where(future, f, s))               b.[attention].{scores,masked}
+    v'     = Q(v)  (v's heads in the encoding of the product)        b.[attention].v
+    p      = Q(softmax(m)),  o = Q(p v')                           b.[attention].{probs,context}
+    h      = Q(h + Q(o W_o^T))                                     b.[o], b.attn_residual
+    y      = Q(RMSNorm(h) * Q(gamma'))                             b.[mlp_norm]
+    g      = Q(y W_gate^T),  u = Q(y W_up^T)                       b.[gate], b.[up]
+    a      = Q(g * Q(sigmoid(g))),  z = Q(a * u)                   b.[mlp].{gate_sigmoid,silu,gated}
+    h      = Q(h + Q(z W_down^T))                                  b.[down], b.mlp_residual
 
 with ``swap(x) = cat(x_2, x_1)`` (the halves of each head exchanged: a Gather, data movement) and the
 sign of ``rotate_half(x) = cat(-x_2, x_1)`` folded into the sine table, ``S' = cat(-S_1, S_2)``, so
@@ -31,7 +33,8 @@ and ``C_q = C / sqrt(d)``, ``S'_q = S' / sqrt(d)`` (the attention scale folded i
 scores' calibrated range (``lo - MASK_MARGIN``: ``exp(-MASK_MARGIN)`` of a row's mass, and the masked tensor
 keeps nearly the scores' resolution, where a float32-min fill would leave it none). The embedding is a
 Gather from the table quantized per tensor (its output keeps the table's encoding); the head is an int8
-per-output-channel symmetric weight (the QDIR's own when ``lm_head`` is quantized).
+per-output-channel symmetric weight (the QDIR's own when the head is quantized). A family whose decoder is
+another (LayerNorm, learned positions, an ungated MLP: OPT) is refused in one line (:func:`check_program`).
 
 Encodings (:func:`.points.point_dtype`): uint16 asymmetric min-max, except the operands of the two
 activation-by-activation products (``q_rope``, ``k_rope``, ``v``, ``probs``), which are int16 symmetric, the
@@ -51,7 +54,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from turboboa.models.decoder import ATTENTION, EMBEDDING, FINAL_NORM, HEAD, MLP, DecoderSpec
+from turboboa.arch.decoder import DecoderSpec
+from turboboa.errors import UserError
 
 from .encodings import TensorEncoding, encoding_from_range
 from .points import A8, A16, dtype_range
@@ -145,29 +149,40 @@ def linear(ops: Ops, x: Any, name: str) -> Any:
     return ops.convert(y, f"{name}{A16}") if ops.bits == 8 else y
 
 
+def check_program(spec: DecoderSpec) -> None:
+    """A one-line UserError when ``spec``'s decoder is not the one this program computes (RMSNorm, RoPE, a
+    SiLU-gated MLP)."""
+    if (spec.norm, spec.rope, spec.gated, spec.activation) != ("rms", True, True, "silu"):
+        raise UserError(f"the fully quantized graph (--profile qnn-htp, --scope graph) computes RMSNorm, RoPE and a "
+                        f"SiLU-gated MLP; a {spec.model_type} model has {spec.norm} norms, "
+                        f"{'RoPE' if spec.rope else 'learned positions'} and a "
+                        f"{'gated ' if spec.gated else ''}{spec.activation} MLP: export it with --profile generic")
+
+
 def run_block(ops: Ops, spec: DecoderSpec, i: int, h: Any) -> Any:
     """Decoder block ``i`` on the residual stream ``h`` (module docstring)."""
-    b = spec.block(i)
-    q_name, k_name, v_name, o_name = (f"{b}.{n}" for n in ATTENTION)
-    gate_name, up_name, down_name = (f"{b}.{n}" for n in MLP)
-    x = weight_input(ops, ops.rms_norm(h, f"{b}.input_layernorm"), f"{b}.input_layernorm")
+    layout, b = spec.layout, spec.block(i)
+    att, mlp = f"{b}.{layout.attention_scope}", f"{b}.{layout.mlp_scope}"
+    q_name, k_name, v_name, o_name = (spec.linear(i, role) for role in ("q", "k", "v", "o"))
+    gate_name, up_name, down_name = (spec.linear(i, role) for role in ("gate", "up", "down"))
+    norm_a, norm_m = layout.norm(i, "attention_norm"), layout.norm(i, "mlp_norm")
+    x = weight_input(ops, ops.rms_norm(h, norm_a), norm_a)
     q = ops.heads(linear(ops, x, q_name), spec.heads, q_name)
     k = ops.heads(linear(ops, x, k_name), spec.kv_heads, k_name)
     v = ops.repeat_kv(ops.heads(linear(ops, x, v_name), spec.kv_heads, v_name), v_name)
-    v = ops.convert(v, f"{b}.self_attn.v")
-    q = rope(ops, q, f"{b}.self_attn.q", "q")
-    k = ops.transpose_keys(ops.repeat_kv(rope(ops, k, f"{b}.self_attn.k", "k"), f"{b}.self_attn.k_rope"),
-                           f"{b}.self_attn.k_rope")
-    scores = ops.matmul(q, k, f"{b}.self_attn.scores")
-    probs = ops.softmax(ops.mask(scores, f"{b}.self_attn.masked"), f"{b}.self_attn.probs")
-    context = ops.merge_heads(ops.matmul(probs, v, f"{b}.self_attn.context"), f"{b}.self_attn.context")
-    context = weight_input(ops, context, f"{b}.self_attn.context")
+    v = ops.convert(v, f"{att}.v")
+    q = rope(ops, q, f"{att}.q", "q")
+    k = ops.transpose_keys(ops.repeat_kv(rope(ops, k, f"{att}.k", "k"), f"{att}.k_rope"), f"{att}.k_rope")
+    scores = ops.matmul(q, k, f"{att}.scores")
+    probs = ops.softmax(ops.mask(scores, f"{att}.masked"), f"{att}.probs")
+    context = ops.merge_heads(ops.matmul(probs, v, f"{att}.context"), f"{att}.context")
+    context = weight_input(ops, context, f"{att}.context")
     h = ops.add(h, linear(ops, context, o_name), f"{b}.attn_residual")
-    y = weight_input(ops, ops.rms_norm(h, f"{b}.post_attention_layernorm"), f"{b}.post_attention_layernorm")
+    y = weight_input(ops, ops.rms_norm(h, norm_m), norm_m)
     gate = linear(ops, y, gate_name)
-    silu = ops.mul(gate, ops.sigmoid(gate, f"{b}.mlp.gate_sigmoid"), f"{b}.mlp.silu")
-    gated = ops.mul(silu, linear(ops, y, up_name), f"{b}.mlp.gated")
-    return ops.add(h, linear(ops, weight_input(ops, gated, f"{b}.mlp.gated"), down_name), f"{b}.mlp_residual")
+    silu = ops.mul(gate, ops.sigmoid(gate, f"{mlp}.gate_sigmoid"), f"{mlp}.silu")
+    gated = ops.mul(silu, linear(ops, y, up_name), f"{mlp}.gated")
+    return ops.add(h, linear(ops, weight_input(ops, gated, f"{mlp}.gated"), down_name), f"{b}.mlp_residual")
 
 
 def run_decoder(ops: Ops, spec: DecoderSpec, ids: Any) -> Any:
@@ -175,9 +190,8 @@ def run_decoder(ops: Ops, spec: DecoderSpec, ids: Any) -> Any:
     h = ops.embed(ids)
     for i in range(spec.layers):
         h = run_block(ops, spec, i, h)
-    return ops.head(ops.rms_norm(h, FINAL_NORM))
+    return ops.head(ops.rms_norm(h, spec.final_norm))
 
 
-__all__ = ["EMBEDDING", "FINAL_NORM", "HEAD", "MASK_MARGIN", "Ops",
-           "dequantize_codes", "encoding_for", "int8_per_channel", "quantize_codes",
-           "run_block", "run_decoder", "signed_sine", "swap_index"]
+__all__ = ["MASK_MARGIN", "Ops", "check_program", "dequantize_codes", "encoding_for", "int8_per_channel",
+           "quantize_codes", "run_block", "run_decoder", "signed_sine", "swap_index"]

@@ -24,14 +24,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from turboboa.arch import adapter_for_config, decoder_spec
+from turboboa.arch.decoder import DecoderSpec
 from turboboa.errors import UserError
-from turboboa.models.decoder import EMBEDDING, FINAL_NORM, HEAD, DecoderSpec, decoder_spec
-from turboboa.models.rope import rope_tables
 
 from .encodings import ActivationEncodings, TensorEncoding, check_act_bits
 from .points import GRAPH_SCHEME, dtype_range, point_dtype
 from .program import (
     MASK_MARGIN,
+    check_program,
     dequantize_codes,
     encoding_for,
     int8_per_channel,
@@ -48,6 +49,7 @@ class GraphConstants:
     dtype, shared by the torch simulation and the ONNX export."""
 
     def __init__(self, ckpt: Any, spec: DecoderSpec, hf_config: Any, bits: int) -> None:
+        check_program(spec)
         self.ckpt, self.spec, self.hf_config, self.bits = ckpt, spec, hf_config, bits
         self.dtype = "uint16"  # constants feed 16-bit ops at both widths (points.point_dtype)
 
@@ -65,8 +67,9 @@ class GraphConstants:
 
     def embedding_table(self) -> np.ndarray:
         """The float embedding ``[V, D]`` (a quantized one dequantized)."""
-        q = self.ckpt.layers.get(EMBEDDING)
-        return np.ascontiguousarray(q.dequantize().numpy()) if q is not None else self.float_tensor(f"{EMBEDDING}.weight")
+        name = self.spec.embedding
+        q = self.ckpt.layers.get(name)
+        return np.ascontiguousarray(q.dequantize().numpy()) if q is not None else self.float_tensor(f"{name}.weight")
 
     @cached_property
     def embedding(self) -> tuple[np.ndarray, TensorEncoding]:
@@ -86,7 +89,7 @@ class GraphConstants:
         """``q_cos``, ``q_sin`` (times ``d^-1/2``), ``k_cos``, ``k_sin`` ``[P, d]`` over every position the model
         has, the sines signed for ``swap`` (:func:`~.program.signed_sine`), each quantized per tensor over all
         ``P`` rows (so a window's rows do not depend on its length)."""
-        cos, sin = rope_tables(self.hf_config, self.spec.max_positions, self.spec.head_dim)
+        cos, sin = adapter_for_config(self.hf_config).rope_tables(self.hf_config, self.spec.max_positions)
         sin = signed_sine(sin)
         scale = np.float32(self.spec.head_dim ** -0.5)
         tables = {"q_cos": cos * scale, "q_sin": sin * scale, "k_cos": cos, "k_sin": sin}
@@ -99,17 +102,17 @@ class GraphConstants:
 
     @cached_property
     def head(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Int8 codes ``[V, D]`` and per-row scales of the head, or None when ``lm_head`` is a quantized layer
+        """Int8 codes ``[V, D]`` and per-row scales of the head, or None when the head is a quantized layer
         of the QDIR (exported as it is)."""
-        if HEAD in self.ckpt.layers:
+        if self.spec.head in self.ckpt.layers:
             return None
-        weight = self.embedding_table() if self.spec.tied else self.float_tensor(f"{HEAD}.weight")
+        weight = self.embedding_table() if self.spec.tied else self.float_tensor(f"{self.spec.head}.weight")
         return int8_per_channel(weight)
 
     def head_weight(self) -> np.ndarray:
         """The head's dequantized weight ``[V, D]``."""
         if self.head is None:
-            return np.ascontiguousarray(self.ckpt.layers[HEAD].dequantize().numpy())
+            return np.ascontiguousarray(self.ckpt.layers[self.spec.head].dequantize().numpy())
         codes, scale = self.head
         return codes.astype(np.float32) * scale[:, None]
 
@@ -162,7 +165,7 @@ class TorchOps:
         return fake_quant_point(x, enc, point_dtype(point, self.bits))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.quantized_constant(EMBEDDING, lambda: self.c.embedding)[ids]
+        return self.quantized_constant(self.c.spec.embedding, lambda: self.c.embedding)[ids]
 
     def rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         gamma = self.quantized_constant(f"{name}.weight", lambda: self.c.norm_weight(name))
@@ -177,8 +180,9 @@ class TorchOps:
         return self.q(y + self.quantized_constant(f"{name}.bias", lambda: self.c.bias(name)), name)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.tensor(f"{HEAD}.weight", self.c.head_weight)
-        return self.q(x @ weight.T, HEAD)
+        head = self.c.spec.head
+        weight = self.tensor(f"{head}.weight", self.c.head_weight)
+        return self.q(x @ weight.T, head)
 
     def heads(self, x: torch.Tensor, n: int, name: str) -> torch.Tensor:
         b, t, _ = x.shape
@@ -295,9 +299,9 @@ def calibrate_graph(ckpt: Any, calib_ids: torch.Tensor, bits: int, device: torch
             settle()
             stream = [run_block(ops, spec, i, h) for h in stream]
         for h in stream:
-            ops.rms_norm(h, FINAL_NORM)
+            ops.rms_norm(h, spec.final_norm)
         settle()
         for h in stream:  # the head with the final norm's encoding on
-            ops.head(ops.rms_norm(h, FINAL_NORM))
+            ops.head(ops.rms_norm(h, spec.final_norm))
         settle()
     return ActivationEncodings(bits, encodings, scheme=GRAPH_SCHEME, calibration=dict(calibration or {}))

@@ -1,16 +1,28 @@
-"""Adapter for Llama-style decoders: Llama (1-3), Mistral and Qwen2.
+"""Adapters for Llama-style decoders: Llama (1-3), Mistral and Qwen2.
 
 Block: pre-norm RMSNorm -> q/k/v (optional bias) -> RoPE ("rotate_half" convention) -> GQA causal softmax
 attention (optional sliding window) -> o_proj -> residual -> RMSNorm -> SwiGLU MLP -> residual.
+The three share module names and block structure; they differ in q/k/v biases (found in the weights), in
+their sliding windows and in the llama.cpp architecture they export to.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from turboboa.arch.base import ArchAdapter, AttentionShape, Record
+from turboboa.arch.attention import causal_mask, grouped_attention
+from turboboa.arch.base import ArchAdapter, AttentionShape, GgufArch, Record
+from turboboa.arch.decoder import DecoderSpec
+from turboboa.arch.layout import Layout, Roles
 from turboboa.errors import UserError
+
+__all__ = ["LlamaAdapter", "MistralAdapter", "Qwen2Adapter", "apply_rope", "causal_mask", "rotate_half"]
+
+ROTARY = "model.rotary_emb"  # the model's rotary embedding module (its class computes every rope type)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -24,56 +36,37 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
-def causal_mask(seqlen: int, device: torch.device, sliding_window: int | None = None) -> Tensor:
-    """Boolean (L, L) mask, True where query i may NOT attend key j: j > i, or j <= i - window if windowed."""
-    ones = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device)
-    masked = torch.triu(ones, diagonal=1)
-    if sliding_window is not None and sliding_window < seqlen:
-        masked |= torch.tril(ones, diagonal=-sliding_window)
-    return masked
+def rotary_module(hf_config: Any) -> nn.Module:
+    """A CPU instance of the model's rotary embedding class, built from ``hf_config`` (the model itself is
+    only instantiated on the meta device to find the class)."""
+    from transformers import AutoModelForCausalLM
 
-
-def _decoder(model: nn.Module) -> nn.Module:
-    """The base decoder (``model.model`` of a CausalLM), or ``model`` itself if it is the base decoder."""
-    inner = getattr(model, "model", None)
-    if isinstance(inner, nn.Module) and hasattr(inner, "layers"):
-        return inner
-    if hasattr(model, "layers"):
-        return model
-    raise UserError(
-        f"{type(model).__name__} has no decoder layers at .model.layers; pass the *ForCausalLM model itself"
-    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    cls = type(model.get_submodule(ROTARY))
+    try:
+        return cls(config=hf_config)
+    except TypeError:
+        return cls(hf_config)
 
 
 class LlamaAdapter(ArchAdapter):
-    """Llama, Mistral and Qwen2 share module names and block structure; they differ in q/k/v bias and windows."""
+    """Llama: the block of the module docstring, no sliding window; exports to llama.cpp's ``llama``."""
 
-    MODEL_TYPES = ("llama", "mistral", "qwen2")
-    LINEAR_GROUPS = [
-        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-        ["self_attn.o_proj"],
-        ["mlp.gate_proj", "mlp.up_proj"],
-        ["mlp.down_proj"],
-    ]
-
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        """``model.model.layers``."""
-        return _decoder(model).layers
-
-    def embed_tokens(self, model: nn.Module) -> nn.Module:
-        """``model.model.embed_tokens``."""
-        return _decoder(model).embed_tokens
-
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        """``model.model.norm``."""
-        return _decoder(model).norm
-
-    def lm_head(self, model: nn.Module) -> nn.Module:
-        """``model.lm_head``."""
-        head = getattr(model, "lm_head", None)
-        if head is None:
-            raise UserError(f"{type(model).__name__} has no lm_head; load the model with AutoModelForCausalLM")
-        return head
+    MODEL_TYPES = ("llama",)
+    NAME = "Llama"
+    LAYOUT = Layout(
+        blocks="model.layers",
+        embedding="model.embed_tokens",
+        final_norm="model.norm",
+        head="lm_head",
+        roles=Roles(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+                    gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj"),
+        attention="self_attn",
+        attention_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
+    )
+    GGUF = GgufArch("llama", permute_qk=True, qkv_bias=False)
 
     def attention_shape(self, model: nn.Module) -> AttentionShape:
         """Read H, G, d, D from the HF config; d defaults to D / H and G to H when absent."""
@@ -86,18 +79,33 @@ class LlamaAdapter(ArchAdapter):
     def rotary_cos_sin(
         self, model: nn.Module, seqlen: int, device: torch.device | str, dtype: torch.dtype = torch.float32
     ) -> tuple[Tensor, Tensor]:
-        """cos, sin (seqlen, d) from the model's own ``rotary_emb`` at positions 0..seqlen-1 (float32 inside).
+        """cos, sin (seqlen, d) from the model's own rotary module at positions 0..seqlen-1 (float32 inside).
 
         Rope-scaling variants (llama3, yarn, linear, ...) and their attention factor come from the HF module.
         """
         if seqlen < 1:
             raise UserError(f"seqlen must be a positive number of tokens, got {seqlen}; pass seqlen >= 1")
-        rotary = _decoder(model).rotary_emb
+        rotary = self._module(model, ROTARY)
         head_dim = self.attention_shape(model).head_dim
         probe = torch.zeros(1, seqlen, head_dim, device=device, dtype=torch.float32)
         positions = torch.arange(seqlen, device=device).unsqueeze(0)
         cos, sin = rotary(probe, positions)
         return cos[0].to(dtype), sin[0].to(dtype)
+
+    def rope_tables(self, hf_config: Any, positions: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(cos, sin)``, each float32 ``(positions, head_dim)``, for positions ``0 .. positions - 1``, from
+        the rotary module built from ``hf_config`` (the one the fake-quant torch model uses, so every
+        ``rope_type`` and its attention factor come out as transformers computes them:
+        ``cos[t] = cos(t * inv_freq) * attention_scaling`` over the doubled frequencies, likewise ``sin``).
+        The angle of position ``t`` is one float32 product, so a table sliced to ``T`` rows equals what the
+        torch model computes for a window of ``T`` tokens."""
+        head_dim = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
+        rotary = rotary_module(hf_config)
+        probe = torch.zeros(1, positions, head_dim, dtype=torch.float32)
+        ids = torch.arange(positions).unsqueeze(0)
+        with torch.no_grad():
+            cos, sin = rotary(probe, ids)
+        return (np.ascontiguousarray(cos[0].float().numpy()), np.ascontiguousarray(sin[0].float().numpy()))
 
     def embed(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         """h_0 = E[input_ids], (B, L, D)."""
@@ -111,6 +119,38 @@ class LlamaAdapter(ArchAdapter):
         if hasattr(attn, "sliding_window"):
             return attn.sliding_window
         return getattr(getattr(attn, "config", None), "sliding_window", None)
+
+    @staticmethod
+    def config_window(hf_config: Any) -> int | None:
+        """The sliding window a config applies to some layer (Qwen2: ``use_sliding_window`` or a
+        ``sliding_attention`` layer type), None for full causal attention everywhere."""
+        window = getattr(hf_config, "sliding_window", None)
+        sliding = "sliding_attention" in (getattr(hf_config, "layer_types", None) or ())
+        return window if window and (sliding or getattr(hf_config, "use_sliding_window", False)) else None
+
+    def decoder_spec(self, hf_config: Any) -> DecoderSpec:
+        """The decoder of the module docstring; a UserError for what the graph does not compute (another
+        activation, a sliding window, an odd head size)."""
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act != "silu":
+            raise UserError(f"ONNX export computes a SiLU-gated MLP, but this model uses {act!r}")
+        window = self.config_window(hf_config)
+        if window:
+            raise UserError(f"ONNX export computes full causal attention, but this model uses a sliding window of "
+                            f"{window} tokens")
+        heads = int(hf_config.num_attention_heads)
+        kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
+        hidden = int(hf_config.hidden_size)
+        head_dim = int(getattr(hf_config, "head_dim", None) or hidden // heads)
+        if heads % kv_heads or head_dim % 2:
+            raise UserError(f"{heads} query heads over {kv_heads} KV heads of size {head_dim} is not a valid "
+                            f"grouped-query layout for RoPE")
+        return DecoderSpec(model_type=hf_config.model_type, layout=self.LAYOUT, hidden=hidden, heads=heads,
+                           kv_heads=kv_heads, head_dim=head_dim, intermediate=int(hf_config.intermediate_size),
+                           vocab=int(hf_config.vocab_size), layers=int(hf_config.num_hidden_layers),
+                           eps=float(hf_config.rms_norm_eps),
+                           tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
+                           max_positions=int(getattr(hf_config, "max_position_embeddings", 2048)))
 
     def block_forward(
         self, block: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, record: Record | None = None
@@ -126,7 +166,6 @@ class LlamaAdapter(ArchAdapter):
         head_dim = int(attn.head_dim)
         n_heads = attn.q_proj.out_features // head_dim
         n_kv = attn.k_proj.out_features // head_dim
-        group = n_heads // n_kv
         if cos.shape[-2] < seqlen:
             raise UserError(
                 f"RoPE tables cover {cos.shape[-2]} positions but the input has {seqlen} tokens; "
@@ -142,13 +181,9 @@ class LlamaAdapter(ArchAdapter):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
-        # GQA without materialising repeated KV: query heads of group g are rows (B, G, r, L, d).
         scale = float(getattr(attn, "scaling", head_dim**-0.5))
-        q_grouped = q.view(batch, n_kv, group, seqlen, head_dim)
-        scores = torch.matmul(q_grouped, k.unsqueeze(2).transpose(-1, -2)) * scale
         mask = causal_mask(seqlen, hidden.device, self.sliding_window(block))
-        probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
-        out = torch.matmul(probs, v.unsqueeze(2)).view(batch, n_heads, seqlen, head_dim)
+        out, probs = grouped_attention(q, k, v, scale, mask)
         if record is not None:
             record("attn_input", x)
             record("q_rope", q)
@@ -159,3 +194,23 @@ class LlamaAdapter(ArchAdapter):
         hidden = hidden + attn.o_proj(out)
         y = block.post_attention_layernorm(hidden)
         return hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(y)) * mlp.up_proj(y))
+
+
+class MistralAdapter(LlamaAdapter):
+    """Mistral: Llama's block with the config's sliding window on every layer."""
+
+    MODEL_TYPES = ("mistral",)
+    NAME = "Mistral"
+
+    @staticmethod
+    def config_window(hf_config: Any) -> int | None:
+        """Mistral's ``sliding_window`` applies to every layer when it is set."""
+        return getattr(hf_config, "sliding_window", None) or None
+
+
+class Qwen2Adapter(LlamaAdapter):
+    """Qwen2: Llama's block with q/k/v biases and optional per-layer windows; llama.cpp's ``qwen2``."""
+
+    MODEL_TYPES = ("qwen2",)
+    NAME = "Qwen2"
+    GGUF = GgufArch("qwen2", permute_qk=False, qkv_bias=True)

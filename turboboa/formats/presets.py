@@ -5,7 +5,7 @@ The rules follow llama.cpp's ``llama_tensor_get_type`` (llama.cpp as vendored in
 "first n/8" are the layers ``i < n_layers / 8``:
 
 ========  =======  ===============================  =============================  ========  =====  ======  =====
-preset    default  attn_v (v_proj)                  ffn_down (down_proj)           attn_out  q, k   output  emb
+preset    default  attn_v (v)                       ffn_down (down)                attn_out  q, k   output  emb
 ========  =======  ===============================  =============================  ========  =====  ======  =====
 Q4_0      q4_0     q4_0                             q4_0                           q4_0      q4_0   q6_k    q4_0
 Q2_K      q2_k     q4_k if n_gqa >= 4, else q3_k    q3_k                           q3_k      q2_k   q6_k    q2_k
@@ -24,7 +24,10 @@ IQ3_M     iq3_s    q4_k                             q4_k for the first n/8      
 IQ4_XS    iq4_xs   q5_k if n_gqa >= 4, else iq4_xs  iq4_xs                         iq4_xs    iq4_xs q6_k    iq4_xs
 ========  =======  ===============================  =============================  ========  =====  ======  =====
 
-``use_more_bits(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2``. "output" is the head, or the token
+Tensors are known by role (:mod:`turboboa.arch.layout`): attn_v is the value projection ``v``, ffn_down the
+MLP's output projection ``down``, attn_out the attention's output projection ``o``, q and k the query and key
+projections, output the ``head``, emb the ``embedding``. ``use_more_bits(i, n) = i < n/8 or i >= 7n/8 or
+(i - n/8) % 3 == 2``. "output" is the head, or the token
 embedding when the head is tied to it (llama.cpp then uses the embedding as the output matrix; with a width
 that is not a multiple of 256 it takes q8_0); "emb" an untied embedding (the default type in the k-quant
 files). The i-quant file types are those made with an importance matrix (ours: the layer Hessians), as the
@@ -35,9 +38,9 @@ model is padded with ``--pad-to 256``.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from turboboa.arch import locate
 from turboboa.errors import UserError
 
 K_PRESETS = ("Q4_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
@@ -51,9 +54,6 @@ I_TABLES = {"IQ1_S": ("q5_k", "q2_k"), "IQ1_M": ("q5_k", "q2_k"), "IQ2_XXS": ("q
             "IQ2_XS": ("q5_k", "q2_k"), "IQ2_S": ("q5_k", "iq3_s"), "IQ2_M": ("q5_k", "iq3_s"),
             "IQ3_XXS": ("q5_k", "iq3_s"), "IQ3_S": ("q6_k", "iq3_s"), "IQ3_M": ("q6_k", "iq3_s"),
             "IQ4_XS": ("q6_k", "iq4_xs")}
-EMBEDDING = "model.embed_tokens"
-HEAD = "lm_head"
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -85,51 +85,58 @@ def output_type(default: str) -> str:
     return "q8_0" if default == "q8_0" else "q6_k"
 
 
-def table_format(default: str, name: str, shape: ModelShape) -> str:
-    """The type llama-quantize gives the embedding or head ``name`` in a file whose layers default to
-    ``default``: :func:`output_type` for the head or a tied embedding, ``default`` for an untied embedding."""
-    return output_type(default) if name == HEAD or (name == EMBEDDING and shape.tied) else default
+def table_format(default: str, role: str, shape: ModelShape) -> str:
+    """The type llama-quantize gives the table of ``role`` ("embedding" or "head") in a file whose layers
+    default to ``default``: :func:`output_type` for the head or a tied embedding, ``default`` for an untied
+    embedding."""
+    return output_type(default) if role == "head" or (role == "embedding" and shape.tied) else default
 
 
-def preset_format(preset: str, name: str, shape: ModelShape) -> str:
-    """The ggml type ``preset`` gives the layer (or embedding/head) called ``name`` (HF module name)."""
+def preset_format(preset: str, name: str, shape: ModelShape, role: str | None = None) -> str:
+    """The ggml type ``preset`` gives the layer (or embedding/head) called ``name`` (a full module name; its
+    block index and, unless ``role`` is given, its role come from the registered families' layouts,
+    :func:`turboboa.arch.locate`)."""
+    block, found = locate(name)
+    return preset_type(preset, role or found, block, shape)
+
+
+def preset_type(preset: str, role: str | None, block: int | None, shape: ModelShape) -> str:
+    """The ggml type ``preset`` gives the tensor of ``role`` (a linear role of block ``block``, or
+    "embedding" / "head"); the preset's default type for any other tensor."""
     preset = check_preset(preset)
     default = DEFAULT_TYPE[preset]
     if preset in I_TABLES:
         output, embedding = I_TABLES[preset]
-        if name == HEAD or (name == EMBEDDING and shape.tied):
+        if role == "head" or (role == "embedding" and shape.tied):
             return output
-        if name == EMBEDDING:
+        if role == "embedding":
             return embedding
-    elif name in (HEAD, EMBEDDING):
-        return table_format(default, name, shape)
-    match = _LAYER.search(name)
-    if match is None:
+    elif role in ("head", "embedding"):
+        return table_format(default, role, shape)
+    if block is None or role is None:
         return default
-    i, n = int(match.group(1)), shape.n_layers
-    role = name.rsplit(".", 1)[-1]
     if preset in I_TABLES:
-        return _i_quant_rule(preset, role, i, n, shape.n_gqa) or default
-    return _k_quant_rule(preset, role, i, n, shape.n_gqa) or default
+        return _i_quant_rule(preset, role, block, shape.n_layers, shape.n_gqa) or default
+    return _k_quant_rule(preset, role, block, shape.n_layers, shape.n_gqa) or default
 
 
 def _k_quant_rule(preset: str, role: str, i: int, n: int, n_gqa: int) -> str | None:
     """The k-quant file types' exceptions to their default type (None: the default)."""
-    if role == "v_proj":
+    if role == "v":
         if preset == "Q2_K":
             return "q4_k" if n_gqa >= 4 else "q3_k"
         if preset == "Q3_K_M":
             return "q5_k" if i < 2 else "q4_k"
         if preset == "Q4_K_M" and use_more_bits(i, n):
             return "q6_k"
-    elif role == "down_proj":
+    elif role == "down":
         if preset == "Q2_K":
             return "q3_k"
         if preset == "Q3_K_M":
             return "q5_k" if i < n // 16 else "q4_k"
         if preset == "Q4_K_M" and use_more_bits(i, n):
             return "q6_k"
-    elif role == "o_proj":
+    elif role == "o":
         if preset == "Q2_K":
             return "q3_k"
         if preset == "Q3_K_M":
@@ -141,21 +148,21 @@ def _i_quant_rule(preset: str, role: str, i: int, n: int, n_gqa: int) -> str | N
     """The i-quant file types' exceptions to their default type (None: the default)."""
     low = preset in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS")
     mid = preset in ("IQ2_S", "IQ2_M")
-    if role == "v_proj":
+    if role == "v":
         if preset == "IQ4_XS":
             return "q5_k" if n_gqa >= 4 else None
         if preset == "IQ3_M" or n_gqa >= 4:
             return "q4_k"
         return "q2_k" if low else "iq3_s" if mid else None
-    if role == "down_proj" and i < n // 8:
+    if role == "down" and i < n // 8:
         return "q2_k" if low else "iq3_s" if mid else "q4_k" if preset == "IQ3_M" else None
-    if role == "o_proj":
+    if role == "o":
         if preset in ("IQ1_S", "IQ1_M"):
             return "iq2_xxs"
         if mid or preset == "IQ3_XXS":
             return "iq3_s"
         if preset == "IQ3_M":
             return "q4_k"
-    if role in ("q_proj", "k_proj") and preset == "IQ3_XXS":
+    if role in ("q", "k") and preset == "IQ3_XXS":
         return "iq2_s"
     return None

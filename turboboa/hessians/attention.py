@@ -1,8 +1,10 @@
-"""Attention-aware Hessian statistics (BoA) and the TurboBoA F2 cross term for v_proj.
+"""Attention-aware Hessian statistics (BoA) and the TurboBoA F2 cross term for the value projection.
 
 Notation per block: X the attention input (tokens x D), head dim d, H query heads, G KV heads, r = H / G;
 query head h reads KV head g(h) = h // r. All statistics are float32 running means over calibration tokens.
-RoPE follows the HF "rotate_half" convention: R_t = diag(c_t) + diag(s_t) J with J = [[0, -I], [I, 0]].
+RoPE follows the HF "rotate_half" convention: R_t = diag(c_t) + diag(s_t) J with J = [[0, -I], [I, 0]]; a
+family without RoPE has R_t = I, so its row Hessians are the plain key and query covariances. Layers are
+named by role: q, k, v the query, key and value projections.
 """
 
 from __future__ import annotations
@@ -175,19 +177,21 @@ class AttentionStatistics:
             raise RuntimeError("AttentionStatistics read before any add()")
         return stat.value
 
-    def row_hessian_q(self, cos: Tensor, sin: Tensor) -> Tensor:
-        """H_row(q_proj, h) = (1/L) sum_t R_t^T Mk_{g(h)} R_t, (H, d, d); cos/sin (L, d) for the calibration L."""
-        averaged = rope_average(self._require(self._kk), cos, sin)
+    def row_hessian_q(self, cos: Tensor | None, sin: Tensor | None) -> Tensor:
+        """H_row(q, h) = (1/L) sum_t R_t^T Mk_{g(h)} R_t, (H, d, d); cos/sin (L, d) for the calibration L, or
+        None without RoPE (R_t = I: H_row(q, h) = Mk_{g(h)})."""
+        mk = self._require(self._kk)
+        averaged = mk if cos is None else rope_average(mk, cos, sin)
         return averaged.repeat_interleave(self.group_size, dim=0)
 
-    def row_hessian_k(self, cos: Tensor, sin: Tensor) -> Tensor:
-        """H_row(k_proj, g) = (1/L) sum_t R_t^T (mean_{h in g} Mq_h) R_t, (G, d, d)."""
+    def row_hessian_k(self, cos: Tensor | None, sin: Tensor | None) -> Tensor:
+        """H_row(k, g) = (1/L) sum_t R_t^T (mean_{h in g} Mq_h) R_t, (G, d, d); the mean alone without RoPE."""
         mq = self._require(self._qq)
         mq = mq.view(self.n_kv_heads, self.group_size, *mq.shape[1:]).mean(dim=1)
-        return rope_average(mq, cos, sin)
+        return mq if cos is None else rope_average(mq, cos, sin)
 
     def col_hessian_v(self) -> Tensor:
-        """H_col(v_proj, g) = mean_{h in g} 2 mean_t y_h y_h^T with Y_h = A_h X, (G, D, D)."""
+        """H_col(v, g) = mean_{h in g} 2 mean_t y_h y_h^T with Y_h = A_h X, (G, D, D)."""
         return self._require(self._vv) * (2.0 / self.group_size)
 
     def cross_v(self) -> Tensor | None:

@@ -1,18 +1,20 @@
-"""``--pad-to M``: widen a Llama-family model so every linear layer's input width is a multiple of ``M``,
-computing exactly the same function (so ggml's 256-column k-quants fit every tensor).
+"""``--pad-to M``: widen an RMSNorm decoder so every linear layer's input width is a multiple of ``M``,
+computing exactly the same function (so ggml's 256-column k-quants fit every tensor). Layers are named by
+role (:mod:`turboboa.arch.layout`); a family whose norm is not preserved by zero channels (OPT's LayerNorm)
+is refused in one line with its adapter's reason.
 
 With ``r = d / d'`` (old over new hidden size):
 
 * residual stream: ``d' - d`` zero channels appended. Embedding and head get zero columns, layers writing to
-  the stream (o_proj, down_proj) zero rows, layers reading it (q/k/v, gate/up) zero columns.
+  the stream (o, down) zero rows, layers reading it (q/k/v, gate/up) zero columns.
 * RMSNorm: ``y = x / sqrt(mean(x^2) + eps) * w``. The mean over ``d'`` channels is ``r`` times the mean over
   the ``d`` real ones, so with ``eps' = r eps`` and ``w' = w / sqrt(r)`` on the real channels (0 on the padding)
   every norm output is unchanged: ``x / sqrt(r (mean_d(x^2) + eps)) * w / sqrt(r)``... scaled back exactly.
-* attention: query heads are added (zero q rows, zero o_proj columns) until ``n_heads' * head_dim`` is a
+* attention: query heads are added (zero q rows, zero o columns) until ``n_heads' * head_dim`` is a
   multiple of ``M`` and of the KV-group size. They are placed so grouped-query attention keeps its mapping:
   query head ``h`` reads KV head ``h // (n_heads / n_kv)``, so each KV head's group gets its new heads at its
-  end. A zero query row gives uniform attention, but its o_proj columns are zero, so it adds nothing.
-* MLP: ``I' - I`` zero gate/up rows and zero down_proj columns (``silu(0) * 0 = 0``).
+  end. A zero query row gives uniform attention, but its o columns are zero, so it adds nothing.
+* MLP: ``I' - I`` zero gate/up rows and zero down columns (``silu(0) * 0 = 0``).
 
 Where the zero channels of the residual stream go (``hidden_index``: the padded position of every real
 channel) does not change the function, but it matters to llama.cpp. Its k-quant kernels quantize the input of
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from turboboa.arch import ArchAdapter, get_adapter
 from turboboa.errors import UserError
 
 
@@ -93,12 +96,17 @@ def residual_placement(peaks: torch.Tensor, padded: int, multiple: int) -> torch
     return index
 
 
+def stream_norms(model: Any, adapter: ArchAdapter) -> list[nn.Module]:
+    """The norms that read the residual stream: the final norm, then each block's attention and MLP norms."""
+    return [adapter.final_norm(model)] + [adapter.norm(block, role) for block in adapter.blocks(model)
+                                          for role in ("attention_norm", "mlp_norm")]
+
+
 @torch.no_grad()
 def residual_peaks(model: Any, calib: torch.Tensor, batch: int = 4) -> torch.Tensor:
     """Per residual channel, ``sum over norms of max over calibration tokens |RMSNorm(h)_c|``: the activation
     peaks of the inputs of every layer that reads the stream (q/k/v, gate/up, head)."""
-    norms = [model.model.norm] + [m for layer in model.model.layers
-                                  for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms = stream_norms(model, get_adapter(model))
     device = next(model.parameters()).device
     peaks = torch.zeros(model.config.hidden_size, dtype=torch.float32, device=device)
 
@@ -116,14 +124,15 @@ def residual_peaks(model: Any, calib: torch.Tensor, batch: int = 4) -> torch.Ten
 
 
 def pad_model(model: Any, multiple: int, hidden_index: torch.Tensor | None = None) -> dict[str, Any]:
-    """Pad ``model`` (a transformers Llama/Mistral/Qwen2 causal LM, in place) so every linear input width is a
+    """Pad ``model`` (a transformers causal LM with RMSNorms, in place) so every linear input width is a
     multiple of ``multiple``; returns what changed (old and new sizes). The function is unchanged.
 
     ``hidden_index``: padded position of every real residual channel (default: the first ``d`` positions;
     see :func:`residual_placement`)."""
     cfg = model.config
-    if cfg.model_type not in ("llama", "mistral", "qwen2"):
-        raise UserError(f"--pad-to supports llama, mistral and qwen2 models, not {cfg.model_type}")
+    adapter = get_adapter(model)
+    if adapter.PADDING_REFUSAL is not None:
+        raise UserError(f"--pad-to {multiple} cannot apply: {adapter.PADDING_REFUSAL}")
     d, n_h, n_kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or d // n_h
     inter = cfg.intermediate_size
@@ -147,25 +156,25 @@ def pad_model(model: Any, multiple: int, hidden_index: torch.Tensor | None = Non
         emb = model.get_input_embeddings()
         emb.weight = nn.Parameter(_place(emb.weight.data, 1, d2, hi), requires_grad=False)
         emb.embedding_dim = d2
-        norms = [model.model.norm] + [m for layer in model.model.layers
-                                      for m in (layer.input_layernorm, layer.post_attention_layernorm)]
-        for norm in norms:
+        for norm in stream_norms(model, adapter):
             norm.weight = nn.Parameter(_place(norm.weight.data * norm_scale, 0, d2, hi), requires_grad=False)
             eps_name = "variance_epsilon" if hasattr(norm, "variance_epsilon") else "eps"
             setattr(norm, eps_name, getattr(norm, eps_name) * r)
-        for layer in model.model.layers:
-            att, mlp = layer.self_attn, layer.mlp
-            q = att.q_proj
+        mlp_in = [role for role in ("gate", "up") if role in adapter.LAYOUT.roles.present()]
+        for block in adapter.blocks(model):
+            att = adapter.attention(block)
+            q = adapter.linear(block, "q")
             _set_linear(q, _place(_place(q.weight.data, 1, d2, hi), 0, n_h2 * hd, rows_q),
                         None if q.bias is None else _place(q.bias.data, 0, n_h2 * hd, rows_q))
-            for lin in (att.k_proj, att.v_proj):
+            for lin in (adapter.linear(block, "k"), adapter.linear(block, "v")):
                 _set_linear(lin, _place(lin.weight.data, 1, d2, hi), None)
-            o = att.o_proj
+            o = adapter.linear(block, "o")
             _set_linear(o, _place(_place(o.weight.data, 1, n_h2 * hd, rows_q), 0, d2, hi),
                         None if o.bias is None else _place(o.bias.data, 0, d2, hi))
-            for lin in (mlp.gate_proj, mlp.up_proj):
+            for lin in (adapter.linear(block, role) for role in mlp_in):
                 _set_linear(lin, _place(_place(lin.weight.data, 1, d2, hi), 0, inter2), None)
-            _set_linear(mlp.down_proj, _place(_place(mlp.down_proj.weight.data, 1, inter2), 0, d2, hi), None)
+            down = adapter.linear(block, "down")
+            _set_linear(down, _place(_place(down.weight.data, 1, inter2), 0, d2, hi), None)
             att.head_dim = hd
             if hasattr(att, "num_heads"):
                 att.num_heads = n_h2

@@ -22,8 +22,10 @@ __all__ = ["LayerProblem", "solve_layer", "HessianError"]
 class LayerProblem:
     """One linear layer to quantize and the statistics of its inputs.
 
-    ``H``: the column Hessian ``2 X X^T / n`` (``(C, C)``), or one per head (``(heads, C, C)``, v_proj under BoA).
-    ``H_row``: the attention row Hessian per head (``(heads, d_h, d_h)``) for q_proj/k_proj under BoA, else None.
+    ``H``: the column Hessian ``2 X X^T / n`` (``(C, C)``), or one per head (``(heads, C, C)``, the value
+    projection under BoA).
+    ``H_row``: the attention row Hessian per head (``(heads, d_h, d_h)``) for the query and key projections under
+    BoA, else None.
     ``heads``: how many consecutive row groups (heads) ``W`` splits into for the per-head problems.
     ``cross``: TurboBoA's F2 term ``C = 2 (X_fp - X) X^T / n`` (same shape as ``H``), or None.
     ``fmt``: the layer's format, whose grid every solver quantizes onto (:meth:`QuantConfig.solver_grid`):
