@@ -302,3 +302,7 @@ def test_what_opt_cannot_take_is_refused_in_one_line(tmp_path, opt_qdirs, tiny_o
                           "LayerNorm", "--rotate none")
     assert_one_line_error(run_main(*quantize, "--pad-to", "128", capsys=capsys), "--pad-to", "LayerNorm")
     assert not (tmp_path / "q").exists()
+    run = ("run", str(tiny_opt_dir), "--export", "gguf,onnx", "--nsamples", "2", "--seqlen", "32",
+           "--device", "cpu", "-q", "-o", str(tmp_path / "run"))
+    assert_one_line_error(run_main(*run, capsys=capsys), "--export gguf", "llama.cpp has no OPT", "--export onnx")
+    assert not (tmp_path / "run" / "qdir").exists()  # refused before quantizing

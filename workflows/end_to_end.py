@@ -33,7 +33,8 @@ from runtime_check.checker import check as run_check
 from runtime_check.report import JSON_NAME, MD_NAME, PNG_NAME, atomic_write, write_report
 from turboboa import api
 from turboboa.activations import check_act_bits
-from turboboa.arch import LINEAR_ROLES
+from turboboa.arch import LINEAR_ROLES, GgufArch
+from turboboa.arch.base import adapter_class
 from turboboa.checkpoint import load_qdir
 from turboboa.checksums import sha256_file, sums_text
 from turboboa.config import FLOAT, QuantConfig
@@ -42,6 +43,7 @@ from turboboa.formats import get_format, is_ggml_format
 from turboboa.formats.choice import FALLBACK, parse_overrides
 from turboboa.formats.presets import ModelShape, preset_type
 from turboboa.io import remove_stale_temporaries
+from turboboa.models.loader import folder_model_type
 from workflows.export import export
 
 EXPORTS = ("gguf", "onnx")
@@ -88,12 +90,17 @@ def possible_formats(cfg: QuantConfig) -> set[str]:
 
 
 def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | None,
-                  onnx_profile: str = "generic") -> None:
+                  onnx_profile: str = "generic", model_type: str | None = None) -> None:
     """A :class:`UserError` when a requested export format cannot hold what ``cfg`` quantizes onto: GGUF needs
-    a ggml type for every layer (embedding included) and has no static activation encodings; ONNX needs a
-    grid with a DequantizeLinear form that ``onnx_profile`` takes (a quantized embedding of another type is
-    stored dequantized, so any type), and ``npu`` needs symmetric uniform grids."""
+    a ggml type for every layer (embedding included), a family llama.cpp runs (``model_type``, when known
+    before loading) and no static activation encodings; ONNX needs a grid with a DequantizeLinear form that
+    ``onnx_profile`` takes (a quantized embedding of another type is stored dequantized, so any type), and
+    ``npu`` needs symmetric uniform grids."""
     formats = possible_formats(cfg)
+    if model_type is not None:
+        gguf_arch = adapter_class(model_type, f"the model ({model_type})").GGUF
+        if "gguf" in exports and not isinstance(gguf_arch, GgufArch):
+            raise UserError(f"--export gguf cannot hold a {model_type} model ({gguf_arch}); use --export onnx")
     if "gguf" in exports:
         embedding = {cfg.embed_format.lower()} - {"", FLOAT}  # a float table is F32 in the file
         bad = sorted(f for f in formats | embedding if not is_ggml_format(f))
@@ -197,7 +204,7 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
     settings.validate()
     check_act_bits(act_bits)
     cfg, format_note = choose_format(cfg, exports, format_given)
-    check_exports(cfg, exports, act_bits, onnx_profile)
+    check_exports(cfg, exports, act_bits, onnx_profile, folder_model_type(model))
     check_outdir(outdir)
     for name in run_output_names():  # what a killed run left: the hidden temporaries of its files
         remove_stale_temporaries(outdir / name)

@@ -188,6 +188,19 @@ def load_float_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float
                     f"folder or a hub id like owner/name")
 
 
+def folder_model_type(spec: str) -> str | None:
+    """The ``model_type`` of a local Hugging Face folder's ``config.json``, read without loading the model;
+    None for an alias, a GGUF file or a hub id (whose family is known once loaded)."""
+    config = Path(spec).expanduser() / "config.json"
+    if spec in ALIASES or not config.is_file():
+        return None
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return model_type if isinstance(model_type, str) else None
+
+
 def _env_flag(name: str) -> bool:
     """Return True when the environment variable ``name`` is set to a true value (1, true, yes, on)."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
