@@ -35,7 +35,8 @@ from turboboa import api
 from turboboa.activations import check_act_bits
 from turboboa.checkpoint import load_qdir
 from turboboa.checksums import sha256_file, sums_text
-from turboboa.config import FLOAT, QuantConfig
+from turboboa.config import QuantConfig
+from turboboa.configs.grid import FLOAT
 from turboboa.errors import UserError
 from turboboa.formats import is_ggml_format
 from turboboa.formats.choice import FALLBACK, parse_overrides
