@@ -1,7 +1,9 @@
 """The ``turboboa`` command: a thin click layer over the core (:mod:`turboboa.api`) and the workflows.
 
-The packages are imported inside each command, so ``turboboa --help`` and a refused option answer without
-loading torch and transformers."""
+The options of ``quantize`` and ``run`` are derived from the typed configurations (:mod:`turboboa.configs`),
+imported with the core's light modules (torch, not transformers); the rest (the pipeline's models, the
+exporters, the runtimes) is imported inside each command, so ``turboboa --help`` and a refused option answer
+without loading it."""
 
 from __future__ import annotations
 
@@ -9,15 +11,15 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import click
 
+from turboboa.config import QuantConfig
+from turboboa.configs.activations import ACT_SCOPES, activation_scope
+from turboboa.configs.option import CliOption, cli_options
 from turboboa.errors import UserError
-
-if TYPE_CHECKING:
-    from turboboa.config import QuantConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -28,81 +30,29 @@ def app() -> None:
     """Quantize LLMs to 2-8 bits with TurboBoA, BoA, GPTQ or RTN, and measure them."""
 
 
-# Every option of `quantize` but MODEL and -o: shared by `quantize` and `run`, in the order `--help` lists them.
-# One list, so an option added here (e.g. --resume) reaches both commands; `quant_config` turns the QuantConfig
-# fields among them into a QuantConfig and leaves the others (device, act_bits, ...) to the command.
+def config_option(opt: CliOption) -> Callable[[F], F]:
+    """The click option of a configuration field (:mod:`turboboa.configs.option`): its flag, help, type and
+    default as the field declares them; a closed set of values is a ``click.Choice``."""
+    if opt.is_switch:
+        return click.option(opt.flags, opt.param, is_flag=True, help=opt.help)
+    value_type = click.Choice(opt.option.choices) if opt.option.choices else opt.type
+    default = None if opt.option.read is not None else opt.default
+    return click.option(opt.flags, opt.param, type=value_type, default=default, show_default=opt.shows_default,
+                        multiple=opt.multiple, metavar=opt.option.metavar, help=opt.help)
+
+
+# Every option of `quantize` but MODEL and -o, shared by `quantize` and `run` in the order `--help` lists them:
+# the QuantConfig fields' (declared in turboboa/configs/), then the command's own (how to run, not what).
 QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
-    click.option("--method", default="turboboa", show_default=True, help="rtn | gptq | boa | turboboa"),
-    click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8"),
-    click.option("--group-size", type=int, default=None,
-                  help="-1 = per output channel (default 128); under --format lpbq4 its block: 16, 32 (default), "
-                       "64, 128"),
-    click.option("--sym", is_flag=True, help="symmetric grids (zero point 2^(bits-1))"),
-    click.option("--grid", default="auto", show_default=True,
-                  help="minmax | search (Hessian-weighted range search) | auto (search except for rtn)"),
-    click.option("--format", "fmt", default="int", show_default=True,
-                  help="int (uniform grid of --bits/--group-size), a ggml type the GGUF file stores: "
-                       "q2_k q3_k q4_k q5_k q6_k q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl, or lpbq4 (Qualcomm LPBQ, for ONNX)"),
-    click.option("--tensor-format", "tensor_formats", multiple=True, metavar="PATTERN=TYPE",
-                  help="per-layer format override by module-name pattern, e.g. '*.down_proj=q6_k' (repeatable)"),
-    click.option("--preset", default="", help="llama-quantize-like file type: Q4_0, Q2_K, Q3_K_S, Q3_K_M or Q4_K_M "
-                  "(a ggml type per tensor, embedding included; see docs/formats-and-export.md)"),
-    click.option("--embed-format", default="",
-                  help="type of the token embedding and the head: float, or a ggml type (default: llama-quantize's "
-                       "choice for the file: q6_k for the head or a tied embedding, q8_0 where the width is not a "
-                       "multiple of 256, the layers' type for an untied embedding; a preset's own types)"),
-    click.option("--pad-to", type=int, default=0, show_default=True,
-                  help="pad every layer width to a multiple of this (function-preserving), e.g. 256 for k-quants"),
-    click.option("--pad-order", default="natural", show_default=True,
-                  help="natural (residual zero channels at the end) | activation (they share a 256-block with the "
-                       "largest activations, which llama.cpp's 8-bit activation blocks then round finer; it moves "
-                       "the weights' groups, see docs/formats-and-export.md)"),
-    click.option("--act-order/--no-act-order", default=True, show_default=True,
-                  help="GPTQ: columns by decreasing Hessian diagonal (static groups)"),
-    click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids from the original weights"),
-    click.option("--true-sequential", is_flag=True,
-                  help="calibrate each group of layers on the outputs of the already quantized groups before it"),
-    click.option("--damp", "percdamp", type=float, default=0.05, show_default=True,
-                  help="damping, share of mean diag"),
-    click.option("--rows", type=int, default=16, show_default=True, help="TurboBoA: rows quantized jointly (N)"),
-    click.option("--alpha", type=float, default=0.25, show_default=True, help="GPTQ/TurboBoA: F2 strength"),
-    click.option("--no-dx", is_flag=True, help="GPTQ/TurboBoA: turn off F2 (correction for the earlier layers' "
-                 "errors from a full-precision stream; GPTAQ for GPTQ)"),
-    click.option("--no-adaptive-grid", is_flag=True, help="TurboBoA: fix grids from the original weights"),
-    click.option("--refine-iters", type=int, default=1, show_default=True, help="TurboBoA: scale refinement sweeps"),
-    click.option("--act-order-col/--no-act-order-col", default=True, show_default=True,
-                  help="BoA/TurboBoA: columns by decreasing H_col diagonal"),
-    click.option("--act-order-row", is_flag=True, help="BoA/TurboBoA: rows by decreasing H_row diagonal"),
-    click.option("--calib", default="wikitext2", show_default=True, help="calibration data: name or .txt/.jsonl path"),
-    click.option("--nsamples", type=int, default=128, show_default=True),
-    click.option("--seqlen", type=int, default=2048, show_default=True),
-    click.option("--seed", type=int, default=0, show_default=True),
+    *(config_option(opt) for opt in cli_options(QuantConfig)),
     click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda"),
-    click.option("--rotate", default="auto", show_default=True,
-                  help="none | hadamard (randomized Hadamard) | random (orthogonal): QuaRot rotation fused into the "
-                       "weights (norms folded; the model stays a plain Llama); auto: hadamard for gptq/boa/turboboa "
-                       "unless it would untie a tied head in a weight-only run (the file would store a second "
-                       "vocabulary-sized matrix), none for rtn"),
-    click.option("--rotate-seed", type=int, default=0, show_default=True, help="seed of the rotation's signs/matrix"),
-    click.option("--online-rotate", default="auto", show_default=True,
-                  help="none | down | qk | down,qk: online Hadamard of the down projection's input / of queries and keys "
-                       "(weight-activation quantization only; auto: what --act-bits/--kv-bits need under --rotate)"),
-    click.option("--act-bits", type=int, default=None,
-                  help="activation quantization: 4 or 6 (or 8 with --act-scope token): per-token dynamic min-max "
-                       "of every block layer's input (the papers' WxAy); 8 or 16 otherwise: static per-tensor "
-                       "uint8/uint16 calibrated on the calibration set (the NPU profiles')"),
-    click.option("--act-scope", type=click.Choice(["auto", "inputs", "graph", "token"]), default="auto",
-                  show_default=True,
-                  help="token: per-token dynamic; inputs: static, the linear layers' inputs; graph: static, every "
-                       "tensor of the decoder graph (what --profile qnn-htp exports); auto: token for --act-bits "
-                       "4/6 or with --kv-bits, else inputs"),
-    click.option("--act-asym", is_flag=True, help="per-token activations asymmetric (default symmetric)"),
-    click.option("--kv-bits", type=int, default=None,
-                  help="4, 8 or 16: keys and values quantized per token and head, dynamic min-max (asymmetric)"),
-    click.option("--kv-sym", is_flag=True, help="symmetric key/value quantization (default asymmetric)"),
+    click.option("--act-scope", type=click.Choice(ACT_SCOPES), default="auto", show_default=True,
+                 help="how --act-bits reads: token: per-token dynamic; inputs: static, the linear layers' inputs; "
+                      "graph: static, every tensor of the decoder graph (what --profile qnn-htp exports); auto: "
+                      "token for --act-bits 4/6 or with --kv-bits, else inputs"),
     click.option("--resume", is_flag=True,
-                  help="continue an interrupted run from its last finished block (state kept in <output>.partial/); "
-                       "the result is identical to an uninterrupted run's"),
+                 help="continue an interrupted run from its last finished block (state kept in <output>.partial/); "
+                      "the result is identical to an uninterrupted run's"),
 ]
 
 
@@ -113,35 +63,19 @@ def quantize_options(fn: F) -> F:
     return fn
 
 
-def activation_scheme(options: dict[str, Any]) -> tuple[str, int | None]:
-    """``(scope, static bits)``: how ``--act-bits`` reads (``--act-scope``, auto resolved: per-token "token" for
-    4/6 bits or with ``--kv-bits``, else static "inputs") and the static width it leaves to the command (None
-    when activations are per-token or float)."""
-    bits, scope = options["act_bits"], options["act_scope"]
-    if scope == "auto":
-        scope = "token" if bits in (4, 6) or options["kv_bits"] is not None else "inputs"
+def activation_scheme(options: Mapping[str, Any]) -> tuple[str, int | None]:
+    """``(scope, static bits)``: how ``--act-bits`` reads (:func:`~turboboa.configs.activations.activation_scope`)
+    and the static width it leaves to the command (None when activations are per-token or float)."""
+    bits = options["act_bits"]
+    scope = activation_scope(bits, options["act_scope"], options["kv_bits"])
     return scope, (bits if scope != "token" else None)
 
 
-def quant_config(options: dict[str, Any]) -> QuantConfig:
-    """The :class:`QuantConfig` of the quantize options ``options`` (click parameter names; the options that
-    are no QuantConfig field, such as ``device`` and the static ``act_bits``, are left to the command)."""
-    from turboboa.config import QuantConfig
-
-    o = options
-    scope, _ = activation_scheme(o)
-    dyn_bits = (o["act_bits"] or 16) if scope == "token" else 16
-    return QuantConfig(method=o["method"], bits=o["bits"], group_size=o["group_size"], sym=o["sym"],
-                       grid=o["grid"], format=o["fmt"], tensor_formats=o["tensor_formats"], preset=o["preset"],
-                       embed_format=o["embed_format"], pad_to=o["pad_to"], pad_order=o["pad_order"],
-                       act_order=o["act_order"], static_groups=o["static_groups"],
-                       true_sequential=o["true_sequential"], percdamp=o["percdamp"], rows=o["rows"],
-                       alpha=o["alpha"], use_dx=not o["no_dx"], adaptive_grid=not o["no_adaptive_grid"],
-                       refine_iters=o["refine_iters"], act_order_col=o["act_order_col"],
-                       act_order_row=o["act_order_row"], calib=o["calib"], nsamples=o["nsamples"],
-                       seqlen=o["seqlen"], seed=o["seed"], rotate=o["rotate"], rotate_seed=o["rotate_seed"],
-                       online_rotate=o["online_rotate"], dyn_act_bits=dyn_bits, dyn_act_sym=not o["act_asym"],
-                       kv_bits=o["kv_bits"] or 16, kv_sym=o["kv_sym"])
+def quant_config(options: Mapping[str, Any]) -> QuantConfig:
+    """The :class:`QuantConfig` of the parsed quantize options ``options`` (click parameter names): each field
+    read from its flag; the options that are no field (``device``, the static ``act_bits``, ...) are left to
+    the command."""
+    return QuantConfig.from_options(options)
 
 
 @app.command()
@@ -399,7 +333,7 @@ def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, e
     scope, act_bits = activation_scheme(options)
     settings = CheckSettings(data=data, seqlen=eval_seqlen, max_windows=max_windows, gguf_tol=gguf_tol,
                              onnx_tol=onnx_tol, threads=threads, device=options["device"])
-    format_given = ctx.get_parameter_source("fmt") != ParameterSource.DEFAULT
+    format_given = ctx.get_parameter_source("format") != ParameterSource.DEFAULT
     log = None if quiet or as_json else (lambda line: click.echo(line, err=True))
     result = run(model, cfg, outdir, exports, format_given=format_given, check=run_check, settings=settings,
                  device=options["device"], act_bits=act_bits, progress=not quiet and not as_json,

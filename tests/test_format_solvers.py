@@ -16,8 +16,9 @@ from turboboa.formats import format_names, get_format
 from turboboa.formats.choice import layer_format
 from turboboa.formats.spec import format_spec, reshape_grid
 from turboboa.grids import BlockGrid
+from turboboa.pipeline import quantize_layer
 from turboboa.quantized import QuantizedLinear
-from turboboa.solvers import LayerProblem, solve_layer
+from turboboa.solvers import LayerProblem
 from turboboa.solvers.gptq import gptq_quantize
 from turboboa.solvers.refine import kron_objective, refine_params
 from turboboa.solvers.rtn import rtn_quantize
@@ -46,8 +47,8 @@ def solve_problem(method: str, fmt: str, **options: Any) -> tuple[torch.Tensor, 
     the defaults or ``options`` (QuantConfig fields): the weights and the quantized layer."""
     W, H, H_row = problem()
     heads = H_row.shape[0] if method in ("boa", "turboboa") else 1
-    q = solve_layer(LayerProblem("layer", W, H, H_row=H_row if heads > 1 else None, heads=heads, fmt=fmt),
-                    QuantConfig(method=method, format=fmt, **options))
+    q = quantize_layer(LayerProblem("layer", W, H, H_row=H_row if heads > 1 else None, heads=heads, fmt=fmt),
+                       QuantConfig(method=method, format=fmt, **options))
     return W, q
 
 
@@ -146,7 +147,7 @@ def test_qdir_round_trip_keeps_the_stored_grid(tmp_path, tiny_llama_dir) -> None
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     W, H, _ = problem(C=64, R=64)
     cfg = QuantConfig(method="gptq", format="q4_1")
-    q = solve_layer(LayerProblem("model.layers.0.self_attn.q_proj", W, H, fmt="q4_1"), cfg)
+    q = quantize_layer(LayerProblem("model.layers.0.self_attn.q_proj", W, H, fmt="q4_1"), cfg)
     save_qdir(tmp_path / "q", model, None, {"model.layers.0.self_attn.q_proj": q}, cfg, {})
     back = load_qdir(tmp_path / "q").layers["model.layers.0.self_attn.q_proj"]
     assert back.fmt == "q4_1" and back.grid.equal(q.grid) and torch.equal(back.codes, q.codes)

@@ -27,8 +27,9 @@ from turboboa.formats.choice import layer_format
 from turboboa.formats.lpbq import K_MAX, LpbqSpec
 from turboboa.formats.spec import format_spec, reshape_grid
 from turboboa.grids import BlockGrid
+from turboboa.pipeline import quantize_layer
 from turboboa.quantized import QuantizedLinear
-from turboboa.solvers import LayerProblem, solve_layer
+from turboboa.solvers import LayerProblem
 from turboboa.solvers.gptq import gptq_quantize
 from turboboa.solvers.refine import kron_objective, refine_params
 from turboboa.solvers.rtn import rtn_quantize
@@ -185,7 +186,7 @@ def test_qdir_round_trip_keeps_the_lpbq_grid(tmp_path, tiny_llama_dir) -> None:
     W, H, _ = problem(C=64, R=64)
     cfg = QuantConfig(method="gptq", format="lpbq4")
     name = "model.layers.0.self_attn.q_proj"
-    q = solve_layer(LayerProblem(name, W, H, fmt="lpbq4"), cfg)
+    q = quantize_layer(LayerProblem(name, W, H, fmt="lpbq4"), cfg)
     save_qdir(tmp_path / "q", model, None, {name: q}, cfg, {})
     ckpt = load_qdir(tmp_path / "q")
     back = ckpt.layers[name]

@@ -39,8 +39,9 @@ from turboboa.config import QuantConfig
 from turboboa.errors import UserError
 from turboboa.formats import GgmlGrid, all_format_names, get_format
 from turboboa.formats.lpbq import LPBQ_BLOCKS
+from turboboa.pipeline import quantize_layer
 from turboboa.quantized import QuantizedLinear
-from turboboa.solvers import LayerProblem, solve_layer
+from turboboa.solvers import LayerProblem
 
 from .conftest import EMBEDDING, make_tiny_llama, run_cli
 from .test_format_solvers import problem
@@ -92,7 +93,7 @@ def random_ggml_layer(fmt: str, rows: int = 24, columns: int = 512, seed: int = 
 def solved_layer(fmt: str, method: str = "rtn") -> QuantizedLinear:
     """A random 32 x 512 layer (an all-zero row, an all-zero 256-column block) quantized onto ``fmt``."""
     W, H, _ = problem(C=512, R=32)
-    return solve_layer(LayerProblem("layer", W, H, fmt=fmt), QuantConfig(method=method, format=fmt))
+    return quantize_layer(LayerProblem("layer", W, H, fmt=fmt), QuantConfig(method=method, format=fmt))
 
 
 def props_of(path) -> dict[str, str]:

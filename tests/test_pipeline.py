@@ -14,8 +14,8 @@ from turboboa.config import QuantConfig
 from turboboa.hessians import CovarianceAccumulator
 from turboboa.hessians.attention import AttentionStatistics
 from turboboa.models import load_float_model
-from turboboa.pipeline import _collect, _round_table, quantize_model
-from turboboa.solvers import LayerProblem, solve_layer
+from turboboa.pipeline import _collect, _round_table, quantize_layer, quantize_model
+from turboboa.solvers import LayerProblem
 
 
 def test_collect_accumulates_hessians_and_f2_cross_terms(tiny_llama_dir):
@@ -89,8 +89,8 @@ def test_tables_rounded_in_row_chunks_equal_the_whole_table(fmt, width, monkeypa
     with torch.no_grad():
         table.weight.copy_(torch.randn(50, width, generator=torch.Generator().manual_seed(0)) * 0.05)
     cfg = QuantConfig(method="rtn", group_size=32)
-    whole = solve_layer(LayerProblem("t", table.weight.detach().clone(), torch.eye(width), fmt=fmt),
-                        dataclasses.replace(cfg, grid="search"))
+    whole = quantize_layer(LayerProblem("t", table.weight.detach().clone(), torch.eye(width), fmt=fmt),
+                           dataclasses.replace(cfg, grid="search"))
     monkeypatch.setattr(pipeline, "TABLE_ROWS", 7)
     q = _round_table("t", table, fmt, cfg)
     assert q.fmt == whole.fmt and q.shape == whole.shape

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from turboboa.config import QuantConfig
+from turboboa.configs.solvers import BoAConfig, GPTQConfig, RTNConfig, SolverConfig, TurboBoAConfig
 from turboboa.formats.codebook import CodebookSpec
 from turboboa.formats.lpbq import LpbqSpec
 from turboboa.formats.spec import FormatSpec
 from turboboa.grids import BlockGrid, GridSpec, dequantize, expand_groups, fit_grid, quantize_codes
+from turboboa.pipeline import quantize_layer
+from turboboa.quantized import QuantizedLinear
 from turboboa.solvers import LayerProblem, shifted_target, solve_layer
 from turboboa.solvers.boa import row_compensation
 from turboboa.solvers.gptq import gptq_quantize
@@ -107,22 +110,22 @@ def boa_problem(seed: int, heads=3, d_h=8, d_in=32, identity_row=False, dtype=to
     return LayerProblem("test", W, hessian(X), H_row, heads)
 
 
-def cfg(method: str, **kw) -> QuantConfig:
-    base = dict(method=method, bits=3, group_size=-1, grid="minmax")
-    base.update(kw)
-    return QuantConfig(**base)
+def solve(p: LayerProblem, config: SolverConfig, group_size: int = -1, search: bool = False,
+          bits: int = 3) -> QuantizedLinear:
+    """``p`` solved with the method configuration ``config`` onto the uniform asymmetric grid of ``bits``."""
+    return solve_layer(p, config, GridSpec(bits=bits, search=search), group_size)
 
 
 @pytest.mark.parametrize("group_size", [-1, 8])
 def test_turboboa_with_one_row_and_f2_f3_off_equals_boa(group_size):
     p = boa_problem(0)
     p.cross = 0.1 * random_spd(p.W.shape[1], 99)
-    boa = solve_layer(p, cfg("boa", group_size=group_size, grid="search"))
-    turbo = solve_layer(p, cfg("turboboa", group_size=group_size, grid="search", rows=1, use_dx=False,
-                               adaptive_grid=False, refine_iters=0))
+    boa = solve(p, BoAConfig(), group_size, search=True)
+    turbo = solve(p, TurboBoAConfig(rows=1, use_dx=False, adaptive_grid=False, refine_iters=0), group_size,
+                  search=True)
     assert torch.equal(boa.codes, turbo.codes) and torch.equal(boa.scale, turbo.scale)
     # and F2/F3 do change the result
-    full = solve_layer(p, cfg("turboboa", group_size=group_size, grid="search", rows=1))
+    full = solve(p, TurboBoAConfig(rows=1), group_size, search=True)
     assert not torch.equal(full.scale, boa.scale)
 
 
@@ -130,8 +133,8 @@ def test_turboboa_with_one_row_and_f2_f3_off_equals_boa(group_size):
 @pytest.mark.parametrize("group_size", [-1, 8])
 def test_boa_with_identity_row_hessian_equals_gptq(group_size, act_order):
     p = boa_problem(1, identity_row=True)
-    boa = solve_layer(p, cfg("boa", group_size=group_size, act_order_col=act_order))
-    gptq = solve_layer(p, cfg("gptq", group_size=group_size, static_groups=True, act_order=act_order, use_dx=False))
+    boa = solve(p, BoAConfig(act_order_col=act_order), group_size)
+    gptq = solve(p, GPTQConfig(static_groups=True, act_order=act_order, use_dx=False), group_size)
     assert torch.equal(boa.codes, gptq.codes)
     assert torch.allclose(boa.dequantize(), gptq.dequantize(), atol=0, rtol=0)
 
@@ -156,8 +159,8 @@ def test_n_row_compensation_is_least_squares_optimum():
 
 def test_n_rows_turboboa_lowers_attention_objective_vs_gptq():
     p = boa_problem(4, heads=2, d_h=16, d_in=48)
-    gptq = solve_layer(p, cfg("gptq", act_order=False))  # both in the natural column order
-    turbo = solve_layer(p, cfg("turboboa", rows=4, act_order_col=False, use_dx=False, refine_iters=0, adaptive_grid=False))
+    gptq = solve(p, GPTQConfig(act_order=False))  # both in the natural column order
+    turbo = solve(p, TurboBoAConfig(rows=4, act_order_col=False, use_dx=False, refine_iters=0, adaptive_grid=False))
     Wh = p.W.reshape(2, 16, 48)
 
     def obj(q):
@@ -218,10 +221,10 @@ def test_f2_shift_is_the_minimizer_and_vanishes_without_deviation():
     assert torch.allclose(Wp, lstsq, atol=1e-10)
     # F2 with zero input deviation equals no F2
     p = boa_problem(6)
-    base = cfg("turboboa", rows=4, group_size=8)
-    no_dx = solve_layer(p, dataclasses.replace(base, use_dx=False))
+    base = TurboBoAConfig(rows=4)
+    no_dx = solve(p, dataclasses.replace(base, use_dx=False), 8)
     p.cross = torch.zeros_like(p.H)
-    zero_dx = solve_layer(p, base)
+    zero_dx = solve(p, base, 8)
     assert torch.equal(no_dx.codes, zero_dx.codes) and torch.equal(no_dx.scale, zero_dx.scale)
 
 
@@ -232,9 +235,9 @@ def test_f2_reduces_error_against_full_precision_outputs():
     H = hessian(X)
     C = 2 * dX.T @ X / X.shape[0]
     p = LayerProblem("l", W, H, None, 1, C)
-    base = cfg("turboboa", bits=4, refine_iters=0, alpha=1.0)
-    with_dx = solve_layer(p, base).dequantize()
-    without = solve_layer(p, dataclasses.replace(base, use_dx=False)).dequantize()
+    base = TurboBoAConfig(refine_iters=0, alpha=1.0)
+    with_dx = solve(p, base, bits=4).dequantize()
+    without = solve(p, dataclasses.replace(base, use_dx=False), bits=4).dequantize()
 
     def err(Q):
         return (X @ Q.T - (X + dX) @ W.T).pow(2).sum().item()
@@ -261,3 +264,22 @@ def test_every_layer_format_names_a_solver_grid():
     for fmt, cls, G in (("q4_k", FormatSpec, 32), ("lpbq4", LpbqSpec, 32), ("iq2_xs", CodebookSpec, 16)):
         spec, group = c.solver_grid(fmt)
         assert type(spec) is cls and spec.fmt_name == fmt and group == G and spec.search
+
+
+@pytest.mark.parametrize("method,config", [("rtn", RTNConfig), ("gptq", GPTQConfig), ("boa", BoAConfig),
+                                           ("turboboa", TurboBoAConfig)])
+def test_each_solver_takes_only_its_method_configuration(method, config):
+    """A QuantConfig hands each solver its method's configuration, whose fields are the settings that solver
+    reads; the block loop's result is the solver's on the layer's grid, and the whole QuantConfig is refused."""
+    cfg = QuantConfig(method=method, bits=3, group_size=8, rows=4, percdamp=0.1)
+    own = cfg.solver_config()
+    assert type(own) is config and own.percdamp == 0.1
+    assert {f.name for f in dataclasses.fields(own)} < {f.name for f in dataclasses.fields(cfg)}
+    p = boa_problem(7)
+    if method in ("gptq", "rtn"):
+        p.H_row, p.heads = None, 1
+    q = quantize_layer(p, cfg)
+    grid, group_size = cfg.solver_grid("int")
+    assert torch.equal(q.codes, solve_layer(p, own, grid, group_size).codes)
+    with pytest.raises(TypeError, match="method's configuration"):
+        solve_layer(p, cfg, grid, group_size)

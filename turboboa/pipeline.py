@@ -212,6 +212,14 @@ def quantize_model(
     return PipelineResult(layers, time.time() - t0, peak_memory_bytes(device), block_seconds, phases)
 
 
+def quantize_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
+    """Solve ``problem`` as the block loop does: with ``cfg``'s method's own configuration
+    (:meth:`QuantConfig.solver_config`), onto the grid of the layer's format (``problem.fmt``, else ``cfg``'s
+    ``format``; :meth:`QuantConfig.solver_grid`)."""
+    grid, group_size = cfg.solver_grid(problem.fmt or cfg.format)
+    return solve_layer(problem, cfg.solver_config(), grid, group_size)
+
+
 def quantize_embedding(model: nn.Module, cfg: QuantConfig) -> QuantizedLinear | None:
     """The token embedding rounded (RTN, range search) onto ``cfg``'s embedding format, or None to keep it
     in float. It is a lookup table (and the head when tied), so no layer Hessian applies; the fake-quant
@@ -248,7 +256,7 @@ def _round_table(name: str, module: nn.Module, fmt: str, cfg: QuantConfig) -> Qu
     parts = []
     for r0 in range(0, weight.shape[0], TABLE_ROWS):
         rows = slice(r0, r0 + TABLE_ROWS)
-        part = solve_layer(LayerProblem(name, weight[rows].detach().float(), eye, fmt=fmt), rtn)
+        part = quantize_layer(LayerProblem(name, weight[rows].detach().float(), eye, fmt=fmt), rtn)
         check_quantized_finite(name, {"codes": part.codes, "scales": part.scale, "zero points": part.zero,
                                       **({} if part.grid is None else vars(part.grid))})
         with torch.no_grad():
@@ -360,7 +368,7 @@ def _solve_groups(
                 elif role == "v":
                     problem.H, problem.heads, problem.cross = col_v, col_v.shape[0], cross_v
             try:
-                q = solve_layer(problem, cfg)
+                q = quantize_layer(problem, cfg)
             except HessianError as e:
                 raise UserError(f"cannot quantize {e}") from None
             check_quantized_finite(prefix + name, {"codes": q.codes, "scales": q.scale, "zero points": q.zero,

@@ -37,7 +37,8 @@ from turboboa.arch import LINEAR_ROLES, GgufArch
 from turboboa.arch.base import adapter_class
 from turboboa.checkpoint import load_qdir
 from turboboa.checksums import sha256_file, sums_text
-from turboboa.config import FLOAT, QuantConfig
+from turboboa.config import QuantConfig
+from turboboa.configs.grid import FLOAT
 from turboboa.errors import UserError
 from turboboa.formats import get_format, is_ggml_format
 from turboboa.formats.choice import FALLBACK, parse_overrides

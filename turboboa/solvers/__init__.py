@@ -1,12 +1,16 @@
-"""Solvers: RTN, GPTQ, BoA and TurboBoA, applied to one linear layer through :func:`solve_layer`."""
+"""Solvers: RTN, GPTQ, BoA and TurboBoA, applied to one linear layer through :func:`solve_layer`.
+
+Each method's solver takes its own configuration (:mod:`turboboa.configs.solvers`), the settings it reads
+and no others, and the grid the layer is quantized onto."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..config import QuantConfig
+from ..configs.solvers import BoAConfig, F2Config, GPTQConfig, RTNConfig, SolverConfig, TurboBoAConfig
 from ..grids import BlockGrid
 from ..quantized import QuantizedLinear
 from .boa import RowOptions, boa_quantize
@@ -28,9 +32,9 @@ class LayerProblem:
     BoA, else None.
     ``heads``: how many consecutive row groups (heads) ``W`` splits into for the per-head problems.
     ``cross``: TurboBoA's F2 term ``C = 2 (X_fp - X) X^T / n`` (same shape as ``H``), or None.
-    ``fmt``: the layer's format, whose grid every solver quantizes onto (:meth:`QuantConfig.solver_grid`):
-    "int" (the config's uniform grid) or a storage format (a ggml type, an i-quant, LPBQ); None: the config's
-    ``format``.
+    ``fmt``: the layer's format, whose grid the block loop gives the solver (:meth:`QuantConfig.solver_grid`,
+    :func:`turboboa.pipeline.quantize_layer`): "int" (the config's uniform grid) or a storage format (a ggml
+    type, an i-quant, LPBQ); None: the config's ``format``.
     """
 
     name: str
@@ -53,14 +57,14 @@ def shifted_target(W: torch.Tensor, cross: torch.Tensor, H: torch.Tensor, alpha:
     return W + alpha * torch.linalg.solve(H, WC.transpose(-1, -2)).transpose(-1, -2)
 
 
-def f2_target(W: torch.Tensor, problem: LayerProblem, columns: ColumnSolver, cfg: QuantConfig) -> torch.Tensor:
+def f2_target(W: torch.Tensor, problem: LayerProblem, columns: ColumnSolver, f2: F2Config | None) -> torch.Tensor:
     """The solvers' target: ``W`` (``(B, R, C)``) with dead inputs zeroed, shifted by F2 (:func:`shifted_target`)
-    when the method takes it and the problem carries a cross term."""
+    when the method takes it (``f2``), it is on and the problem carries a cross term."""
     target = columns.zero_dead(W)
-    if not (cfg.uses_dx and problem.cross is not None):
+    if f2 is None or not f2.use_dx or problem.cross is None:
         return target
     cross = problem.cross if problem.cross.dim() == 3 else problem.cross.unsqueeze(0)
-    return columns.zero_dead(shifted_target(target, cross, columns.H_natural, cfg.alpha))
+    return columns.zero_dead(shifted_target(target, cross, columns.H_natural, f2.alpha))
 
 
 def _to_linear(res: ColumnResult, d_out: int, spec: Grid, group_size: int) -> QuantizedLinear:
@@ -70,46 +74,72 @@ def _to_linear(res: ColumnResult, d_out: int, spec: Grid, group_size: int) -> Qu
                                                              group_size))
 
 
-def layer_grid(problem: LayerProblem, cfg: QuantConfig) -> tuple[Grid, int]:
-    """The solver's grid for ``problem`` and its group size (:meth:`QuantConfig.solver_grid` of the layer's
-    format; the config's ``format`` when the problem names none)."""
-    return cfg.solver_grid(problem.fmt or cfg.format)
+def solve_rtn(problem: LayerProblem, cfg: RTNConfig, spec: Grid, G: int) -> ColumnResult:
+    """RTN: every weight rounded onto its group's grid, the damped Hessian weighting the range search."""
+    Hd, _ = damp(problem.H if problem.H.dim() == 3 else problem.H.unsqueeze(0), cfg.percdamp)
+    return rtn_quantize(as_float(problem.W).unsqueeze(0), spec, G, Hd)
 
 
-def solve_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
-    """Quantize ``problem.W`` with the method of ``cfg`` onto its grid."""
+def solve_gptq(problem: LayerProblem, cfg: GPTQConfig, spec: Grid, G: int) -> ColumnResult:
+    """GPTQ (with F2: GPTAQ) over all rows at once."""
+    solver = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order, percdamp=cfg.percdamp,
+                          block_size=cfg.block_size)
+    Wb = f2_target(as_float(problem.W).unsqueeze(0), problem, solver, cfg)
+    static = fit_groups(solver.zero_dead(Wb), spec, G, solver.H_natural) if cfg.static_groups and G > 0 else None
+    return solver.solve(Wb, static)
+
+
+def _solve_rows(problem: LayerProblem, cfg: BoAConfig, spec: Grid, G: int, options: RowOptions,
+                f2: F2Config | None) -> tuple[ColumnResult, ColumnSolver, torch.Tensor]:
+    """The row loop BoA and TurboBoA share, on each head of ``problem``: the result, the column solver and the
+    target (for TurboBoA's refinement)."""
+    W = as_float(problem.W)
+    d_out, C = W.shape
+    Wh = W.reshape(problem.heads, d_out // problem.heads, C)
+    columns = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order_col, percdamp=cfg.percdamp,
+                           block_size=cfg.block_size)
+    target = f2_target(Wh, problem, columns, f2)
+    return boa_quantize(target, columns, problem.H_row, options, cfg.percdamp), columns, target
+
+
+def solve_boa(problem: LayerProblem, cfg: BoAConfig, spec: Grid, G: int) -> ColumnResult:
+    """BoA: one row at a time, each row's grid fixed from the original weights."""
+    options = RowOptions(rows=1, adaptive_grid=False, act_order_row=cfg.act_order_row)
+    return _solve_rows(problem, cfg, spec, G, options, None)[0]
+
+
+def solve_turboboa(problem: LayerProblem, cfg: TurboBoAConfig, spec: Grid, G: int) -> ColumnResult:
+    """TurboBoA: BoA on blocks of ``rows`` rows (F1), F2, grids refit as the rows move (F3a), then the grids'
+    parameters refined with the codes fixed (F3b)."""
+    options = RowOptions(rows=cfg.rows, adaptive_grid=cfg.adaptive_grid, act_order_row=cfg.act_order_row)
+    res, columns, target = _solve_rows(problem, cfg, spec, G, options, cfg)
+    if cfg.refine_iters > 0:
+        grid, res.Q = refine_params(spec, target, res.codes, BlockGrid(res.scale, res.zero, res.stored),
+                                    columns.H_natural, problem.H_row, G, cfg.refine_iters)
+        res.scale, res.zero, res.stored = grid.scale, grid.offset, grid.stored
+    return res
+
+
+# each method's configuration and its solver
+SOLVERS: dict[type, Callable[[LayerProblem, SolverConfig, Grid, int], ColumnResult]] = {
+    RTNConfig: solve_rtn, GPTQConfig: solve_gptq, BoAConfig: solve_boa, TurboBoAConfig: solve_turboboa,
+}
+
+
+def solve_layer(problem: LayerProblem, config: SolverConfig, grid: Grid, group_size: int) -> QuantizedLinear:
+    """Quantize ``problem.W`` onto ``grid`` (groups of ``group_size`` columns; -1: one per row) with the solver
+    whose configuration ``config`` is (an :class:`RTNConfig`, :class:`GPTQConfig`, :class:`BoAConfig` or
+    :class:`TurboBoAConfig`)."""
+    solver = SOLVERS.get(type(config))
+    if solver is None:
+        raise TypeError(f"solve_layer takes a method's configuration ({', '.join(c.__name__ for c in SOLVERS)}), "
+                        f"not a {type(config).__name__}; QuantConfig.solver_config() gives it")
     if not torch.isfinite(problem.W).all():
         raise HessianError(f"{problem.name}: weight holds NaN or Inf")
     if not torch.isfinite(problem.H).all():
         raise HessianError(f"{problem.name}: Hessian holds NaN or Inf (activations overflowed?)")
-    spec, G = layer_grid(problem, cfg)
-    W = as_float(problem.W)
-    d_out, C = W.shape
-    if cfg.method == "rtn":
-        Hd, _ = damp(problem.H if problem.H.dim() == 3 else problem.H.unsqueeze(0), cfg.percdamp)
-        return _to_linear(rtn_quantize(W.unsqueeze(0), spec, G, Hd), d_out, spec, G)
     try:
-        if cfg.method == "gptq":
-            solver = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order, percdamp=cfg.percdamp,
-                                  block_size=cfg.block_size)
-            Wb = f2_target(W.unsqueeze(0), problem, solver, cfg)  # with F2: GPTAQ
-            static = fit_groups(solver.zero_dead(Wb), spec, G, solver.H_natural) if cfg.static_groups and G > 0 else None
-            return _to_linear(solver.solve(Wb, static), d_out, spec, G)
-        heads = problem.heads
-        Wh = W.reshape(heads, d_out // heads, C)
-        columns = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order_col, percdamp=cfg.percdamp,
-                               block_size=cfg.block_size)
-        target = f2_target(Wh, problem, columns, cfg)
-        options = RowOptions(
-            rows=cfg.rows if cfg.is_turbo else 1,
-            adaptive_grid=cfg.is_turbo and cfg.adaptive_grid,
-            act_order_row=cfg.act_order_row,
-        )
-        res = boa_quantize(target, columns, problem.H_row, options, cfg.percdamp)
-        if cfg.is_turbo and cfg.refine_iters > 0:
-            grid, res.Q = refine_params(spec, target, res.codes, BlockGrid(res.scale, res.zero, res.stored),
-                                        columns.H_natural, problem.H_row, G, cfg.refine_iters)
-            res.scale, res.zero, res.stored = grid.scale, grid.offset, grid.stored
-        return _to_linear(res, d_out, spec, G)
+        res = solver(problem, config, grid, group_size)
     except HessianError as e:
         raise HessianError(f"{problem.name}: {e}") from None
+    return _to_linear(res, problem.W.shape[0], grid, group_size)
