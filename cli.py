@@ -1,4 +1,5 @@
-"""The ``turboboa`` command: a thin click layer over the core (:mod:`turboboa.api`) and the workflows.
+"""The ``turboboa`` command: a thin click layer over the core (:mod:`turboboa.quantization`,
+:mod:`turboboa.activations.qdir`) and the workflows.
 
 The options of ``quantize`` and ``run`` are derived from the typed configurations (:mod:`turboboa.configs`),
 imported with the core's light modules (torch, not transformers); the rest (the pipeline's models, the
@@ -86,11 +87,11 @@ def quant_config(options: Mapping[str, Any]) -> QuantConfig:
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
 def quantize(model: str, output: str, quiet: bool, as_json: bool, **options: Any) -> None:
     """Quantize MODEL (default smollm2-135m) into the quantized checkpoint folder -o QDIR."""
-    from turboboa import api
+    from turboboa import quantization
 
     cfg = quant_config(options)
     scope, act_bits = activation_scheme(options)
-    summary = api.quantize(model, cfg, output, device=options["device"], progress=not quiet, act_bits=act_bits,
+    summary = quantization.quantize(model, cfg, output, device=options["device"], progress=not quiet, act_bits=act_bits,
                            act_scope="inputs" if scope == "token" else scope,
                            resume=options["resume"])
     if as_json:
@@ -121,10 +122,10 @@ def calibrate(qdir: str, act_bits: int, scope: str, calib: str | None, nsamples:
     on the fake-quant model (rewritten atomically)."""
     import time
 
-    from turboboa import api
+    from turboboa.activations.qdir import calibrate as calibrate_qdir
 
     t0 = time.time()
-    enc = api.calibrate(qdir, act_bits, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+    enc = calibrate_qdir(qdir, act_bits, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                         device=device, progress=not quiet, scope=scope)
     if as_json:
         click.echo(json.dumps({"output": qdir, **enc.summary(), "seconds": round(time.time() - t0, 3)}))

@@ -18,7 +18,7 @@ Every row a benchmark script measures carries a ``provenance`` entry (:meth:`Con
 A stored row is reused only when its ``settings``, ``data``, ``machine`` and ``versions`` all equal the current
 run's (:meth:`Context.mismatch`); a reused row keeps its own commit and date, so a reader sees its age. Rows
 without a ``provenance`` entry (written before rows recorded one) are never reused, and ``--fresh`` reuses
-nothing. Result files are written atomically (:func:`turboboa.io.atomic_file`): a temporary file beside the
+nothing. Result files are written atomically (:func:`turboboa.output_files.atomic_file`): a temporary file beside the
 target, renamed onto it when complete.
 """
 
@@ -44,7 +44,7 @@ RESULTS = ROOT / "bench" / "results"
 if str(ROOT) not in sys.path:  # the parent parses command lines with the same `cli` its children run
     sys.path.insert(0, str(ROOT))
 
-from turboboa.io import atomic_file, write_text_atomic  # noqa: E402
+from turboboa.output_files import atomic_file, write_text_atomic  # noqa: E402
 
 SCHEMA = 1
 KEY_FIELDS = ("settings", "data", "machine", "versions")
@@ -116,8 +116,8 @@ def library_versions(extra: Sequence[str] = ()) -> dict[str, str]:
 def resolve_device(name: str) -> str:
     """``auto`` resolved to ``cuda`` or ``cpu`` (as ``turboboa --device`` resolves it); an unavailable or
     unknown device stops the script with the CLI's message."""
+    from turboboa.blockwise import select_device
     from turboboa.errors import UserError
-    from turboboa.pipeline import select_device
 
     try:
         return str(select_device(name))
@@ -421,7 +421,7 @@ class RowMeter:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """``obj`` as indented JSON in ``path``, atomically (:func:`turboboa.io.atomic_file`: a temporary file
+    """``obj`` as indented JSON in ``path``, atomically (:func:`turboboa.output_files.atomic_file`: a temporary file
     beside it, renamed onto it when complete); nothing is written when ``obj`` does not serialize."""
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 

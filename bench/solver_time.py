@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance as pv  # noqa: E402
 
 from turboboa.arch import get_adapter  # noqa: E402
+from turboboa.blockwise import quantize_model  # noqa: E402
 from turboboa.config import QuantConfig  # noqa: E402
 from turboboa.data import calibration_batch  # noqa: E402
 from turboboa.models import load_float_model  # noqa: E402
-from turboboa.pipeline import quantize_model  # noqa: E402
 
 RESULTS = pv.RESULTS
 

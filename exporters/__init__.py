@@ -17,7 +17,7 @@ from typing import Any
 
 from turboboa.arch import role_of
 from turboboa.errors import UserError
-from turboboa.io import prepare_output, remove_stale_temporaries, write_errors_as_user_errors
+from turboboa.output_files import prepare_output, remove_stale_temporaries, write_errors_as_user_errors
 
 Exporter = Callable[..., Path]
 ENTRY_POINT_GROUP = "turboboa.exporters"

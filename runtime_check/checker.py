@@ -34,11 +34,11 @@ from exporters import size_summary
 from exporters.gguf.export import check_gguf_weights
 from exporters.onnx.check import check_onnx_weights
 from exporters.onnx.export import qnn_context_path
+from turboboa.blockwise import select_device
 from turboboa.checkpoint import is_qdir, load_qdir, package_versions, source_parameters
 from turboboa.data import eval_tokens
 from turboboa.errors import UserError
 from turboboa.eval.perplexity import make_windows
-from turboboa.pipeline import select_device
 
 from .backends import (
     FAKEQUANT,

@@ -74,8 +74,8 @@ def tiny_opt_dir(tmp_path_factory, default_tokenizer) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, kill_at: str | None = None) -> subprocess.CompletedProcess:
     """Run the ``turboboa`` command in a fresh process (as a user would); ``kill_at``: the process SIGKILLs
-    itself at that point of its writes (``TURBOBOA_KILL_AT``, :func:`turboboa.io.kill_point`)."""
-    from turboboa.io import KILL_ENV
+    itself at that point of its writes (``TURBOBOA_KILL_AT``, :func:`turboboa.output_files.kill_point`)."""
+    from turboboa.output_files import KILL_ENV
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop(KILL_ENV, None)
@@ -114,11 +114,11 @@ def onnx_vs_fake_quant(path: Path, qdir: Path, seqlen: int = 256, windows: int =
     JSON, the fake-quant ``PerplexityResult`` and the relative PPL gap (the same tokens asserted)."""
     import json
 
-    from turboboa import api
+    from turboboa.eval.evaluate import evaluate as evaluate_torch
 
     r = run_cli("eval", str(path), "--seqlen", str(seqlen), "--max-windows", str(windows), "--json", "-q")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
-    ref = api.evaluate(str(qdir), seqlen=seqlen, max_windows=windows, device="cpu", progress=False)
+    ref = evaluate_torch(str(qdir), seqlen=seqlen, max_windows=windows, device="cpu", progress=False)
     assert got["backend"] == "onnxruntime" and got["tokens"] == ref.tokens
     return got, ref, abs(got["ppl"] / ref.ppl - 1)

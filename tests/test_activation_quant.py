@@ -26,8 +26,9 @@ from onnx import TensorProto, helper
 
 from exporters.onnx import check_onnx_weights, export_onnx
 from runtime_check.onnxrt import session_options
-from turboboa import api
+from turboboa import quantization
 from turboboa.activations import encoding_from_range, fake_quant, install_input_quantization
+from turboboa.activations.qdir import calibrate as calibrate_qdir
 from turboboa.checkpoint import load_fakequant_model, load_qdir
 from turboboa.config import QuantConfig
 from turboboa.data import calibration_batch, eval_tokens
@@ -43,7 +44,7 @@ def quantize(folder, out, act_bits: int | None, **cfg):
     """An RTN QDIR of ``folder`` (4 calibration samples of 32 tokens) with ``act_bits`` encodings; the embedding
     and head stay float unless ``cfg`` says otherwise (these tests count the linear layers' encodings)."""
     cfg = {"embed_format": "float", **cfg}
-    api.quantize(str(folder), QuantConfig(method="rtn", **CALIB, **cfg), out, device="cpu", progress=False,
+    quantization.quantize(str(folder), QuantConfig(method="rtn", **CALIB, **cfg), out, device="cpu", progress=False,
                  act_bits=act_bits)
     return load_qdir(out)
 
@@ -151,7 +152,7 @@ def test_qdir_round_trip_and_calibrate_replaces_atomically(tmp_path, tiny_llama,
     x = windows[0][None]
     with torch.no_grad():
         float_acts = load_fakequant_model(plain)(input_ids=x).logits
-    enc8 = api.calibrate(str(q), 8, device="cpu", progress=False)
+    enc8 = calibrate_qdir(str(q), 8, device="cpu", progress=False)
     ckpt = load_qdir(q)
     assert ckpt.activations.bits == 8 and ckpt.activations.layers.keys() == ckpt.layers.keys()
     for name, e in enc8.layers.items():
@@ -165,14 +166,14 @@ def test_qdir_round_trip_and_calibrate_replaces_atomically(tmp_path, tiny_llama,
     direct = quantize(tiny_llama, tmp_path / "direct", 8, bits=4, group_size=32, sym=True)
     assert {n: (float(e.scale), e.zero_point) for n, e in direct.activations.layers.items()} == \
         {n: (float(e.scale), e.zero_point) for n, e in enc8.layers.items()}
-    api.calibrate(str(q), 16, nsamples=2, device="cpu", progress=False)
+    calibrate_qdir(str(q), 16, nsamples=2, device="cpu", progress=False)
     ckpt = load_qdir(q)
     assert ckpt.activations.bits == 16 and ckpt.activations.calibration["nsamples"] == 2
     assert json.loads((q / "quant_config.json").read_text())["activations"]["dtype"] == "uint16"
     assert (q / "quantized.safetensors").read_bytes() == weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["direct", "q"]  # no temporary folders left
     with pytest.raises(UserError, match="--act-bits 4"):
-        api.calibrate(str(q), 4, device="cpu", progress=False)
+        calibrate_qdir(str(q), 4, device="cpu", progress=False)
 
 
 # --- onnxruntime runs the same quantizers -------------------------------------------------------------------
@@ -323,7 +324,7 @@ def test_default_model_npu_a16_onnx_ppl_matches_fake_quant(tmp_path) -> None:
 
     q = tmp_path / "q"
     cfg = QuantConfig(method="rtn", bits=4, group_size=-1, sym=True, nsamples=2, seqlen=128)
-    api.quantize("smollm2-135m", cfg, q, device="cpu", progress=False, act_bits=16)
+    quantization.quantize("smollm2-135m", cfg, q, device="cpu", progress=False, act_bits=16)
     ckpt = load_qdir(q)
     # every linear layer's input is encoded; the embedding (q8_0 by default) is a table, not a layer
     assert ckpt.activations.bits == 16 and set(ckpt.activations.layers) == set(ckpt.layers) - {EMBEDDING}

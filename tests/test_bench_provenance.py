@@ -163,12 +163,12 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         pv.write_json_atomic(path, {"runs": {"a": object()}})
     assert path.read_text() == before
 
-    import turboboa.io
+    import turboboa.output_files
 
     def refuse(*args: object) -> None:
         raise OSError("rename failed")
 
-    monkeypatch.setattr(turboboa.io.os, "replace", refuse)
+    monkeypatch.setattr(turboboa.output_files.os, "replace", refuse)
     with pytest.raises(OSError):  # fails after the temporary file was written
         pv.write_json_atomic(path, {"runs": {"a": 2}})
     monkeypatch.undo()

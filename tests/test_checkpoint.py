@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from exporters import export
-from turboboa import api
+from turboboa import quantization
+from turboboa.blockwise import quantize_model
 from turboboa.checkpoint import QDIR_VERSION, load_fakequant_model, load_qdir, save_qdir
 from turboboa.checksums import SUMS_FILE, folder_files, read_sealed_sums, write_sealed_sums
 from turboboa.config import QuantConfig
 from turboboa.errors import UserError
 from turboboa.models import load_float_model
-from turboboa.pipeline import quantize_model
 
 from .conftest import EMBEDDING, assert_one_line_error, run_cli, run_main
 
@@ -98,7 +98,7 @@ CORE_FILES = {"quant_config.json", "quantized.safetensors", "float.safetensors",
 def q4_qdir(tmp_path_factory, tiny_llama_dir) -> Path:
     """An RTN q4_0 QDIR of the tiny Llama (exportable to GGUF)."""
     out = tmp_path_factory.mktemp("integrity") / "Q"
-    api.quantize(str(tiny_llama_dir), QuantConfig(method="rtn", format="q4_0", nsamples=2, seqlen=32), out,
+    quantization.quantize(str(tiny_llama_dir), QuantConfig(method="rtn", format="q4_0", nsamples=2, seqlen=32), out,
                  device="cpu", progress=False)
     return out
 

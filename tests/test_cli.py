@@ -74,10 +74,10 @@ def test_tiny_model_quantize_then_eval(tmp_path, tiny_llama_dir, method):
 
 
 def test_command_and_python_api_share_their_defaults(tmp_path, tiny_llama_dir) -> None:
-    """``turboboa quantize`` with only the sizes given and ``turboboa.api.quantize`` with a ``QuantConfig`` of
+    """``turboboa quantize`` with only the sizes given and ``turboboa.quantize`` with a ``QuantConfig`` of
     the same sizes build the same configuration and write the same QDIR: every tensor file byte for byte, and
     ``quant_config.json`` equal but for the run's timings (the only thing that differs between two runs)."""
-    from turboboa import api
+    from turboboa import quantization
     from turboboa.checksums import folder_files
     from turboboa.config import QuantConfig
 
@@ -86,7 +86,7 @@ def test_command_and_python_api_share_their_defaults(tmp_path, tiny_llama_dir) -
     proc = run_cli("quantize", str(tiny_llama_dir), "--group-size", "32", "--nsamples", "4", "--seqlen", "32",
                    "-q", "--json", "-o", str(cli_out))
     assert proc.returncode == 0, proc.stderr
-    summary = api.quantize(str(tiny_llama_dir), QuantConfig(**sizes), api_out, progress=False)
+    summary = quantization.quantize(str(tiny_llama_dir), QuantConfig(**sizes), api_out, progress=False)
     assert json.loads(proc.stdout)["config"] == json.loads(json.dumps(summary.config.to_dict()))
     names = folder_files(cli_out)
     assert names == folder_files(api_out)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from turboboa.blockwise import quantize_layer
 from turboboa.checkpoint import load_qdir, save_qdir
 from turboboa.config import QuantConfig
 from turboboa.errors import UserError
@@ -16,7 +17,6 @@ from turboboa.formats import format_names, get_format
 from turboboa.formats.choice import layer_format
 from turboboa.formats.spec import format_spec, reshape_grid
 from turboboa.grids import BlockGrid
-from turboboa.pipeline import quantize_layer
 from turboboa.quantized import QuantizedLinear
 from turboboa.solvers import LayerProblem
 from turboboa.solvers.gptq import gptq_quantize

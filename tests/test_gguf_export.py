@@ -14,11 +14,12 @@ import torch
 
 from exporters import exporter_names, get_exporter
 from exporters.gguf.export import check_gguf_weights
-from turboboa import api
+from turboboa import quantization
 from turboboa.checkpoint import load_fakequant_model, load_qdir
 from turboboa.config import QuantConfig
 from turboboa.data import eval_tokens
 from turboboa.errors import UserError
+from turboboa.eval.evaluate import evaluate as evaluate_torch
 from turboboa.eval.perplexity import make_windows
 from turboboa.formats import format_names
 from workflows.evaluate import evaluate as evaluate_file
@@ -62,7 +63,7 @@ def test_exporters_are_looked_up_by_name() -> None:
 @pytest.mark.parametrize("fmt", format_names())
 def test_every_format_exports_exactly_and_runs_in_llama_cpp(tmp_path, tiny_wide, windows, fmt) -> None:
     cfg = QuantConfig(method="gptq", format=fmt, nsamples=4, seqlen=64)
-    api.quantize(str(tiny_wide), cfg, tmp_path / "q", device="cpu", progress=False)
+    quantization.quantize(str(tiny_wide), cfg, tmp_path / "q", device="cpu", progress=False)
     ckpt = load_qdir(tmp_path / "q")
     # 256 and 512 take every format, no fallback; the tied embedding takes llama-quantize's output type
     assert {q.fmt for name, q in ckpt.layers.items() if name != EMBEDDING} == {fmt}
@@ -89,7 +90,7 @@ def test_weight_check_in_row_chunks_finds_a_difference_in_the_last_rows(tmp_path
     zeros for an exact export, and a weight changed in the last row of the embedding is still seen."""
     from exporters.gguf import export as gguf_export
 
-    api.quantize(str(tiny_wide), QuantConfig(method="rtn", format="q4_k", nsamples=2, seqlen=32), tmp_path / "q",
+    quantization.quantize(str(tiny_wide), QuantConfig(method="rtn", format="q4_k", nsamples=2, seqlen=32), tmp_path / "q",
                  device="cpu", progress=False)
     ckpt = load_qdir(tmp_path / "q")
     path = get_exporter("gguf")(ckpt, tmp_path / "m.gguf")
@@ -102,7 +103,7 @@ def test_weight_check_in_row_chunks_finds_a_difference_in_the_last_rows(tmp_path
 
 
 def test_uniform_grid_checkpoints_are_refused_in_one_line(tmp_path, tiny_llama_dir) -> None:
-    api.quantize(str(tiny_llama_dir), QuantConfig(method="rtn", nsamples=2, seqlen=32, group_size=32),
+    quantization.quantize(str(tiny_llama_dir), QuantConfig(method="rtn", nsamples=2, seqlen=32, group_size=32),
                  tmp_path / "q", device="cpu", progress=False)
     r = run_cli("export", str(tmp_path / "q"), "--to", "gguf", "-o", str(tmp_path / "m.gguf"))
     assert r.returncode == 2 and "--format" in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -146,14 +147,14 @@ def test_default_model_gguf_matches_its_fake_quant_model(tmp_path, fmt, pad, rot
     pytest.importorskip("llama_cpp")
     cfg = QuantConfig(method="rtn", grid="search", format=fmt, pad_to=pad, embed_format="q8_0", nsamples=4,
                       seqlen=128, rotate=rotate)
-    api.quantize("smollm2-135m", cfg, tmp_path / "q", device="cpu", progress=False)
+    quantization.quantize("smollm2-135m", cfg, tmp_path / "q", device="cpu", progress=False)
     ckpt = load_qdir(tmp_path / "q")
     if pad:
         assert {q.fmt for q in ckpt.layers.values()} == {fmt, "q8_0"}  # no fallback left
         assert "lm_head" in ckpt.layers  # untied by the rotation, quantized like the embedding
     path = get_exporter("gguf")(ckpt, tmp_path / "m.gguf")
     assert max(check_gguf_weights(path, ckpt).values()) == 0.0
-    ref = api.evaluate(str(tmp_path / "q"), seqlen=512, max_windows=4, device="cpu", progress=False)
+    ref = evaluate_torch(str(tmp_path / "q"), seqlen=512, max_windows=4, device="cpu", progress=False)
     got = evaluate_file(str(path), seqlen=512, max_windows=4, progress=False, tokenizer=str(tmp_path / "q"))
     print(f"{fmt} pad {pad} rotate {rotate}: fake-quant {ref.ppl:.4f}, llama.cpp {got.ppl:.4f}")
     assert abs(got.ppl / ref.ppl - 1) < GGUF_PPL_BOUND[fmt]

@@ -19,6 +19,7 @@ from onnx import TensorProto
 
 from exporters.onnx import check_onnx_weights, export_onnx
 from exporters.onnx.check import run_alone
+from turboboa.blockwise import quantize_layer
 from turboboa.checkpoint import load_qdir, save_qdir
 from turboboa.config import QuantConfig
 from turboboa.errors import UserError
@@ -27,7 +28,6 @@ from turboboa.formats.choice import layer_format
 from turboboa.formats.lpbq import K_MAX, LpbqSpec
 from turboboa.formats.spec import format_spec, reshape_grid
 from turboboa.grids import BlockGrid
-from turboboa.pipeline import quantize_layer
 from turboboa.quantized import QuantizedLinear
 from turboboa.solvers import LayerProblem
 from turboboa.solvers.gptq import gptq_quantize
@@ -243,10 +243,10 @@ def test_lpbq_pattern_decodes_to_the_fake_quant_weight(block: int) -> None:
 def test_tiny_model_lpbq_logits_match_fake_quant(tmp_path, tiny_llama, method) -> None:
     from transformers import AutoTokenizer
 
-    from turboboa import api
+    from turboboa import quantization
     from turboboa.data import eval_tokens
 
-    api.quantize(str(tiny_llama), QuantConfig(method=method, format="lpbq4", rows=4, nsamples=2, seqlen=32),
+    quantization.quantize(str(tiny_llama), QuantConfig(method=method, format="lpbq4", rows=4, nsamples=2, seqlen=32),
                  tmp_path / "q", device="cpu", progress=False)
     ckpt = load_qdir(tmp_path / "q")
     assert {q.fmt for name, q in ckpt.layers.items() if name != EMBEDDING} == {"lpbq4"}

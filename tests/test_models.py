@@ -106,6 +106,6 @@ def test_model_id_for_config(tmp_path: Path) -> None:
 def test_default_model_wikitext2_perplexity_is_sane() -> None:
     """The evaluation protocol on the real model: 2 windows of 512 WikiText-2 test tokens score a PPL in the
     range of a 135M-parameter model (about 30); `make accuracy` holds the measured values."""
-    from turboboa import api
+    from turboboa.eval.evaluate import evaluate as evaluate_torch
 
-    assert 20 < api.evaluate("smollm2-135m", seqlen=512, max_windows=2, device="cpu", progress=False).ppl < 45
+    assert 20 < evaluate_torch("smollm2-135m", seqlen=512, max_windows=2, device="cpu", progress=False).ppl < 45

@@ -20,7 +20,7 @@ import pytest
 
 from exporters import export
 from exporters.onnx.export import qnn_context_path
-from turboboa import api
+from turboboa import quantization
 from turboboa.checkpoint import load_qdir
 from turboboa.config import QuantConfig
 
@@ -40,7 +40,7 @@ def exported(tmp_path_factory, default_tokenizer):
     folder = make_tiny_llama(root / "llama", default_tokenizer)
     qdir = root / "q"
     cfg = QuantConfig(method="rtn", bits=4, group_size=-1, sym=True, nsamples=4, seqlen=int(SEQLEN))
-    api.quantize(str(folder), cfg, qdir, device="cpu", progress=False, act_bits=16, act_scope="graph")
+    quantization.quantize(str(folder), cfg, qdir, device="cpu", progress=False, act_bits=16, act_scope="graph")
     onnx_path = root / "m.onnx"
     proc = run_cli("export", str(qdir), "--to", "onnx", "--profile", "qnn-htp", "--seqlen", SEQLEN,
                    "--qnn-context", "-o", str(onnx_path), "-q")

@@ -29,10 +29,11 @@ from exporters.onnx.check import run_alone
 from exporters.onnx.profiles import make_profile
 from exporters.onnx.weights import encode_weight
 from runtime_check.onnxrt import onnx_logits_fn
-from turboboa import api
+from turboboa import quantization
 from turboboa.checkpoint import load_fakequant_model, load_qdir
 from turboboa.config import QuantConfig
 from turboboa.errors import UserError
+from turboboa.eval.evaluate import evaluate as evaluate_torch
 from turboboa.quantized import QuantizedLinear
 
 from .conftest import assert_one_line_error, make_tiny_llama, onnx_vs_fake_quant, run_cli
@@ -102,7 +103,7 @@ def perturbed_tiny(path, tokenizer, tied: bool = True, **kwargs):
 
 def quantize(folder, out, **cfg):
     """An RTN QDIR of ``folder`` (2 calibration samples of 32 tokens)."""
-    api.quantize(str(folder), QuantConfig(method="rtn", nsamples=2, seqlen=32, **cfg), out, device="cpu",
+    quantization.quantize(str(folder), QuantConfig(method="rtn", nsamples=2, seqlen=32, **cfg), out, device="cpu",
                  progress=False)
     return load_qdir(out)
 
@@ -278,7 +279,7 @@ def test_cli_export_and_eval_in_onnxruntime(tmp_path, tiny_llama) -> None:
     got = json.loads(r.stdout)
     assert got["backend"] == "onnxruntime" and got["windows"] == 2 and got["tokens"] == 2 * 63
     assert got["onnxruntime"]["graph_optimization_level"] == "ORT_ENABLE_BASIC"
-    ref = api.evaluate(str(q), seqlen=64, max_windows=2, device="cpu", progress=False)
+    ref = evaluate_torch(str(q), seqlen=64, max_windows=2, device="cpu", progress=False)
     assert abs(got["ppl"] / ref.ppl - 1) < 1e-5
     assert_one_line_error(run_cli("eval", str(out), "--seqlen", "32"), "static sequence length of 64",
                           "--seqlen 64")
@@ -378,7 +379,7 @@ def test_default_model_onnx_ppl_matches_fake_quant(tmp_path) -> None:
     """SmolLM2-135M, RTN 4-bit g32: every DequantizeLinear output equals the fake-quant weight and
     onnxruntime's PPL (``turboboa eval model.onnx``) is within 0.1% of the fake-quant model's."""
     q = tmp_path / "q"
-    api.quantize("smollm2-135m", QuantConfig(method="rtn", bits=4, group_size=32, nsamples=2, seqlen=128), q,
+    quantization.quantize("smollm2-135m", QuantConfig(method="rtn", bits=4, group_size=32, nsamples=2, seqlen=128), q,
                  device="cpu", progress=False)
     ckpt = load_qdir(q)
     path = get_exporter("onnx")(ckpt, tmp_path / "m.onnx")

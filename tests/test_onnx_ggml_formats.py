@@ -33,13 +33,13 @@ from exporters.onnx.check import run_alone
 from exporters.onnx.containers import LEVEL_FORMATS, level_container
 from exporters.onnx.profiles import make_profile
 from exporters.onnx.weights import ONNX_FORMATS, check_onnx_format, encode_weight, onnx_expressible
-from turboboa import api
+from turboboa import quantization
+from turboboa.blockwise import quantize_layer
 from turboboa.checkpoint import load_qdir
 from turboboa.config import QuantConfig
 from turboboa.errors import UserError
 from turboboa.formats import GgmlGrid, all_format_names, get_format
 from turboboa.formats.lpbq import LPBQ_BLOCKS
-from turboboa.pipeline import quantize_layer
 from turboboa.quantized import QuantizedLinear
 from turboboa.solvers import LayerProblem
 
@@ -132,7 +132,7 @@ def qdirs(tmp_path_factory, tiny_wide):
         if (fmt, method) not in made:
             out = root / f"{fmt}-{method}"
             cfg = QuantConfig(method=method, format=fmt, embed_format="float", nsamples=2, seqlen=32)
-            api.quantize(str(tiny_wide), cfg, out, device="cpu", progress=False)
+            quantization.quantize(str(tiny_wide), cfg, out, device="cpu", progress=False)
             made[(fmt, method)] = out
         return made[(fmt, method)]
 
@@ -254,7 +254,7 @@ def test_one_qdir_exports_to_gguf_and_onnx_exactly(tmp_path, qdirs, window, fmt:
 def q4_0_qdir(tmp_path_factory, default_tokenizer):
     folder = perturbed_tiny(tmp_path_factory.mktemp("q4_0") / "llama", default_tokenizer)
     out = tmp_path_factory.mktemp("q4_0") / "q"
-    api.quantize(str(folder), QuantConfig(method="gptq", format="q4_0", nsamples=2, seqlen=32), out,
+    quantization.quantize(str(folder), QuantConfig(method="gptq", format="q4_0", nsamples=2, seqlen=32), out,
                  device="cpu", progress=False)
     return out
 

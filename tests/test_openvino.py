@@ -37,7 +37,7 @@ from exporters.openvino.check import compressed_weight_types, tensor_sources
 from exporters.openvino.package import MISSING
 from runtime_check.onnxrt import onnx_logits_fn
 from runtime_check.openvinort import PINNED, openvino_logits_fn
-from turboboa import api
+from turboboa import quantization
 from turboboa.checkpoint import load_qdir
 from turboboa.config import QuantConfig
 from turboboa.data import eval_tokens
@@ -94,7 +94,7 @@ def exported(tmp_path_factory, tiny_llama):
     def get(case: str):
         if case not in done:
             cfg, act_bits, profile, _ = CASES[case]
-            api.quantize(str(tiny_llama), QuantConfig(method="rtn", nsamples=4, seqlen=32, **cfg), root / case,
+            quantization.quantize(str(tiny_llama), QuantConfig(method="rtn", nsamples=4, seqlen=32, **cfg), root / case,
                          device="cpu", progress=False, act_bits=act_bits)
             ckpt = load_qdir(root / case)
             options = dict(profile=profile, seqlen=SEQLEN, act_bits=act_bits)
@@ -254,7 +254,7 @@ def test_16_bit_activations_export_but_openvino_strips_them(tmp_path, tiny_llama
     ``FQStrippingTransformation``), so it runs those activations unquantized: measured 1.8e-2 (on the
     ``.onnx``) and 3.4e-2 (on the IR) relative from onnxruntime's logits, which quantize them. That is
     OpenVINO's behavior, not a numbers check, and ``describe()`` reports it."""
-    api.quantize(str(tiny_llama), QuantConfig(method="rtn", bits=4, group_size=-1, sym=True, nsamples=4,
+    quantization.quantize(str(tiny_llama), QuantConfig(method="rtn", bits=4, group_size=-1, sym=True, nsamples=4,
                                               seqlen=32), tmp_path / "q", device="cpu", progress=False,
                  act_bits=16)
     ckpt = load_qdir(tmp_path / "q")

@@ -16,12 +16,13 @@ from transformers import OPTConfig, OPTForCausalLM
 from exporters import export
 from exporters.onnx import check_onnx_weights
 from runtime_check.onnxrt import onnx_logits_fn
-from turboboa import api
+from turboboa import quantization
 from turboboa.arch import AttentionShape, get_adapter, locate, role_of, supported_model_types
 from turboboa.arch.opt import OPTAdapter
 from turboboa.checkpoint import load_fakequant_model, load_qdir
 from turboboa.config import QuantConfig
 from turboboa.errors import UserError
+from turboboa.eval.evaluate import evaluate as evaluate_torch
 from turboboa.formats.presets import ModelShape, preset_format
 from turboboa.hessians import AttentionStatistics, rope_average
 
@@ -241,7 +242,7 @@ def opt_qdirs(tmp_path_factory, tiny_opt_dir) -> dict:
     out = {}
     for method in METHODS:
         cfg = QuantConfig(method=method, bits=4, group_size=32, nsamples=4, seqlen=32)
-        api.quantize(str(tiny_opt_dir), cfg, folder / method, device="cpu", progress=False)
+        quantization.quantize(str(tiny_opt_dir), cfg, folder / method, device="cpu", progress=False)
         out[method] = folder / method
     return out
 
@@ -258,8 +259,8 @@ def test_every_method_quantizes_and_evaluates_opt(opt_qdirs, tiny_opt_dir, metho
     model = load_fakequant_model(ckpt)
     fc2 = model.get_submodule("model.decoder.layers.1.fc2")
     torch.testing.assert_close(fc2.weight, ckpt.layers["model.decoder.layers.1.fc2"].dequantize())
-    quantized = api.evaluate(str(opt_qdirs[method]), seqlen=64, max_windows=2, device="cpu", progress=False)
-    base = api.evaluate(str(tiny_opt_dir), seqlen=64, max_windows=2, device="cpu", progress=False)
+    quantized = evaluate_torch(str(opt_qdirs[method]), seqlen=64, max_windows=2, device="cpu", progress=False)
+    base = evaluate_torch(str(tiny_opt_dir), seqlen=64, max_windows=2, device="cpu", progress=False)
     assert quantized.tokens == base.tokens and torch.isfinite(torch.tensor(quantized.ppl))
     assert abs(quantized.ppl / base.ppl - 1) < 0.05  # a random model: 4 bits barely move its uniform output
 

@@ -19,7 +19,7 @@ import torch
 
 from exporters.onnx import check_onnx_weights, export_onnx
 from runtime_check.onnxrt import onnx_logits_fn
-from turboboa import api
+from turboboa import quantization
 from turboboa.activations import ActivationEncodings
 from turboboa.activations.points import GRAPH_SCHEME
 from turboboa.activations.program import signed_sine, swap_index
@@ -38,7 +38,7 @@ CALIB = dict(nsamples=4, seqlen=SEQLEN)
 def quantize(folder, out, act_bits: int | None = 16, scope: str = "graph", **cfg):
     """An RTN QDIR of ``folder`` (symmetric per channel unless ``cfg`` says otherwise) with graph encodings."""
     cfg = {"bits": 4, "group_size": -1, "sym": True, **cfg}
-    api.quantize(str(folder), QuantConfig(method="rtn", **CALIB, **cfg), out, device="cpu", progress=False,
+    quantization.quantize(str(folder), QuantConfig(method="rtn", **CALIB, **cfg), out, device="cpu", progress=False,
                  act_bits=act_bits, act_scope=scope)
     return load_qdir(out)
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import cli
 from exporters import export
-from turboboa import api
+from turboboa import quantization
 from turboboa.checkpoint import CONFIG_FILE, QDIR_VERSION, load_qdir
 from turboboa.checksums import SUMS_FILE, folder_files, write_sealed_sums
 from turboboa.config import QuantConfig
@@ -35,7 +35,7 @@ def tiny(tmp_path_factory, default_tokenizer) -> Path:
 
 
 def quantize(model: Path, out: Path, cfg: QuantConfig = BASE, **kw) -> Path:
-    api.quantize(str(model), cfg, out, device="cpu", progress=False, **kw)
+    quantization.quantize(str(model), cfg, out, device="cpu", progress=False, **kw)
     return out
 
 
@@ -246,12 +246,12 @@ def test_output_below_a_file_is_refused(tmp_path, qdir, tiny, capsys) -> None:
 
 
 def test_unwritable_output_location(tmp_path, qdir, tiny, monkeypatch, capsys) -> None:
-    import turboboa.io
+    import turboboa.output_files
 
     folder = tmp_path / "ro"
     folder.mkdir()
-    real = turboboa.io.os.access
-    monkeypatch.setattr(turboboa.io.os, "access", lambda p, mode: False if Path(p) == folder else real(p, mode))
+    real = turboboa.output_files.os.access
+    monkeypatch.setattr(turboboa.output_files.os, "access", lambda p, mode: False if Path(p) == folder else real(p, mode))
     code, lines, _ = run_main(["export", str(qdir), "--to", "gguf", "-o", str(folder / "m.gguf")], capsys)
     assert_one_line_error(code, lines, "not writable")
     code, lines, _ = run_main(["quantize", str(tiny), "--nsamples", "2", "--seqlen", "32", "-q",
@@ -262,10 +262,10 @@ def test_unwritable_output_location(tmp_path, qdir, tiny, monkeypatch, capsys) -
 
 @pytest.mark.parametrize("target", ["gguf", "onnx", "qdir"])
 def test_full_disk_is_refused_before_writing(tmp_path, qdir, tiny, monkeypatch, capsys, target) -> None:
-    import turboboa.io
+    import turboboa.output_files
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(turboboa.io.shutil, "disk_usage", lambda p: usage._replace(free=4096))
+    monkeypatch.setattr(turboboa.output_files.shutil, "disk_usage", lambda p: usage._replace(free=4096))
     if target == "qdir":
         argv = ["quantize", str(tiny), "--group-size", "32", "--nsamples", "2", "--seqlen", "32", "-q",
                 "-o", str(tmp_path / "Q")]

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from exporters.gguf.export import check_gguf_weights
-from turboboa import api
+from turboboa import quantization
 from turboboa.activations.dynamic import DynamicSpec, fake_quant_dynamic, install_dynamic
 from turboboa.checkpoint import load_qdir
 from turboboa.errors import UserError
@@ -191,7 +191,7 @@ def test_weight_activation_onnx_uses_dynamic_quantize_ops_and_matches(tmp_path, 
 
 
 def test_what_a_runtime_cannot_compute_is_refused_in_one_line(tmp_path, wa_qdir, tiny_llama_dir) -> None:
-    from turboboa import api
+    from turboboa import quantization
     from turboboa.config import QuantConfig
 
     assert_one_line_error(run_cli("export", str(wa_qdir), "--to", "gguf", "-o", str(tmp_path / "x.gguf")),
@@ -209,7 +209,7 @@ def test_what_a_runtime_cannot_compute_is_refused_in_one_line(tmp_path, wa_qdir,
     with pytest.raises(UserError, match="--profile qnn-htp"):
         export(load_qdir(wa_qdir), "onnx", tmp_path / "x.onnx", profile="qnn-htp")
     a6 = tmp_path / "a6"
-    api.quantize(str(tiny_llama_dir), QuantConfig(method="rtn", group_size=-1, dyn_act_bits=6, nsamples=2, seqlen=32),
+    quantization.quantize(str(tiny_llama_dir), QuantConfig(method="rtn", group_size=-1, dyn_act_bits=6, nsamples=2, seqlen=32),
                  a6, progress=False)
     with pytest.raises(UserError, match="6-bit"):
         export(load_qdir(a6), "onnx", tmp_path / "a6.onnx")
@@ -245,10 +245,10 @@ def test_auto_rotation_rotates_unless_it_unties_a_tied_head(tmp_path, tiny_llama
     shutil.copytree(tiny_llama_dir, tmp_path / "m")
     model.save_pretrained(tmp_path / "m")
     qdir = tmp_path / "q"
-    api.quantize(str(tmp_path / "m"), QuantConfig(method="gptq", group_size=32, nsamples=2, seqlen=32), qdir,
+    quantization.quantize(str(tmp_path / "m"), QuantConfig(method="gptq", group_size=32, nsamples=2, seqlen=32), qdir,
                  progress=False)
     assert load_qdir(qdir).config.rotate == "none"
-    api.quantize(str(tiny_llama_dir), QuantConfig(method="gptq", group_size=32, nsamples=2, seqlen=32), tmp_path / "r",
+    quantization.quantize(str(tiny_llama_dir), QuantConfig(method="gptq", group_size=32, nsamples=2, seqlen=32), tmp_path / "r",
                  progress=False)
     assert load_qdir(tmp_path / "r").config.rotate == "hadamard"
     text = " ".join(run_cli("quantize", "--help").stdout.split())

@@ -19,7 +19,7 @@ import torch
 
 from exporters import export
 from runtime_check.metrics import Reference, StreamMetrics
-from turboboa import api
+from turboboa import quantization
 from turboboa.checkpoint import load_qdir
 from turboboa.config import QuantConfig
 from turboboa.errors import UserError
@@ -37,7 +37,7 @@ ONNX_ALTERED = "model.layers.0.self_attn.q_proj"
 def q4_0_gguf(tmp_path_factory, tiny_llama_dir):
     """An RTN q4_0 QDIR of the tiny Llama and its GGUF file."""
     folder = tmp_path_factory.mktemp("gguf")
-    api.quantize(str(tiny_llama_dir), QuantConfig(method="rtn", format="q4_0", nsamples=2, seqlen=32),
+    quantization.quantize(str(tiny_llama_dir), QuantConfig(method="rtn", format="q4_0", nsamples=2, seqlen=32),
                  folder / "q", device="cpu", progress=False)
     return folder / "q", export(load_qdir(folder / "q"), "gguf", folder / "m.gguf")
 
@@ -46,7 +46,7 @@ def q4_0_gguf(tmp_path_factory, tiny_llama_dir):
 def int_onnx(tmp_path_factory, tiny_llama_dir):
     """An RTN w4 g32 (uniform grid, uint4 + zero point) QDIR of the tiny Llama and its ONNX file."""
     folder = tmp_path_factory.mktemp("onnx")
-    api.quantize(str(tiny_llama_dir), QuantConfig(method="rtn", group_size=32, nsamples=2, seqlen=32),
+    quantization.quantize(str(tiny_llama_dir), QuantConfig(method="rtn", group_size=32, nsamples=2, seqlen=32),
                  folder / "q", device="cpu", progress=False)
     return folder / "q", export(load_qdir(folder / "q"), "onnx", folder / "m.onnx")
 

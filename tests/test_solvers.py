@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import torch
 
+from turboboa.blockwise import quantize_layer
 from turboboa.config import QuantConfig
 from turboboa.configs.solvers import BoAConfig, GPTQConfig, RTNConfig, SolverConfig, TurboBoAConfig
 from turboboa.formats.codebook import CodebookSpec
 from turboboa.formats.lpbq import LpbqSpec
 from turboboa.formats.spec import FormatSpec
 from turboboa.grids import BlockGrid, GridSpec, dequantize, expand_groups, fit_grid, quantize_codes
-from turboboa.pipeline import quantize_layer
 from turboboa.quantized import QuantizedLinear
 from turboboa.solvers import LayerProblem, shifted_target, solve_layer
 from turboboa.solvers.boa import row_compensation

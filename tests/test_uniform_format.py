@@ -134,7 +134,7 @@ def test_the_pipeline_asks_each_layers_format_to_check_its_width(tiny_llama_dir)
     from transformers import AutoModelForCausalLM
 
     from turboboa.arch import get_adapter
-    from turboboa.pipeline import check_group_size
+    from turboboa.blockwise import check_group_size
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     adapter = get_adapter(model)

@@ -46,14 +46,14 @@ from .config import QuantConfig
 from .errors import UserError
 from .formats.base import GgmlGrid
 from .formats.uniform import UNIFORM
-from .io import (
+from .numerics import check_quantized_finite, check_state_finite
+from .output_files import (
     kill_point,
     prepare_output,
     remove_stale_temporaries,
     replace_folder,
     write_errors_as_user_errors,
 )
-from .numerics import check_quantized_finite, check_state_finite
 from .quantized import QuantizedLinear
 
 QDIR_FORMAT = "turboboa-qdir"
@@ -134,7 +134,7 @@ def save_qdir(
 
     Before anything is written: every solved tensor and float tensor is checked finite (a NaN/Inf is a
     one-line :class:`~turboboa.numerics.NonFiniteError` naming it), the location writable and the free space
-    enough (:func:`~turboboa.io.prepare_output`); a full disk or a refused write during it is a UserError."""
+    enough (:func:`~turboboa.output_files.prepare_output`); a full disk or a refused write during it is a UserError."""
     path = Path(path)
     for name, q in layers.items():
         check_quantized_finite(name, {"codes": q.codes, "scales": q.scale, "zero points": q.zero,

@@ -15,7 +15,7 @@ after a :class:`UserError` (bad input fails again the same way); an interrupt, a
 for ``resume=True``. A kill while a file is written leaves at most a hidden temporary file in the folder
 (never a file under its final name); the resumed run ignores it and removes it with the folder.
 
-The tests kill the process (:func:`turboboa.io.kill_point`) at ``solve:<block>`` (in the pipeline) and at
+The tests kill the process (:func:`turboboa.output_files.kill_point`) at ``solve:<block>`` (in the pipeline) and at
 ``state-write:<block>`` (halfway through ``state.json``'s temporary file, before its rename).
 """
 
@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import layer_tensors, layers_from_tensors, package_versions
 from .config import QuantConfig
 from .errors import UserError
-from .io import atomic_file, prepare_output, write_errors_as_user_errors, write_text_atomic
+from .output_files import atomic_file, prepare_output, write_errors_as_user_errors, write_text_atomic
 from .quantized import QuantizedLinear
 
 WORK_SUFFIX = ".partial"

@@ -31,7 +31,7 @@ from exporters.onnx.weights import ONNX_FORMATS, check_onnx_format, onnx_express
 from runtime_check.checker import CheckSettings, quantization_summary
 from runtime_check.checker import check as run_check
 from runtime_check.report import JSON_NAME, MD_NAME, PNG_NAME, atomic_write, write_report
-from turboboa import api
+from turboboa import quantization
 from turboboa.activations import check_act_bits
 from turboboa.arch import LINEAR_ROLES, GgufArch
 from turboboa.arch.base import adapter_class
@@ -43,8 +43,8 @@ from turboboa.errors import UserError
 from turboboa.formats import get_format, is_ggml_format
 from turboboa.formats.choice import FALLBACK, parse_overrides
 from turboboa.formats.presets import ModelShape, preset_type
-from turboboa.io import remove_stale_temporaries
 from turboboa.models.loader import folder_model_type
+from turboboa.output_files import remove_stale_temporaries
 from workflows.export import export
 
 EXPORTS = ("gguf", "onnx")
@@ -198,7 +198,7 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
     and the SHA-256 manifest. ``onnx_profile``: the ONNX export's profile (``npu``: static shapes of the
     check's window length; ``qnn-htp``: every tensor quantized, so the activations are calibrated with
     ``act_scope="graph"``). ``resume`` continues an interrupted quantization into the same OUTDIR
-    (:func:`turboboa.api.quantize`). ``log`` (a callable taking a line) hears one line per step."""
+    (:func:`turboboa.quantization.quantize`). ``log`` (a callable taking a line) hears one line per step."""
     say = log or (lambda line: None)
     outdir = Path(outdir)
     settings = settings or CheckSettings()
@@ -215,7 +215,7 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
     t0 = time.perf_counter()
     if onnx_profile == "qnn-htp" and "onnx" in exports:
         act_scope = "graph"
-    summary = api.quantize(model, cfg, outdir / QDIR_NAME, device=device, progress=progress, act_bits=act_bits,
+    summary = quantization.quantize(model, cfg, outdir / QDIR_NAME, device=device, progress=progress, act_bits=act_bits,
                            resume=resume, act_scope=act_scope)
     timings["quantize"] = round(time.perf_counter() - t0, 3)
     gc.collect()  # the float model quantized in place is garbage now; free it before the exports

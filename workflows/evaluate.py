@@ -1,6 +1,6 @@
 """``turboboa eval``: the perplexity of any target, in the runtime that runs it.
 
-A model spec or a QDIR runs in torch (:func:`turboboa.api.evaluate`); a ``.gguf`` file in llama.cpp; an
+A model spec or a QDIR runs in torch (:func:`turboboa.eval.evaluate.evaluate`); a ``.gguf`` file in llama.cpp; an
 exported graph (``.onnx``, or an OpenVINO ``.xml`` IR) in onnxruntime, the emulated QNN HTP or OpenVINO. The
 tokens always come from a Hugging Face tokenizer, so every runtime scores the same windows.
 """
@@ -15,9 +15,9 @@ from runtime_check.llamacpp import gguf_logits_fn, gguf_tokenizer_mismatch, vali
 from runtime_check.onnxrt import onnx_logits_fn, validate_onnx
 from runtime_check.openvinort import openvino_logits_fn
 from runtime_check.qnn import qnn_logits_fn
-from turboboa import api
 from turboboa.data import eval_tokens, resolve_text
 from turboboa.errors import UserError
+from turboboa.eval.evaluate import evaluate as evaluate_torch
 from turboboa.eval.perplexity import PerplexityResult, make_windows, perplexity
 
 BACKENDS = ("auto", "torch", "llama.cpp", "onnxruntime", "ort", "qnn-htp", "openvino")
@@ -53,7 +53,7 @@ def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windo
              rotate_seed: int = 0, dynamic: dict[str, int] | None = None) -> PerplexityResult:
     """Perplexity of ``target`` on ``data``'s evaluation text, non-overlapping windows of ``seqlen`` tokens.
 
-    ``target``: a model spec or QDIR (torch, :func:`turboboa.api.evaluate`), a ``.gguf`` file, which
+    ``target``: a model spec or QDIR (torch, :func:`turboboa.eval.evaluate.evaluate`), a ``.gguf`` file, which
     ``backend`` "auto" runs in llama.cpp ("torch" reads it with transformers instead), an ``.onnx`` file,
     run in onnxruntime (``ort``), the emulated QNN HTP (``qnn-htp``) or OpenVINO (``openvino``), or an
     OpenVINO ``.xml`` IR. The tokens come from ``tokenizer`` (a folder or QDIR), else the model's own (for a
@@ -81,7 +81,7 @@ def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windo
         return evaluate_graph(Path(target), data, seqlen, max_windows, progress, tokenizer, threads, runtime)
     if is_gguf_file(target) and backend != "torch":
         return evaluate_gguf(Path(target), data, seqlen, max_windows, progress, tokenizer, threads)
-    return api.evaluate(target, data, seqlen, max_windows, device, progress, tokenizer, rotate, rotate_seed,
+    return evaluate_torch(target, data, seqlen, max_windows, device, progress, tokenizer, rotate, rotate_seed,
                         dynamic)
 
 

@@ -27,7 +27,7 @@ from gguf import (
 )
 
 from turboboa.errors import UserError
-from turboboa.io import atomic_file, kill_point
+from turboboa.output_files import atomic_file, kill_point
 
 from .metadata import (
     ArchSpec,

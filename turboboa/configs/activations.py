@@ -2,7 +2,7 @@
 (``WxAyKVz``, :mod:`turboboa.activations.dynamic`), and how the command line's ``--act-bits`` reads.
 
 ``--act-bits`` names two schemes: per-token dynamic activations (this group's ``dyn_act_bits``) or static
-per-tensor encodings calibrated into the QDIR (the command's own, :func:`turboboa.api.quantize`'s
+per-tensor encodings calibrated into the QDIR (the command's own, :func:`turboboa.quantization.quantize`'s
 ``act_bits``); ``--act-scope`` chooses (:func:`activation_scope`)."""
 
 from __future__ import annotations

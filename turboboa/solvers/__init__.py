@@ -33,7 +33,7 @@ class LayerProblem:
     ``heads``: how many consecutive row groups (heads) ``W`` splits into for the per-head problems.
     ``cross``: TurboBoA's F2 term ``C = 2 (X_fp - X) X^T / n`` (same shape as ``H``), or None.
     ``fmt``: the layer's format, whose grid the block loop gives the solver (:meth:`QuantConfig.solver_grid`,
-    :func:`turboboa.pipeline.quantize_layer`): "int" (the config's uniform grid) or a storage format (a ggml
+    :func:`turboboa.blockwise.quantize_layer`): "int" (the config's uniform grid) or a storage format (a ggml
     type, an i-quant, LPBQ); None: the config's ``format``.
     """
 

@@ -34,9 +34,9 @@ from .formats.presets import ModelShape
 from .formats.registry import get_format
 from .hessians import CovarianceAccumulator
 from .hessians.attention import AttentionStatistics
-from .io import kill_point
 from .models.chunks import chunk_size, module_name
 from .numerics import check_finite, check_quantized_finite
+from .output_files import kill_point
 from .quantized import QuantizedLinear, cat_rows
 from .solvers import HessianError, LayerProblem, solve_layer
 

@@ -1,5 +1,5 @@
-"""The Python API behind the CLI: ``quantize`` a model into a QDIR, ``calibrate`` a QDIR's static activation
-encodings, and ``evaluate`` a model or QDIR."""
+"""``turboboa.quantize``: a model into a QDIR (padding, rotation, the blockwise solve, static activation
+encodings, resume), atomically."""
 
 from __future__ import annotations
 
@@ -11,29 +11,26 @@ from typing import Any
 
 import torch
 
-from .activations import ActivationEncodings, calibrate_activations, check_act_bits
-from .activations.dynamic import DynamicSpec, check_dynamic_bits
-from .activations.simulate import calibrate_graph
+from .activations import calibrate_activations, check_act_bits
+from .activations.dynamic import DynamicSpec
+from .activations.qdir import graph_encodings
 from .arch import get_adapter
+from .blockwise import check_group_size, quantize_model, select_device
 from .checkpoint import (
     estimate_qdir_bytes,
     is_qdir,
-    load_fakequant_model,
     load_qdir,
-    read_meta,
     save_activations,
     save_qdir,
 )
 from .config import QuantConfig
-from .data import calibration_batch, eval_tokens
+from .data import calibration_batch
 from .errors import UserError
-from .eval.perplexity import PerplexityResult, make_windows, perplexity, torch_logits_fn
 from .formats.registry import get_format
-from .io import check_writable, prepare_output
 from .models import load_float_model
 from .models.padding import pad_model, residual_peaks, residual_placement
 from .numerics import check_model_finite
-from .pipeline import check_group_size, quantize_model, select_device
+from .output_files import check_writable, prepare_output
 from .resume import BlockCheckpointer, apply_layers, fingerprint
 from .rotation import install_online_down, rotate_model
 from .rotation.fuse import rotation_unties_head
@@ -179,114 +176,3 @@ def pad(model: Any, cfg: QuantConfig, calib: torch.Tensor) -> dict[str, Any]:
     report = pad_model(model, cfg.pad_to, hidden_index=index)
     report["order"] = cfg.pad_order
     return report
-
-
-def calibrate(qdir: str | os.PathLike, act_bits: int, calib: str | None = None, nsamples: int | None = None,
-              seqlen: int | None = None, seed: int | None = None, device: str = "auto",
-              progress: bool = True, scope: str = "inputs") -> ActivationEncodings:
-    """Calibrate static per-tensor activation encodings (uint8/uint16, min-max) for every quantized layer of
-    the QDIR ``qdir`` on its fake-quant model, and add them to it (replacing earlier ones) atomically.
-
-    The calibration set defaults to the QDIR's own (data, nsamples, seqlen, seed); each argument overrides
-    one of them. Each layer's input is observed with every earlier layer's encoding already on
-    (:mod:`turboboa.activations.calibrate`). ``scope="graph"``: encodings of every tensor of the fully
-    quantized decoder (:mod:`turboboa.activations.simulate`), what ``--profile qnn-htp`` exports."""
-    from transformers import AutoTokenizer
-
-    check_act_bits(act_bits)
-    if not is_qdir(qdir):
-        raise UserError(f"{qdir} is not a turboboa QDIR (no quant_config.json); quantize a model first")
-    ckpt = load_qdir(qdir)
-    recorded = ckpt.meta.get("calibration", {})
-    cfg = ckpt.config
-    spec = {"data": calib or recorded.get("data", cfg.calib),
-            "nsamples": int(nsamples or recorded.get("nsamples", cfg.nsamples)),
-            "seqlen": int(seqlen or recorded.get("seqlen", cfg.seqlen)),
-            "seed": int(recorded.get("seed", cfg.seed) if seed is None else seed)}
-    dev = select_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(qdir)
-    ids = calibration_batch(tokenizer, spec["data"], spec["nsamples"], spec["seqlen"], spec["seed"])
-    calibration = {**spec, "tokens": int(ids.numel())}
-    if scope != "inputs":
-        encodings = graph_encodings(ckpt, ids, act_bits, scope, dev, progress, calibration)
-        save_activations(qdir, encodings)
-        return encodings
-    model = load_fakequant_model(ckpt, activations=False)
-    embedding = get_adapter(model).LAYOUT.embedding
-    layers = [name for name in ckpt.layers if name != embedding]
-    encodings = calibrate_activations(model, ids, act_bits, layers, dev, progress, calibration=calibration)
-    save_activations(qdir, encodings)
-    return encodings
-
-
-def graph_encodings(ckpt: Any, ids: torch.Tensor, act_bits: int, scope: str, device: torch.device,
-                    progress: bool, calibration: dict[str, Any]) -> ActivationEncodings:
-    """``--scope graph`` encodings of ``ckpt`` on ``ids``; another scope is a one-line UserError."""
-    if scope != "graph":
-        raise UserError(f"unknown activation scope {scope!r}; choose inputs or graph")
-    return calibrate_graph(ckpt, ids, act_bits, device, progress, calibration)
-
-
-def load_for_eval(target: str, rotate: str = "none", rotate_seed: int = 0,
-                  dynamic: dict[str, int] | None = None) -> tuple[torch.nn.Module, Any, str]:
-    """(model, tokenizer, backend name) for a QDIR (fake-quant torch model) or a float model spec (``rotate``:
-    with its norms folded and that rotation fused, :func:`turboboa.rotation.rotate_model`). ``dynamic``
-    (``act_bits``/``kv_bits``): simulate a QDIR's weights under these per-token activation widths instead of
-    its own."""
-    if is_qdir(target):
-        from transformers import AutoTokenizer
-
-        if rotate != "none":
-            raise UserError(f"--rotate applies to a float model; the QDIR {target} holds its own rotation")
-        ckpt = load_qdir(target)
-        spec = None
-        if dynamic:
-            import dataclasses
-
-            spec = DynamicSpec.from_config(ckpt.config)
-            spec = dataclasses.replace(spec, act_bits=dynamic.get("act_bits") or spec.act_bits,
-                                       kv_bits=dynamic.get("kv_bits") or spec.kv_bits)
-            check_dynamic_bits(spec.act_bits, spec.kv_bits)
-        return load_fakequant_model(ckpt, dynamic=spec), AutoTokenizer.from_pretrained(target), "torch-fakequant"
-    if dynamic:
-        raise UserError("--act-bits/--kv-bits on eval simulate a QDIR's activations; quantize the model first")
-    loaded = load_float_model(target)
-    if rotate != "none":
-        rotate_model(loaded.model, rotate, rotate_seed)
-        return loaded.model, loaded.tokenizer, f"torch-float-rotated-{rotate}"
-    return loaded.model, loaded.tokenizer, "torch-float"
-
-
-def evaluate(target: str, data: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
-             device: str = "auto", progress: bool = True, tokenizer: str | None = None, rotate: str = "none",
-             rotate_seed: int = 0, dynamic: dict[str, int] | None = None) -> PerplexityResult:
-    """Perplexity of the torch model ``target`` on ``data``'s evaluation text, non-overlapping windows of
-    ``seqlen`` tokens: ``exp(-(1/T) sum_t log p(x_t | x_<t))`` over every predicted token of the windows.
-
-    ``target``: a model spec (the float model; a ``.gguf`` file is read by transformers), or a QDIR (its
-    fake-quant model). ``rotate``: a float model with that rotation fused (function-preserving: the PPL must
-    equal the float PPL up to float rounding). ``dynamic`` (``act_bits``/``kv_bits``): a QDIR's weights under
-    these per-token activation widths. The tokens come from ``tokenizer`` (a folder or QDIR), else the
-    model's own. Exported files in their runtimes: :func:`workflows.evaluate.evaluate`.
-    """
-    if seqlen < 2:
-        raise UserError("--seqlen must be >= 2")
-    dev = select_device(device)
-    model, tok, name = load_for_eval(target, rotate, rotate_seed, dynamic)
-    if tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer)
-    windows = make_windows(eval_tokens(tok, data), seqlen, max_windows)
-    model.to(dev)
-    result = perplexity(torch_logits_fn(model, dev), windows, name, progress=progress)
-    meta = read_meta(Path(target)) if is_qdir(target) else {}
-    if meta.get("activations"):
-        summary = dict(meta["activations"])
-        summary.pop("file", None)
-        result.extra["activations"] = summary  # simulated by the fake-quant model
-    if meta.get("dynamic_activations") or (meta and dynamic):
-        summary = dict(meta.get("dynamic_activations") or {})
-        summary.update({k: v for k, v in (dynamic or {}).items() if v})
-        result.extra["dynamic_activations"] = summary
-    return result

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from turboboa import pipeline
+from turboboa import blockwise
 from turboboa.arch import get_adapter
+from turboboa.blockwise import _collect, _round_table, quantize_layer, quantize_model
 from turboboa.config import QuantConfig
 from turboboa.hessians import CovarianceAccumulator
 from turboboa.hessians.attention import AttentionStatistics
 from turboboa.models import load_float_model
-from turboboa.pipeline import _collect, _round_table, quantize_layer, quantize_model
 from turboboa.solvers import LayerProblem
 
 
@@ -91,7 +91,7 @@ def test_tables_rounded_in_row_chunks_equal_the_whole_table(fmt, width, monkeypa
     cfg = QuantConfig(method="rtn", group_size=32)
     whole = quantize_layer(LayerProblem("t", table.weight.detach().clone(), torch.eye(width), fmt=fmt),
                            dataclasses.replace(cfg, grid="search"))
-    monkeypatch.setattr(pipeline, "TABLE_ROWS", 7)
+    monkeypatch.setattr(blockwise, "TABLE_ROWS", 7)
     q = _round_table("t", table, fmt, cfg)
     assert q.fmt == whole.fmt and q.shape == whole.shape
     for a, b in [(q.codes, whole.codes), (q.scale, whole.scale), (q.zero, whole.zero),
