@@ -20,6 +20,7 @@ import click
 from turboboa.config import QuantConfig
 from turboboa.configs.activations import ACT_SCOPES, activation_scope
 from turboboa.configs.option import CliOption, cli_options
+from turboboa.distributed import is_main_process
 from turboboa.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -94,6 +95,8 @@ def quantize(model: str, output: str, quiet: bool, as_json: bool, **options: Any
     summary = quantization.quantize(model, cfg, output, device=options["device"], progress=not quiet, act_bits=act_bits,
                            act_scope="inputs" if scope == "token" else scope,
                            resume=options["resume"])
+    if not is_main_process():  # under torchrun only rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps({"output": str(summary.output), "layers": summary.layers,
                                "seconds": round(summary.seconds, 3), "peak_memory_bytes": summary.peak_memory,
@@ -364,24 +367,27 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    """Entry point: bad input is one line on stderr and exit code 2, never a traceback. Under ``torchrun`` every
+    rank exits with the same code and only rank 0 prints the line."""
     quiet_libraries()
+
+    def fail(message: str, code: int) -> None:
+        if is_main_process():
+            click.echo(f"error: {' '.join(message.split())}", err=True)
+        sys.exit(code)
+
     try:
         rv = app.main(args=argv, prog_name="turboboa", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.Abort:
-        click.echo("error: aborted", err=True)
-        sys.exit(130)
+        fail("aborted", 130)
     except click.ClickException as e:
-        click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
-        sys.exit(2)
+        fail(e.format_message(), 2)
     except UserError as e:
-        click.echo(f"error: {' '.join(str(e).split())}", err=True)
-        sys.exit(2)
+        fail(str(e), 2)
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        fail("interrupted", 130)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

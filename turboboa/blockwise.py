@@ -11,12 +11,19 @@ For block i (reference notes, section 4):
 4. push ``X`` through the quantized block (``X_fp`` already went through the full-precision block in step 2).
 
 Only one block is on the device at a time.
+
+Statistics are ordered sums over canonical shards of the calibration set (chunks of ``chunk_size`` sequences):
+each shard's sums are computed on their own and folded in shard order. Under ``torchrun`` each rank runs its
+contiguous share of the shards (both streams), the shard sums are all-gathered and folded in the same order
+on every rank, the layers of a stage are solved spread over the ranks and gathered, so every rank holds the
+same block, byte for byte as one process would (:mod:`turboboa.distributed`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import resource
 import time
 from collections.abc import Callable
@@ -29,6 +36,7 @@ from tqdm.auto import tqdm
 from .arch import get_adapter
 from .arch.base import ArchAdapter
 from .config import QuantConfig
+from .distributed import World, to_device
 from .errors import UserError
 from .formats.presets import ModelShape
 from .formats.registry import get_format
@@ -103,6 +111,26 @@ def check_group_size(model: nn.Module, adapter: ArchAdapter, cfg: QuantConfig) -
     return formats
 
 
+@dataclass
+class BlockStatistics:
+    """The statistics of one stage of a block: each input group's covariance (by the group's first layer) and,
+    for BoA/TurboBoA, the attention statistics; one shard's, or the ordered fold of several (``merge``)."""
+
+    covs: dict[str, CovarianceAccumulator]
+    attn: AttentionStatistics | None = None
+
+    @classmethod
+    def empty(cls, names: list[str], attention: bool) -> BlockStatistics:
+        return cls({g: CovarianceAccumulator() for g in names}, AttentionStatistics() if attention else None)
+
+    def merge(self, other: BlockStatistics) -> None:
+        """Fold in ``other``'s sums after this one's."""
+        for name, acc in self.covs.items():
+            acc.merge(other.covs[name])
+        if self.attn is not None and other.attn is not None:
+            self.attn.merge(other.attn)
+
+
 class _InputCapture:
     """Forward pre-hooks that keep the input of the first layer of each group of layers sharing one input."""
 
@@ -132,6 +160,7 @@ def quantize_model(
     start_block: int = 0,
     state: dict | None = None,
     on_block_done: Callable[[int, dict[str, QuantizedLinear], dict], None] | None = None,
+    world: World | None = None,
 ) -> PipelineResult:
     """Quantize every block's linear layers of ``model`` (modified in place into its fake-quant form).
 
@@ -140,7 +169,11 @@ def quantize_model(
     inputs, and the block's ``seconds``; :mod:`turboboa.resume`). The blocks before ``start_block`` must
     already hold their fake-quant weights. NaN/Inf in a block's output, a Hessian or a solved grid is a
     one-line :class:`~turboboa.numerics.NonFiniteError` naming the block or layer.
+
+    ``world``: the ranks of a ``torchrun`` run (:mod:`turboboa.distributed`); this rank keeps the streams of
+    its shards only, and ``on_block_done`` is called on every rank with the all-gathered streams.
     """
+    world = world or World()
     t0 = time.time()
     adapter = get_adapter(model)
     formats = check_group_size(model, adapter, cfg)
@@ -148,20 +181,27 @@ def quantize_model(
     shape = adapter.attention_shape(model)
     n, L = calib_ids.shape
     use_dx = cfg.uses_dx
+    step = chunk_size(n, L, shape.n_heads)  # the canonical shards: of the whole set, whatever the ranks
+    mine = world.sequence_span(n, step)  # this rank's sequences
+    if world.size > -(-n // step):
+        raise UserError(f"{world.size} ranks but the {n} calibration sequences make {-(-n // step)} shards of {step}; "
+                        f"use at most {-(-n // step)} ranks or more --nsamples")
     with torch.no_grad():
         cos, sin = adapter.rotary_cos_sin(model, L, device)
         if state is None:
-            X = torch.cat([adapter.embed(model, calib_ids[i : i + 8]).float() for i in range(0, n, 8)]).to(device)
-            check_finite(X, "the embedding of the calibration tokens", "check the model's embedding weights")
+            ids = calib_ids[mine]
+            X = torch.cat([adapter.embed(model, ids[i : i + 8]).float() for i in range(0, ids.shape[0], 8)]).to(device)
+            world.together(lambda: check_finite(X, "the embedding of the calibration tokens",
+                                                "check the model's embedding weights"))
             X_fp = X.clone() if use_dx else None
         else:
-            X, X_fp = state["X"].to(device), None if state.get("X_fp") is None else state["X_fp"].to(device)
+            X = state["X"][mine].to(device)
+            X_fp = None if state.get("X_fp") is None else state["X_fp"][mine].to(device)
         layers: dict[str, QuantizedLinear] = {}
         block_seconds: list[float] = []
         phases = {"statistics": 0.0, "solve": 0.0, "propagate": 0.0}
         bar = tqdm(range(start_block, len(blocks)), desc=f"{cfg.method} w{cfg.bits}", unit="block",
                    disable=not progress, initial=start_block, total=len(blocks))
-        step = chunk_size(n, L, shape.n_heads)
         prefix = module_name(model, blocks) + "."
         need_stats = cfg.method != "rtn" or cfg.grid_spec().search
         # true-sequential: each group of layers sees the inputs produced by the already-quantized groups before it
@@ -174,18 +214,16 @@ def quantize_model(
             fp_block = (copy.deepcopy(block) if cfg.true_sequential else block) if use_dx else None
             block_layers: dict[str, QuantizedLinear] = {}
             for si, stage in enumerate(stages):
-                heads = [g[0] for g in stage]
-                covs = {g: CovarianceAccumulator() for g in heads}
-                attn = AttentionStatistics() if cfg.is_row_method and si == 0 else None
+                stats = BlockStatistics.empty([g[0] for g in stage], cfg.is_row_method and si == 0)
                 tp = time.perf_counter()
                 if need_stats:
                     # the last pass also advances the fp stream to the next block's input
-                    _collect(adapter, block, fp_block, X, X_fp, cos, sin, step, covs, attn,
+                    _collect(adapter, block, fp_block, X, X_fp, cos, sin, step, stats, world, device,
                              advance_fp=si == len(stages) - 1)
                 phases["statistics"] += time.perf_counter() - tp
                 tp = time.perf_counter()
-                block_layers.update(_solve_groups(block, adapter, stage, cfg, covs, attn, cos, sin, use_dx,
-                                                  f"{prefix}{i}.", formats))
+                block_layers.update(_solve_groups(block, adapter, stage, cfg, stats.covs, stats.attn, cos, sin,
+                                                  use_dx, f"{prefix}{i}.", formats, world))
                 phases["solve"] += time.perf_counter() - tp
             kill_point(f"solve:{i}")
             layers.update(block_layers)
@@ -194,14 +232,13 @@ def quantize_model(
                 sl = slice(c0, c0 + step)
                 X[sl] = adapter.block_forward(block, X[sl], cos, sin)
             phases["propagate"] += time.perf_counter() - tp
-            hint = "try more bits, a larger --damp, or check the model's weights"
-            check_finite(X, f"block {prefix}{i}: the quantized stream's output", hint)
-            check_finite(X_fp, f"block {prefix}{i}: the full-precision stream's output", hint)
+            world.together(functools.partial(_check_outputs, X, X_fp, f"block {prefix}{i}"))
             block.to("cpu")
             del fp_block
             block_seconds.append(time.time() - tb)
             if on_block_done is not None:
-                on_block_done(i, block_layers, {"X": X, "X_fp": X_fp, "seconds": block_seconds[-1]})
+                on_block_done(i, block_layers, {"X": _all_sequences(world, X), "X_fp": _all_sequences(world, X_fp),
+                                                "seconds": block_seconds[-1]})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         layout = adapter.LAYOUT
@@ -210,6 +247,20 @@ def quantize_model(
             if table is not None:
                 layers[name] = table
     return PipelineResult(layers, time.time() - t0, peak_memory_bytes(device), block_seconds, phases)
+
+
+def _check_outputs(X: torch.Tensor, X_fp: torch.Tensor | None, where: str) -> None:
+    """NaN/Inf in a block's outputs (this rank's sequences) is a one-line error naming ``where``."""
+    hint = "try more bits, a larger --damp, or check the model's weights"
+    check_finite(X, f"{where}: the quantized stream's output", hint)
+    check_finite(X_fp, f"{where}: the full-precision stream's output", hint)
+
+
+def _all_sequences(world: World, stream: torch.Tensor | None) -> torch.Tensor | None:
+    """The stream of every calibration sequence: the ranks' shares concatenated in rank (= sequence) order."""
+    if stream is None or not world.distributed:
+        return stream
+    return torch.cat(world.all_gather([stream]))
 
 
 def quantize_layer(problem: LayerProblem, cfg: QuantConfig) -> QuantizedLinear:
@@ -274,46 +325,58 @@ def _collect(
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     step: int,
-    covs: dict[str, CovarianceAccumulator],
-    attn: AttentionStatistics | None,
+    stats: BlockStatistics,
+    world: World,
+    device: torch.device,
     advance_fp: bool = False,
 ) -> None:
-    """One pass over the calibration set: the block on ``X`` (and the full-precision block on ``X_fp``).
+    """One pass over this rank's calibration shards: the block on ``X`` (and the full-precision block on
+    ``X_fp``), ``step`` sequences (one shard) at a time.
 
     With ``advance_fp`` the full-precision block's outputs replace ``X_fp`` (the next block's fp input).
 
-    Accumulates ``H = 2 X X^T / n`` of each layer named in ``covs`` (inputs caught by forward pre-hooks), the
-    F2 cross terms ``C = 2 (X_fp - X) X^T / n`` when ``fp_block`` is given, and the attention statistics.
+    Accumulates, per shard, the sums of ``H = 2 X X^T / n`` of each layer named in ``stats.covs`` (inputs caught
+    by forward pre-hooks), the F2 cross terms ``C = 2 (X_fp - X) X^T / n`` when ``fp_block`` is given, and the
+    attention statistics; the shards' sums are folded into ``stats`` in shard order (one process: each shard as
+    it is done; several ranks: all-gathered after the pass, :meth:`World.fold_shards`).
     """
-    names = list(covs)
+    names = list(stats.covs)
     capture = _InputCapture(block, names)
     # the fp block may be the block itself (one-pass mode): then one set of hooks serves both streams
     capture_fp = None if fp_block is None else capture if fp_block is block else _InputCapture(fp_block, names)
+    pending: list[BlockStatistics] = []  # this rank's shards, when the fold must wait for the other ranks'
     try:
         for c0 in range(0, X.shape[0], step):
             sl = slice(c0, c0 + step)
+            shard = BlockStatistics.empty(names, stats.attn is not None)
             rec_fp: dict[str, torch.Tensor] | None = None
             inputs_fp: dict[str, torch.Tensor] = {}
             if capture_fp is not None:
                 rec_fp = {}
                 out_fp = adapter.block_forward(fp_block, X_fp[sl], cos, sin,
-                                               rec_fp.__setitem__ if attn is not None else None)
+                                               rec_fp.__setitem__ if shard.attn is not None else None)
                 inputs_fp = dict(capture_fp.inputs)  # snapshot before the quantized stream overwrites it
             rec: dict[str, torch.Tensor] = {}
-            adapter.block_forward(block, X[sl], cos, sin, rec.__setitem__ if attn is not None else None)
+            adapter.block_forward(block, X[sl], cos, sin, rec.__setitem__ if shard.attn is not None else None)
             for name in names:
                 x = capture.inputs[name]
-                covs[name].add(x)
+                shard.covs[name].add(x)
                 if inputs_fp:
-                    covs[name].add_cross(inputs_fp[name], x)
-            if attn is not None:
-                attn.add(rec, rec_fp)
+                    shard.covs[name].add_cross(inputs_fp[name], x)
+            if shard.attn is not None:
+                shard.attn.add(rec, rec_fp)
             if capture_fp is not None and advance_fp:
                 X_fp[sl] = out_fp
+            if world.distributed:
+                pending.append(shard)
+            else:
+                stats.merge(shard)
     finally:
         capture.remove()
         if capture_fp is not None and capture_fp is not capture:
             capture_fp.remove()
+    if world.distributed:
+        world.fold_shards(pending, stats, device)
 
 
 _HESSIAN_HINT = "the layer inputs overflowed; check the model's weights and the calibration data"
@@ -331,12 +394,18 @@ def _solve_groups(
     use_dx: bool,
     prefix: str,
     formats: dict[str, str],
+    world: World | None = None,
 ) -> dict[str, QuantizedLinear]:
     """Build each layer's problem from the statistics, solve it, and load the fake-quant weight into ``block``.
+
+    The layers of ``groups`` are independent (their statistics are collected before any is solved): under
+    ``torchrun`` each rank solves a contiguous share of them (:meth:`World.shard_span`) and every rank loads
+    every layer's result, gathered in the stages' order.
 
     ``cos``/``sin``: the RoPE tables of the calibration length (None without RoPE). By role, the query and key
     projections take the attention row Hessians, the value projection its attention-weighted column Hessian.
     """
+    world = world or World()
     out = {}
     row_q = row_k = col_v = cross_v = None
     if attn is not None:
@@ -345,34 +414,55 @@ def _solve_groups(
         for what, t in (("query row Hessian", row_q), ("key row Hessian", row_k), ("value Hessian", col_v),
                         ("value F2 cross term", cross_v)):
             check_finite(t, f"block {prefix.rstrip('.')}: the attention {what}", _HESSIAN_HINT)
+    attention = (row_q, row_k, col_v, cross_v)
+    jobs = [(group, name) for group in groups for name in group]
+    mine = world.shard_span(len(jobs))  # this rank's layers: a contiguous share, in the stage's order
+
+    def solve_mine() -> list[tuple[str, QuantizedLinear]]:
+        return [(prefix + name, _solve_layer(block, adapter, group, name, cfg, covs, use_dx, prefix, formats,
+                                             attention)) for group, name in jobs[mine.start : mine.stop]]
+
     for group in groups:
         acc = covs[group[0]]
         if acc.n:
             check_finite(acc.H, f"layer {prefix}{group[0]}: the input Hessian", _HESSIAN_HINT)
             check_finite(acc.C if use_dx else None, f"layer {prefix}{group[0]}: the F2 cross term", _HESSIAN_HINT)
-        for name in group:
-            module = block.get_submodule(name)
-            W = module.weight.detach().float()
-            if acc.n == 0:  # RTN with min-max grids needs no statistics
-                H = torch.eye(W.shape[1], device=W.device)
-                problem = LayerProblem(prefix + name, W, H)
-            else:
-                problem = LayerProblem(prefix + name, W, acc.H, cross=acc.C if use_dx else None)
-            problem.fmt = formats[prefix + name]
-            role = adapter.role_of(name)
-            if attn is not None:
-                if role == "q":
-                    problem.H_row, problem.heads = row_q, row_q.shape[0]
-                elif role == "k":
-                    problem.H_row, problem.heads = row_k, row_k.shape[0]
-                elif role == "v":
-                    problem.H, problem.heads, problem.cross = col_v, col_v.shape[0], cross_v
-            try:
-                q = quantize_layer(problem, cfg)
-            except HessianError as e:
-                raise UserError(f"cannot quantize {e}") from None
-            check_quantized_finite(prefix + name, {"codes": q.codes, "scales": q.scale, "zero points": q.zero,
-                                                   **({} if q.grid is None else vars(q.grid))})
-            module.weight.data.copy_(q.dequantize().to(module.weight.device, module.weight.dtype))
-            out[prefix + name] = q
+    solved = world.together(solve_mine)
+    weights = block.get_submodule(jobs[0][1]).weight if jobs else None
+    for full, q in world.all_gather(solved):
+        if world.distributed and weights is not None:
+            q = to_device(q, weights.device)
+        module = block.get_submodule(full[len(prefix):])
+        module.weight.data.copy_(q.dequantize().to(module.weight.device, module.weight.dtype))
+        out[full] = q
     return out
+
+
+def _solve_layer(block: nn.Module, adapter: ArchAdapter, group: list[str], name: str, cfg: QuantConfig,
+                 covs: dict[str, CovarianceAccumulator], use_dx: bool, prefix: str, formats: dict[str, str],
+                 attention: tuple[torch.Tensor | None, ...]) -> QuantizedLinear:
+    """Layer ``name`` (of ``group``, which shares one input) solved on its statistics: the group's covariance
+    and, by role, the attention Hessians ``attention = (row_q, row_k, col_v, cross_v)`` (None without them)."""
+    acc = covs[group[0]]
+    row_q, row_k, col_v, cross_v = attention
+    W = block.get_submodule(name).weight.detach().float()
+    if acc.n == 0:  # RTN with min-max grids needs no statistics
+        problem = LayerProblem(prefix + name, W, torch.eye(W.shape[1], device=W.device))
+    else:
+        problem = LayerProblem(prefix + name, W, acc.H, cross=acc.C if use_dx else None)
+    problem.fmt = formats[prefix + name]
+    role = adapter.role_of(name)
+    if row_q is not None:
+        if role == "q":
+            problem.H_row, problem.heads = row_q, row_q.shape[0]
+        elif role == "k":
+            problem.H_row, problem.heads = row_k, row_k.shape[0]
+        elif role == "v":
+            problem.H, problem.heads, problem.cross = col_v, col_v.shape[0], cross_v
+    try:
+        q = quantize_layer(problem, cfg)
+    except HessianError as e:
+        raise UserError(f"cannot quantize {e}") from None
+    check_quantized_finite(prefix + name, {"codes": q.codes, "scales": q.scale, "zero points": q.zero,
+                                           **({} if q.grid is None else vars(q.grid))})
+    return q

@@ -25,6 +25,7 @@ from .checkpoint import (
 )
 from .config import QuantConfig
 from .data import calibration_batch
+from .distributed import World, rank_device
 from .errors import UserError
 from .formats.registry import get_format
 from .models import load_float_model
@@ -86,6 +87,10 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
 
     Non-finite weights (at load), Hessians, block outputs or solved grids are a one-line
     :class:`~turboboa.numerics.NonFiniteError` naming the tensor or layer; nothing is written under ``output``.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) each rank runs a share of the calibration shards and of each
+    stage's layers (:mod:`turboboa.blockwise`, :mod:`turboboa.distributed`); only rank 0 writes the QDIR and the
+    resume state, the others wait for it and fail with it. The QDIR is byte-identical to one process's.
     """
     t0 = time.time()
     check_act_bits(act_bits)
@@ -96,7 +101,18 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
                         "quantization; choose one activation scheme")
     output = Path(output)
     check_output_location(output)
-    dev = select_device(device)
+    dev = rank_device(select_device(device))
+    world = World.join(dev)
+    try:
+        return _quantize(model, cfg, output, dev, world, progress and world.is_main, act_bits, resume, act_scope,
+                         t0)
+    finally:
+        world.close()
+
+
+def _quantize(model: str, cfg: QuantConfig, output: Path, dev: torch.device, world: World, progress: bool,
+              act_bits: int | None, resume: bool, act_scope: str, t0: float) -> QuantizeSummary:
+    """:func:`quantize` once the device and the ranks are known."""
     loaded = load_float_model(model)
     check_model_finite(loaded.model, f"the float model {model}")
     adapter = get_adapter(loaded.model)  # an unsupported architecture is named before padding or rotation
@@ -106,17 +122,23 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     cfg = cfg.resolve_rotation(rotation_unties_head(loaded.model), rotatable=adapter.ROTATION_REFUSAL is None)
     rotation = rotate(loaded.model, cfg)
     check_group_size(loaded.model, adapter, cfg)
-    prepare_output(output, estimate_qdir_bytes(loaded.model), "the QDIR")
+    world.on_main(lambda: prepare_output(output, estimate_qdir_bytes(loaded.model), "the QDIR"))
     torch.manual_seed(cfg.seed)
     saver = BlockCheckpointer(output, fingerprint(loaded.model, calib, cfg, dev), len(adapter.blocks(loaded.model)))
-    point = saver.start(resume)  # a refused resume keeps the work folder (for the right command line)
+    # a refused resume keeps the work folder (for the right command line); the other ranks read what rank 0 kept
+    point = world.on_main(lambda: saver.start(resume))
+    if world.broadcast(point is not None) and not world.is_main:
+        point = saver.read()
     try:
         if point is not None:
             apply_layers(loaded.model, point.layers)
             torch.set_rng_state(point.rng)
         result = quantize_model(loaded.model, calib, cfg, dev, progress=progress,
                                 start_block=0 if point is None else point.next_block,
-                                state=None if point is None else point.streams, on_block_done=saver.on_block_done)
+                                state=None if point is None else point.streams,
+                                on_block_done=lambda i, done, state: world.on_main(
+                                    lambda: saver.on_block_done(i, done, state)),
+                                world=world)
         layers = {**(point.layers if point is not None else {}), **result.layers}
         meta: dict[str, Any] = {
             "source": loaded.source,
@@ -125,6 +147,7 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
             "calibration": {"data": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed,
                             "tokens": int(calib.numel())},
             "device": str(dev),
+            "ranks": world.size,
             "padding": padding,
             "rotation": rotation,
             "dynamic_activations": DynamicSpec.from_config(cfg).summary() if cfg.is_weight_activation else None,
@@ -135,19 +158,25 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
                         "peak_memory_bytes": result.peak_memory,
                         "resumed_from_block": None if point is None else point.next_block},
         }
-        activations = None
-        if act_bits is not None and act_scope == "inputs":
-            names = [name for name in layers if name != adapter.LAYOUT.embedding]
-            activations = calibrate_activations(loaded.model, calib, act_bits, names, dev, progress,
-                                                calibration=meta["calibration"])
-        save_qdir(output, loaded.model, loaded.tokenizer, layers, cfg, meta, activations)
+
+        def write() -> None:
+            activations = None
+            if act_bits is not None and act_scope == "inputs":
+                names = [name for name in layers if name != adapter.LAYOUT.embedding]
+                activations = calibrate_activations(loaded.model, calib, act_bits, names, dev, progress,
+                                                    calibration=meta["calibration"])
+            save_qdir(output, loaded.model, loaded.tokenizer, layers, cfg, meta, activations)
+
+        world.on_main(write)
     except UserError:
-        saver.discard()  # bad input or non-finite values fail the same way again: nothing to resume
+        if world.is_main:
+            saver.discard()  # bad input or non-finite values fail the same way again: nothing to resume
         raise
-    saver.discard()
+    if world.is_main:
+        saver.discard()
     if act_bits is not None and act_scope != "inputs":
-        save_activations(output, graph_encodings(load_qdir(output), calib, act_bits, act_scope, dev, progress,
-                                                 {**meta["calibration"]}))
+        world.on_main(lambda: save_activations(output, graph_encodings(
+            load_qdir(output), calib, act_bits, act_scope, dev, progress, {**meta["calibration"]})))
     return QuantizeSummary(output, len(layers), time.time() - t0, result.peak_memory, loaded.source, cfg, rotation)
 
 

@@ -94,13 +94,14 @@ class BlockCheckpointer:
         """With ``resume`` and a committed state: check its fingerprint and return where to continue; otherwise
         (no state, or no ``resume``) clear the work folder and start from block 0."""
         if resume and (self.folder / STATE_FILE).is_file():
-            point = self._read()
+            point = self.read()
             self.block_seconds = list(point.block_seconds)
             return point
         self.discard()
         return None
 
-    def _read(self) -> ResumePoint:
+    def read(self) -> ResumePoint:
+        """The committed state, read only (the ranks but 0 of a ``torchrun`` run read what rank 0 kept)."""
         try:
             state = json.loads((self.folder / STATE_FILE).read_text())
         except (OSError, json.JSONDecodeError) as e:

@@ -83,6 +83,15 @@ class AttentionStatistics:
             raise RuntimeError("AttentionStatistics read before any add()")
         return self.n_heads // self.n_kv_heads
 
+    def merge(self, other: AttentionStatistics) -> None:
+        """Fold in ``other``'s sums after this one's (another shard of the same block's calibration set)."""
+        if other.n_heads is not None:
+            self.n_heads, self.n_kv_heads = other.n_heads, other.n_kv_heads
+        self.qkv.merge(other.qkv)
+        for mine, theirs in ((self._kk, other._kk), (self._qq, other._qq), (self._vv, other._vv),
+                             (self._cross, other._cross)):
+            mine.merge(theirs)
+
     def _check(self, rec: dict[str, Tensor], which: str) -> tuple[Tensor, Tensor]:
         """Validate a record dict and return (X float32 (B, L, D), A float32 (B, H, L, L))."""
         missing = [key for key in _REQUIRED if key not in rec]

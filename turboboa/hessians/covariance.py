@@ -1,4 +1,4 @@
-"""Running-mean second-moment statistics in float32 (GPTQ Hessian and the F2 cross term)."""
+"""Second-moment statistics in float32 (GPTQ Hessian and the F2 cross term), as ordered sums over shards."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ from turboboa.errors import UserError
 
 
 class RunningMean:
-    """Mean of per-sample statistics, updated from batch sums.
+    """Mean of per-sample statistics, as an ordered sum of batch sums divided once by the count.
 
-    After batches with sums S_1..S_k over m_1..m_k samples, ``value = (sum_i S_i) / (sum_i m_i)``, computed as
-    m <- m * n / (n + m_k) + S_k / (n + m_k) so that the scale never depends on the number of samples.
+    After batches with sums S_1..S_k over m_1..m_k samples, ``value = (((S_1 + S_2) + S_3) + ... + S_k) /
+    (m_1 + ... + m_k)``: the sums are folded left in the order they come (``update``, or ``merge`` of another
+    RunningMean's fold), in float32. The block loop gives each calibration shard its own RunningMean and merges
+    the shards in shard order (:mod:`turboboa.distributed`), so one process and several ranks hold the same bytes.
     """
 
     def __init__(self) -> None:
-        self.value: Tensor | None = None
+        self.total: Tensor | None = None
         self.n: int = 0
 
     def update(self, total: Tensor, count: int) -> None:
@@ -24,17 +26,27 @@ class RunningMean:
         if count <= 0:
             return
         total = total.to(torch.float32)
-        new_n = self.n + count
-        if self.value is None:
-            self.value = total / count
+        if self.total is None:
+            self.total = total.clone()
         else:
-            if total.shape != self.value.shape:
+            if total.shape != self.total.shape:
                 raise UserError(
-                    f"statistic shape changed from {tuple(self.value.shape)} to {tuple(total.shape)}; "
+                    f"statistic shape changed from {tuple(self.total.shape)} to {tuple(total.shape)}; "
                     "use one accumulator per layer and keep the model shape fixed"
                 )
-            self.value.mul_(self.n / new_n).add_(total.to(self.value.device), alpha=1.0 / new_n)
-        self.n = new_n
+            self.total.add_(total.to(self.total.device))
+        self.n += count
+
+    def merge(self, other: RunningMean) -> None:
+        """Fold in ``other``'s sum (after this one's): as if its batches had been ``update``d here, when it
+        holds one batch."""
+        if other.total is not None:
+            self.update(other.total, other.n)
+
+    @property
+    def value(self) -> Tensor | None:
+        """The mean: the folded sum divided by the count (None before any sample)."""
+        return None if self.total is None else self.total / self.n
 
 
 def _tokens(x: Tensor) -> Tensor:
@@ -43,7 +55,7 @@ def _tokens(x: Tensor) -> Tensor:
 
 
 class CovarianceAccumulator:
-    """GPTQ statistics of one linear layer's input x (d_in), as running means over tokens in float32.
+    """GPTQ statistics of one linear layer's input x (d_in), as means over tokens in float32 (:class:`RunningMean`).
 
     ``H = 2 * mean_t x_t x_t^T`` (from ``add``) and the F2 cross term ``C = 2 * mean_t (x_fp,t - x_t) x_t^T``
     (from ``add_cross``; it updates only C, so call ``add(x)`` too for H). ``n`` counts the tokens in H.
@@ -52,6 +64,11 @@ class CovarianceAccumulator:
     def __init__(self) -> None:
         self._h = RunningMean()
         self._c = RunningMean()
+
+    def merge(self, other: CovarianceAccumulator) -> None:
+        """Fold in ``other``'s sums of H and C after this one's (:meth:`RunningMean.merge`)."""
+        self._h.merge(other._h)
+        self._c.merge(other._c)
 
     def add(self, x: Tensor) -> None:
         """Accumulate H from inputs x (..., d_in): sum_t x_t x_t^T over the flattened tokens."""
