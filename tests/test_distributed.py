@@ -1,0 +1,115 @@
+"""Several ranks through torch.distributed (torchrun, gloo on the CPU): the QDIR of 2 ranks is byte-identical to
+one process's; the shards and their ordered fold; errors from rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from turboboa.distributed import World
+from turboboa.hessians.covariance import CovarianceAccumulator, RunningMean
+
+from .conftest import ROOT, make_tiny_llama
+
+# 64 windows of 128 tokens: two shards of 32 (turboboa.models.chunks.MAX_CHUNK_TOKENS), one per rank
+CALIB = ("--format", "q4_0", "--rotate", "none", "--nsamples", "64", "--seqlen", "128", "-q")
+METHODS = {"gptq": ("--method", "gptq"), "turboboa": ("--method", "turboboa", "--rows", "4")}
+# quant_config.json fields that say how the run went, not what it made
+RUN_FIELDS = ("timings", "device", "ranks")
+
+
+def test_shards_are_contiguous_and_cover_the_set():
+    for size in (1, 2, 3, 5):
+        spans = [World(r, size).shard_span(7) for r in range(size)]
+        assert [i for s in spans for i in s] == list(range(7))
+        rows = [World(r, size).sequence_span(13, 2) for r in range(size)]
+        assert [i for s in rows for i in range(13)[s]] == list(range(13))
+
+
+def test_shard_fold_is_the_ordered_sum():
+    """Folding one-shard accumulators in shard order gives the same bytes as updating one accumulator in that
+    order, and the mean is the left-folded sum divided once by the count."""
+    torch.manual_seed(0)
+    xs = [torch.randn(5, 3, 8) for _ in range(4)]
+    direct = CovarianceAccumulator()
+    for x in xs:
+        direct.add(x)
+    folded = CovarianceAccumulator()
+    for x in xs:
+        shard = CovarianceAccumulator()
+        shard.add(x)
+        folded.merge(shard)
+    assert torch.equal(direct.H, folded.H) and direct.n == folded.n == 60
+    total = None
+    for x in xs:
+        t = x.reshape(-1, 8).T @ x.reshape(-1, 8)
+        total = t if total is None else total + t
+    assert torch.equal(direct.H, 2.0 * (total / 60))
+    mean = RunningMean()
+    mean.update(torch.ones(2), 0)
+    assert mean.value is None and mean.n == 0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _quantize(ranks: int, *args: str) -> subprocess.CompletedProcess:
+    """``turboboa quantize`` in one process, or under ``torchrun --nproc-per-node ranks`` (this checkout's cli)."""
+    command = [sys.executable, "-m", "cli", "quantize", *args]
+    if ranks > 1:
+        torchrun = str(Path(sys.executable).parent / "torchrun")
+        command = [torchrun, "--standalone", "--nproc-per-node", str(ranks), "--no-python", *command]
+    return subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _config(qdir: Path) -> dict:
+    doc = json.loads((qdir / "quant_config.json").read_text())
+    return {k: v for k, v in doc.items() if k not in RUN_FIELDS}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, default_tokenizer) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("dist") / "tiny", default_tokenizer)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_two_ranks_write_the_qdir_of_one(tmp_path, tiny, method):
+    """GPTQ and TurboBoA (attention statistics, F2 cross terms): 2 gloo ranks, each with half the calibration
+    shards and half of each stage's layers, write the same bytes as one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = (str(tiny), *METHODS[method], *CALIB)
+    single = _quantize(1, *args, "-o", str(one))
+    assert single.returncode == 0, single.stderr
+    pair = _quantize(2, *args, "-o", str(two))
+    assert pair.returncode == 0, pair.stderr
+    for name in ("quantized.safetensors", "float.safetensors"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    assert _config(one) == _config(two)
+    assert json.loads((two / "quant_config.json").read_text())["ranks"] == 2
+    assert pair.stderr.count("quantized 15 layers") == 1  # only rank 0 reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no work folder left
+
+
+def test_bad_input_is_one_line_from_rank_zero(tmp_path, tiny):
+    """More ranks than shards is refused on every rank with exit code 2, and said once (by rank 0); torchrun
+    then fails itself (exit 1) and names the first rank's exit code. One process takes the same input."""
+    args = (str(tiny), "--method", "gptq", "--format", "q4_0", "--nsamples", "2", "--seqlen", "32", "-q",
+            "-o", str(tmp_path / "Q"))
+    proc = _quantize(2, *args)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+    assert "2 ranks" in errors[0] and "shards" in errors[0] and "exitcode  : 2" in proc.stderr, proc.stderr
+    assert str(ROOT / "turboboa") not in proc.stderr and "cli.py" not in proc.stderr  # (torchrun's own aside)
+    assert not (tmp_path / "Q").exists()
+    single = _quantize(1, *args)
+    assert single.returncode == 0, single.stderr
