@@ -10,10 +10,9 @@ from torch import nn
 
 from turboboa import blockwise
 from turboboa.arch import get_adapter
-from turboboa.blockwise import _collect, _round_table, quantize_layer, quantize_model
+from turboboa.blockwise import BlockStatistics, _collect, _round_table, quantize_layer, quantize_model
 from turboboa.config import QuantConfig
-from turboboa.hessians import CovarianceAccumulator
-from turboboa.hessians.attention import AttentionStatistics
+from turboboa.distributed import World
 from turboboa.models import load_float_model
 from turboboa.solvers import LayerProblem
 
@@ -27,10 +26,10 @@ def test_collect_accumulates_hessians_and_f2_cross_terms(tiny_llama_dir):
     X_fp = X + 0.1 * torch.randn(3, 16, 64, generator=g)
     X_fp_in = X_fp.clone()
     cos, sin = adapter.rotary_cos_sin(model, 16, "cpu")
-    covs = {"self_attn.q_proj": CovarianceAccumulator(), "mlp.down_proj": CovarianceAccumulator()}
-    attn = AttentionStatistics()
+    stats = BlockStatistics.empty(["self_attn.q_proj", "mlp.down_proj"], attention=True)
+    covs, attn = stats.covs, stats.attn
     with torch.no_grad():
-        _collect(adapter, block, block, X, X_fp, cos, sin, 2, covs, attn, advance_fp=True)
+        _collect(adapter, block, block, X, X_fp, cos, sin, 2, stats, World(), torch.device("cpu"), advance_fp=True)
         x = block.input_layernorm(X).reshape(-1, 64)
         x_fp = block.input_layernorm(X_fp_in).reshape(-1, 64)
         n = x.shape[0]
