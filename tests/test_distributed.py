@@ -14,6 +14,7 @@ import torch
 
 from turboboa.distributed import World
 from turboboa.hessians.covariance import CovarianceAccumulator, RunningMean
+from turboboa.output_files import KILL_ENV
 
 from .conftest import ROOT, make_tiny_llama
 
@@ -58,18 +59,22 @@ def test_shard_fold_is_the_ordered_sum():
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", KILL_ENV):
         env.pop(key, None)
     return env
 
 
-def _quantize(ranks: int, *args: str) -> subprocess.CompletedProcess:
-    """``turboboa quantize`` in one process, or under ``torchrun --nproc-per-node ranks`` (this checkout's cli)."""
+def _quantize(ranks: int, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """``turboboa quantize`` in one process, or under ``torchrun --nproc-per-node ranks`` (this checkout's cli);
+    ``kill_at``: every rank SIGKILLs itself there (:func:`turboboa.output_files.kill_point`)."""
     command = [sys.executable, "-m", "cli", "quantize", *args]
     if ranks > 1:
         torchrun = str(Path(sys.executable).parent / "torchrun")
         command = [torchrun, "--standalone", "--nproc-per-node", str(ranks), "--no-python", *command]
-    return subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    env = _env()
+    if kill_at is not None:
+        env[KILL_ENV] = kill_at
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _config(qdir: Path) -> dict:
@@ -82,22 +87,53 @@ def tiny(tmp_path_factory, default_tokenizer) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("dist") / "tiny", default_tokenizer)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_two_ranks_write_the_qdir_of_one(tmp_path, tiny, method):
-    """GPTQ and TurboBoA (attention statistics, F2 cross terms): 2 gloo ranks, each with half the calibration
-    shards and half of each stage's layers, write the same bytes as one process."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    args = (str(tiny), *METHODS[method], *CALIB)
-    single = _quantize(1, *args, "-o", str(one))
-    assert single.returncode == 0, single.stderr
-    pair = _quantize(2, *args, "-o", str(two))
-    assert pair.returncode == 0, pair.stderr
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny):
+    """The QDIR of one process per method, made on first use."""
+    made: dict[str, Path] = {}
+
+    def make(method: str) -> Path:
+        if method not in made:
+            out = tmp_path_factory.mktemp(f"one-{method}") / "Q"
+            proc = _quantize(1, str(tiny), *METHODS[method], *CALIB, "-o", str(out))
+            assert proc.returncode == 0, proc.stderr
+            made[method] = out
+        return made[method]
+
+    return make
+
+
+def assert_same_qdir(one: Path, two: Path) -> None:
     for name in ("quantized.safetensors", "float.safetensors"):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     assert _config(one) == _config(two)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_two_ranks_write_the_qdir_of_one(tmp_path, tiny, single, method):
+    """GPTQ and TurboBoA (attention statistics, F2 cross terms): 2 gloo ranks, each with half the calibration
+    shards and half of each stage's layers, write the same bytes as one process."""
+    two = tmp_path / "two"
+    pair = _quantize(2, str(tiny), *METHODS[method], *CALIB, "-o", str(two))
+    assert pair.returncode == 0, pair.stderr
+    assert_same_qdir(single(method), two)
     assert json.loads((two / "quant_config.json").read_text())["ranks"] == 2
     assert pair.stderr.count("quantized 15 layers") == 1  # only rank 0 reports
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no work folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # no work folder left
+
+
+def test_two_ranks_resume_a_killed_run(tmp_path, tiny, single):
+    """Both ranks killed while solving block 1: rank 0 had committed block 0 (the gathered streams); the resumed
+    2-rank run continues from block 1 and still writes one process's bytes."""
+    out = tmp_path / "Q"
+    args = (str(tiny), *METHODS["turboboa"], *CALIB, "-o", str(out))
+    assert _quantize(2, *args, kill_at="solve:1").returncode != 0
+    assert not out.exists() and (tmp_path / "Q.partial" / "state.json").is_file()
+    resumed = _quantize(2, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "quant_config.json").read_text())["timings"]["resumed_from_block"] == 1
+    assert_same_qdir(single("turboboa"), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Q"]
 
 
 def test_bad_input_is_one_line_from_rank_zero(tmp_path, tiny):
