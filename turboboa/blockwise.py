@@ -367,8 +367,8 @@ def _collect(
                 shard.attn.add(rec, rec_fp)
             if capture_fp is not None and advance_fp:
                 X_fp[sl] = out_fp
-            if world.distributed:
-                pending.append(shard)
+            if world.distributed:  # held in CPU memory until every rank has its shards (exact copies)
+                pending.append(to_device(shard, torch.device("cpu")))
             else:
                 stats.merge(shard)
     finally:

@@ -150,10 +150,6 @@ class World:
             raise (UserError if self.is_main else RankError)(failures[0])
         return result  # type: ignore[return-value]
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def on_main(self, fn: Callable[[], T]) -> T | None:
         """``fn()`` on rank 0 only (a write), the others waiting for it; every rank then learns how it ended. A
         failure on rank 0 is raised there as it is and on the other ranks as a :class:`RankError` (a UserError
