@@ -20,7 +20,7 @@ import click
 from turboboa.config import QuantConfig
 from turboboa.configs.activations import ACT_SCOPES, activation_scope
 from turboboa.configs.option import CliOption, cli_options
-from turboboa.distributed import is_main_process
+from turboboa.distributed import is_main_process, world_size_from_env
 from turboboa.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -332,6 +332,9 @@ def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, e
     from runtime_check.report import MD_NAME
     from workflows.end_to_end import MANIFEST, parse_exports, run
 
+    if world_size_from_env() > 1:
+        raise UserError("turboboa run is one process; under torchrun run `turboboa quantize`, then export and "
+                        "check the QDIR in one process")
     exports = parse_exports(export_list)
     cfg = quant_config(options)
     scope, act_bits = activation_scheme(options)

@@ -16,7 +16,7 @@ from turboboa.distributed import World
 from turboboa.hessians.covariance import CovarianceAccumulator, RunningMean
 from turboboa.output_files import KILL_ENV
 
-from .conftest import ROOT, make_tiny_llama
+from .conftest import ROOT, assert_one_line_error, make_tiny_llama, run_main
 
 # 64 windows of 128 tokens: two shards of 32 (turboboa.models.chunks.MAX_CHUNK_TOKENS), one per rank
 CALIB = ("--format", "q4_0", "--rotate", "none", "--nsamples", "64", "--seqlen", "128", "-q")
@@ -149,3 +149,12 @@ def test_bad_input_is_one_line_from_rank_zero(tmp_path, tiny):
     assert not (tmp_path / "Q").exists()
     single = _quantize(1, *args)
     assert single.returncode == 0, single.stderr
+
+
+def test_run_refuses_ranks(tmp_path, tiny, monkeypatch, capsys):
+    """`turboboa run` (quantize, export, check) stays one process: under torchrun it is refused in one line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    proc = run_main("run", str(tiny), "-o", str(tmp_path / "out"), capsys=capsys)
+    assert_one_line_error(proc, "torchrun", "turboboa quantize")
+    assert not (tmp_path / "out").exists()
