@@ -18,8 +18,10 @@ from turboboa.output_files import KILL_ENV
 
 from .conftest import ROOT, assert_one_line_error, make_tiny_llama, run_main
 
-# 64 windows of 128 tokens: two shards of 32 (turboboa.models.chunks.MAX_CHUNK_TOKENS), one per rank
-CALIB = ("--format", "q4_0", "--rotate", "none", "--nsamples", "64", "--seqlen", "128", "-q")
+# 64 windows of 256 tokens on 16 heads: two shards of 32 windows (turboboa.models.chunks.chunk_size: 32 x 16 x
+# 256^2 attention probabilities fill MAX_ATTENTION_ELEMENTS), one per rank
+CALIB = ("--format", "q4_0", "--rotate", "none", "--nsamples", "64", "--seqlen", "256", "-q")
+HEADS = 16
 METHODS = {"gptq": ("--method", "gptq"), "turboboa": ("--method", "turboboa", "--rows", "4")}
 # quant_config.json fields that say how the run went, not what it made
 RUN_FIELDS = ("timings", "device", "ranks")
@@ -35,7 +37,7 @@ def test_shards_are_contiguous_and_cover_the_set():
 
 def test_shard_fold_is_the_ordered_sum():
     """Folding one-shard accumulators in shard order gives the same bytes as updating one accumulator in that
-    order, and the mean is the left-folded sum divided once by the count."""
+    order, and the mean follows the running-mean recurrence mu <- mu n / (n + m) + S / (n + m)."""
     torch.manual_seed(0)
     xs = [torch.randn(5, 3, 8) for _ in range(4)]
     direct = CovarianceAccumulator()
@@ -47,11 +49,17 @@ def test_shard_fold_is_the_ordered_sum():
         shard.add(x)
         folded.merge(shard)
     assert torch.equal(direct.H, folded.H) and direct.n == folded.n == 60
-    total = None
+    mu, n = None, 0
     for x in xs:
         t = x.reshape(-1, 8).T @ x.reshape(-1, 8)
-        total = t if total is None else total + t
-    assert torch.equal(direct.H, 2.0 * (total / 60))
+        mu = t / 15 if mu is None else mu.mul_(n / (n + 15)).add_(t, alpha=1.0 / (n + 15))
+        n += 15
+    assert torch.equal(direct.H, 2.0 * mu)
+    two = CovarianceAccumulator()
+    two.add(xs[0])
+    two.add(xs[1])
+    with pytest.raises(ValueError, match="one batch"):  # a fold of several batches cannot be replayed
+        folded.merge(two)
     mean = RunningMean()
     mean.update(torch.ones(2), 0)
     assert mean.value is None and mean.n == 0
@@ -84,7 +92,7 @@ def _config(qdir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, default_tokenizer) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("dist") / "tiny", default_tokenizer)
+    return make_tiny_llama(tmp_path_factory.mktemp("dist") / "tiny", default_tokenizer, heads=HEADS)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Second-moment statistics in float32 (GPTQ Hessian and the F2 cross term), as ordered sums over shards."""
+"""Second-moment statistics in float32 (GPTQ Hessian and the F2 cross term), folded shard by shard in order."""
 
 from __future__ import annotations
 
@@ -9,16 +9,18 @@ from turboboa.errors import UserError
 
 
 class RunningMean:
-    """Mean of per-sample statistics, as an ordered sum of batch sums divided once by the count.
+    """Mean of per-sample statistics, updated from batch sums in the order they come.
 
-    After batches with sums S_1..S_k over m_1..m_k samples, ``value = (((S_1 + S_2) + S_3) + ... + S_k) /
-    (m_1 + ... + m_k)``: the sums are folded left in the order they come (``update``, or ``merge`` of another
-    RunningMean's fold), in float32. The block loop gives each calibration shard its own RunningMean and merges
-    the shards in shard order (:mod:`turboboa.distributed`), so one process and several ranks hold the same bytes.
+    After batches with sums S_1..S_k over m_1..m_k samples, ``value = (sum_i S_i) / (sum_i m_i)``, computed as
+    ``mu_1 = S_1 / m_1`` and ``mu <- mu * n / (n + m_k) + S_k / (n + m_k)`` so that the scale never depends on the
+    number of samples. The block loop gives each calibration shard (one batch) its own RunningMean and folds
+    the shards in shard order with :meth:`merge`, which replays the shard's batch as an ``update``: one process
+    and several ranks (:mod:`turboboa.distributed`) make the same sequence of updates, so the same bytes.
     """
 
     def __init__(self) -> None:
-        self.total: Tensor | None = None
+        self._sum: Tensor | None = None  # S_1 while one batch is held (what merge replays)
+        self._mean: Tensor | None = None  # mu once a second batch came
         self.n: int = 0
 
     def update(self, total: Tensor, count: int) -> None:
@@ -26,27 +28,36 @@ class RunningMean:
         if count <= 0:
             return
         total = total.to(torch.float32)
-        if self.total is None:
-            self.total = total.clone()
-        else:
-            if total.shape != self.total.shape:
-                raise UserError(
-                    f"statistic shape changed from {tuple(self.total.shape)} to {tuple(total.shape)}; "
-                    "use one accumulator per layer and keep the model shape fixed"
-                )
-            self.total.add_(total.to(self.total.device))
-        self.n += count
+        if self.n == 0:
+            self._sum = total
+            self.n = count
+            return
+        held = self._sum if self._mean is None else self._mean
+        if total.shape != held.shape:
+            raise UserError(
+                f"statistic shape changed from {tuple(held.shape)} to {tuple(total.shape)}; "
+                "use one accumulator per layer and keep the model shape fixed"
+            )
+        if self._mean is None:
+            self._mean, self._sum = self._sum / self.n, None
+        new_n = self.n + count
+        self._mean.mul_(self.n / new_n).add_(total.to(self._mean.device), alpha=1.0 / new_n)
+        self.n = new_n
 
     def merge(self, other: RunningMean) -> None:
-        """Fold in ``other``'s sum (after this one's): as if its batches had been ``update``d here, when it
-        holds one batch."""
-        if other.total is not None:
-            self.update(other.total, other.n)
+        """Fold in ``other``, a shard's accumulator of one batch, as that batch's ``update`` here."""
+        if other.n == 0:
+            return
+        if other._sum is None:
+            raise ValueError("merge replays one batch; this accumulator folded several (one per shard is needed)")
+        self.update(other._sum, other.n)
 
     @property
     def value(self) -> Tensor | None:
-        """The mean: the folded sum divided by the count (None before any sample)."""
-        return None if self.total is None else self.total / self.n
+        """The mean (None before any sample)."""
+        if self._mean is not None:
+            return self._mean
+        return None if self._sum is None else self._sum / self.n
 
 
 def _tokens(x: Tensor) -> Tensor:

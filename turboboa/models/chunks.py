@@ -6,15 +6,13 @@ from torch import nn
 
 # attention probabilities of one chunk are held as (B, H, L, L) float32: keep that under this many elements
 MAX_ATTENTION_ELEMENTS = 1 << 25
-# and a chunk holds at most this many tokens: short calibration windows still make several chunks, which are
-# the shards the ranks of a torchrun run share (turboboa.distributed)
-MAX_CHUNK_TOKENS = 1 << 12
 
 
 def chunk_size(n: int, seqlen: int, heads: int) -> int:
     """Sequences per chunk of ``n`` with ``heads`` attention heads: the largest ``B <= n`` with
-    ``B * heads * seqlen^2 <= MAX_ATTENTION_ELEMENTS`` and ``B * seqlen <= MAX_CHUNK_TOKENS`` (at least 1)."""
-    return max(1, min(n, MAX_ATTENTION_ELEMENTS // max(1, heads * seqlen * seqlen), MAX_CHUNK_TOKENS // seqlen))
+    ``B * heads * seqlen^2 <= MAX_ATTENTION_ELEMENTS`` (at least 1). These chunks are also the shards the ranks of
+    a torchrun run share (:mod:`turboboa.distributed`)."""
+    return max(1, min(n, MAX_ATTENTION_ELEMENTS // max(1, heads * seqlen * seqlen)))
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
