@@ -50,8 +50,9 @@ TENSOR_OF_ROLE = {"embedding": MODEL_TENSOR.TOKEN_EMBD, "final_norm": MODEL_TENS
                   "head": MODEL_TENSOR.OUTPUT, "attention_norm": MODEL_TENSOR.ATTN_NORM, "q": MODEL_TENSOR.ATTN_Q,
                   "k": MODEL_TENSOR.ATTN_K, "v": MODEL_TENSOR.ATTN_V, "o": MODEL_TENSOR.ATTN_OUT,
                   "mlp_norm": MODEL_TENSOR.FFN_NORM, "gate": MODEL_TENSOR.FFN_GATE, "up": MODEL_TENSOR.FFN_UP,
-                  "down": MODEL_TENSOR.FFN_DOWN}
-BLOCK_ROLES = ("attention_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
+                  "down": MODEL_TENSOR.FFN_DOWN, "q_norm": MODEL_TENSOR.ATTN_Q_NORM,
+                  "k_norm": MODEL_TENSOR.ATTN_K_NORM}
+BLOCK_ROLES = ("attention_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down", "q_norm", "k_norm")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -101,7 +102,8 @@ def _required_names(spec: ArchSpec, hp: Hyperparameters) -> list[str]:
     top = [MODEL_TENSOR.TOKEN_EMBD, MODEL_TENSOR.OUTPUT_NORM] + ([] if hp.tied_embeddings else [MODEL_TENSOR.OUTPUT])
     names = [f"{TENSOR_NAMES[t]}.weight" for t in top]
     present = spec.layout.roles.present()
-    layer = [TENSOR_OF_ROLE[r] for r in BLOCK_ROLES if r in present or r in ("attention_norm", "mlp_norm")]
+    norms = ("attention_norm", "mlp_norm", *spec.layout.head_norms())
+    layer = [TENSOR_OF_ROLE[r] for r in BLOCK_ROLES if r in present or r in norms]
     for bid in range(hp.n_layer):
         names += [f"{TENSOR_NAMES[t].format(bid=bid)}.weight" for t in layer]
         if spec.qkv_bias:

@@ -14,6 +14,7 @@ from torch import nn
 
 from turboboa.arch import llama as _llama  # noqa: F401  (registers Llama, Mistral, Qwen2)
 from turboboa.arch import opt as _opt  # noqa: F401  (registers OPT)
+from turboboa.arch import qwen3 as _qwen3  # noqa: F401  (registers Qwen3)
 from turboboa.arch.base import (
     ArchAdapter,
     AttentionShape,

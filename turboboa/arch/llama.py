@@ -152,12 +152,18 @@ class LlamaAdapter(ArchAdapter):
                            tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
                            max_positions=int(getattr(hf_config, "max_position_embeddings", 2048)))
 
+    @staticmethod
+    def normalize_heads(attn: nn.Module, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """The queries and keys (B, L, heads, d) as the attention reads them before RoPE: Llama's as projected."""
+        return q, k
+
     def block_forward(
         self, block: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, record: Record | None = None
     ) -> Tensor:
         """One decoder block from its own submodules.
 
-        x = norm1(h); q, k, v = Wq x, Wk x, Wv x (per head); q~, k~ = RoPE(q), RoPE(k);
+        x = norm1(h); q, k, v = Wq x, Wk x, Wv x (per head, q and k through :meth:`normalize_heads`);
+        q~, k~ = RoPE(q), RoPE(k);
         A_h = softmax(scale * q~_h k~_{g(h)}^T + causal mask) (float32); o_h = A_h v_{g(h)};
         h' = h + Wo [o_1..o_H]; out = h' + W_down(act(W_gate y) * W_up y) with y = norm2(h').
         """
@@ -175,8 +181,9 @@ class LlamaAdapter(ArchAdapter):
         sin = sin[..., :seqlen, :].to(device=hidden.device, dtype=torch.float32).unsqueeze(-3)
 
         x = block.input_layernorm(hidden)
-        q = attn.q_proj(x).view(batch, seqlen, n_heads, head_dim).transpose(1, 2).float()
-        k = attn.k_proj(x).view(batch, seqlen, n_kv, head_dim).transpose(1, 2).float()
+        q, k = self.normalize_heads(attn, attn.q_proj(x).view(batch, seqlen, n_heads, head_dim),
+                                    attn.k_proj(x).view(batch, seqlen, n_kv, head_dim))
+        q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()
         v = attn.v_proj(x).view(batch, seqlen, n_kv, head_dim).transpose(1, 2).float()
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
