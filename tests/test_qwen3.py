@@ -28,6 +28,7 @@ from turboboa.data import eval_tokens
 from turboboa.errors import UserError
 from turboboa.eval.evaluate import evaluate as evaluate_torch
 from turboboa.eval.perplexity import make_windows
+from turboboa.hessians import AttentionStatistics
 from turboboa.rotation.fuse import rotate_model
 
 from .test_gguf_writer import BOUND_F16_KV, BOUND_F32_KV, logit_gap, randomize
@@ -202,3 +203,60 @@ def test_llama_cpp_logits_match_torch(tmp_path, default_tokenizer) -> None:
     print(f"qwen3: max |diff| / std = {exact:.2e} (F32 KV cache), {default:.2e} (F16 KV cache)")
     assert exact < BOUND_F32_KV
     assert default < BOUND_F16_KV
+
+
+# --- BoA's row Hessians through the per-head q/k norms, against brute force ------------------------------------
+
+
+def test_query_and_key_hessians_with_head_norms_equal_brute_force() -> None:
+    """With R_t = I (identity RoPE tables) and each token's RMS rho frozen, the autograd Hessian over one
+    head's (d, D) projection rows of the all-pairs score error sum_{t,s} (scale (gamma o dW x_t / rho_t) . o_s)^2
+    (o the normalized keys for q, the normalized queries of the group for k) equals
+    scale^2 n^2 [r] H_row (x) H_col_rho with the closed form H_row = diag(gamma) M diag(gamma) of the statistics
+    and H_col_rho = (2/n) sum_t x_t x_t^T / rho_t^2 (the factor the pipeline replaces by the plain H_col, a
+    scalar apart on average)."""
+    model = tiny_qwen3(seed=3).double()
+    adapter = get_adapter(model)
+    block = adapter.blocks(model)[0]
+    attn = block.self_attn
+    torch.manual_seed(4)
+    n, d, width, scale, group = 6, 16, 32, 16**-0.5, 2
+    hidden = torch.randn(1, n, width, dtype=torch.float64)
+    cos, sin = torch.ones(n, d, dtype=torch.float64), torch.zeros(n, d, dtype=torch.float64)
+    rec: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        adapter.block_forward(block, hidden, cos, sin, record=rec.__setitem__)
+        x = block.input_layernorm(hidden)[0]
+        q_raw = attn.q_proj(x).view(n, 4, d).transpose(0, 1)  # (H, n, d) before the norm
+        k_raw = attn.k_proj(x).view(n, 2, d).transpose(0, 1)
+    stats = AttentionStatistics()
+    stats.add(rec)
+    row_q, row_k = stats.row_hessian_q(None, None).double(), stats.row_hessian_k(None, None).double()
+    eps = model.config.rms_norm_eps
+    q_hat, k_hat = rec["q_rope"][0].double(), rec["k_rope"][0].double()  # (H, n, d), (G, n, d): normalized
+
+    def brute(gain: torch.Tensor, rho: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        def error(dw: torch.Tensor) -> torch.Tensor:
+            moved = (x @ dw.T) * gain / rho[:, None]  # (n, d): the normalized projection's change
+            return sum(((moved @ o.T) * scale).pow(2).sum() for o in others)
+
+        zero = torch.zeros(d, width, dtype=torch.float64)
+        return torch.autograd.functional.hessian(error, zero).reshape(d * width, d * width)
+
+    def col(rho: torch.Tensor) -> torch.Tensor:
+        return 2 * (x / rho[:, None]).T @ (x / rho[:, None]) / n
+
+    gq, gk = attn.q_norm.weight.detach(), attn.k_norm.weight.detach()
+    for h in range(4):
+        rho = (q_raw[h].pow(2).mean(-1) + eps).sqrt()
+        torch.testing.assert_close(brute(gq, rho, [k_hat[h // group]]),
+                                   scale**2 * n**2 * torch.kron(row_q[h], col(rho)), rtol=1e-5, atol=1e-6)
+    for g in range(2):
+        rho = (k_raw[g].pow(2).mean(-1) + eps).sqrt()
+        heads = [q_hat[h] for h in range(g * group, (g + 1) * group)]
+        torch.testing.assert_close(brute(gk, rho, heads),
+                                   scale**2 * n**2 * group * torch.kron(row_k[g], col(rho)), rtol=1e-5, atol=1e-6)
+    # without the gains the statistics are the plain covariances of the normalized keys / queries
+    plain = AttentionStatistics()
+    plain.add({key: value for key, value in rec.items() if key not in ("q_gain", "k_gain")})
+    torch.testing.assert_close(plain.row_hessian_q(None, None).double() * gq * gq[:, None], row_q)

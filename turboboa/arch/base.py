@@ -188,7 +188,9 @@ class ArchAdapter:
 
         When ``record`` is given it is called with ``"attn_input"`` (B, L, D), ``"q_rope"`` (B, H, L, d),
         ``"k_rope"`` (B, G, L, d) (the queries and keys after RoPE, the projections themselves without it,
-        both before the softmax scale) and ``"attn_probs"`` (B, H, L, L).
+        both before the softmax scale; after the per-head q/k norms where the family has them) and
+        ``"attn_probs"`` (B, H, L, L); a family with per-head q/k norms also records their gains ``"q_gain"``,
+        ``"k_gain"`` (d,) for the row Hessians.
         """
         raise NotImplementedError
 

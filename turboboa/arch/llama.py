@@ -157,6 +157,12 @@ class LlamaAdapter(ArchAdapter):
         """The queries and keys (B, L, heads, d) as the attention reads them before RoPE: Llama's as projected."""
         return q, k
 
+    @staticmethod
+    def head_gains(attn: nn.Module) -> tuple[Tensor | None, Tensor | None]:
+        """The gains ``(gamma_q, gamma_k)`` (d,) of per-head q/k norms, recorded for the row Hessians
+        (:mod:`turboboa.hessians.attention`); Llama has no such norms."""
+        return None, None
+
     def block_forward(
         self, block: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, record: Record | None = None
     ) -> Tensor:
@@ -196,6 +202,9 @@ class LlamaAdapter(ArchAdapter):
             record("q_rope", q)
             record("k_rope", k)
             record("attn_probs", probs.view(batch, n_heads, seqlen, seqlen))
+            for name, gain in zip(("q_gain", "k_gain"), self.head_gains(attn), strict=True):
+                if gain is not None:
+                    record(name, gain)
 
         out = out.transpose(1, 2).reshape(batch, seqlen, n_heads * head_dim).to(hidden.dtype)
         hidden = hidden + attn.o_proj(out)

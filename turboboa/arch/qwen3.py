@@ -58,6 +58,11 @@ class Qwen3Adapter(LlamaAdapter):
         """``(RMSNorm_q(q), RMSNorm_k(k))`` per head over the last dim d, with the model's own modules."""
         return attn.q_norm(q), attn.k_norm(k)
 
+    @staticmethod
+    def head_gains(attn: nn.Module) -> tuple[Tensor | None, Tensor | None]:
+        """``(gamma_q, gamma_k)``: Qwen3's RMSNorm gain is its weight ``w``."""
+        return attn.q_norm.weight, attn.k_norm.weight
+
     def decoder_spec(self, hf_config: Any) -> DecoderSpec:
         """Refused in one line: the graph has no per-head q/k norm."""
         raise UserError(f"ONNX export of Qwen3 is not possible: {self.ONNX_REFUSAL}")
