@@ -62,11 +62,15 @@ class AttentionShape:
 class GgufArch:
     """The llama.cpp architecture a family exports to: ``name`` (``general.architecture``); ``permute_qk``:
     llama.cpp applies adjacent-pair ("normal") rope, so q/k rows are permuted from HF's rotate-half order;
-    ``qkv_bias``: the q/k/v biases are required tensors."""
+    ``qkv_bias``: the q/k/v biases are required tensors; ``norm_offset``: llama.cpp's norm weight is the HF
+    weight plus this (Gemma's ``(1 + w)`` RMSNorm is stored as ``1 + w``); ``sliding_window``: llama.cpp reads
+    the window of the sliding layers from ``{arch}.attention.sliding_window``."""
 
     name: str
     permute_qk: bool
     qkv_bias: bool
+    norm_offset: float = 0.0
+    sliding_window: bool = False
 
 
 class ArchAdapter:
@@ -201,6 +205,14 @@ class ArchAdapter:
         if isinstance(self.GGUF, GgufArch):
             return self.GGUF
         raise UserError(f"GGUF export of {self.name()} models is not possible: {self.GGUF}; export with --to onnx")
+
+    def check_gguf_config(self, hf_config: Any) -> None:
+        """A one-line UserError for a config llama.cpp's architecture would compute differently (default: none)."""
+
+    @staticmethod
+    def config_window(hf_config: Any) -> int | None:
+        """The sliding window some layer of ``hf_config`` applies, None for full causal attention everywhere."""
+        return None
 
     def decoder_spec(self, hf_config: Any) -> DecoderSpec:
         """The decoder the ONNX graph computes for ``hf_config``; a UserError for what the graph cannot."""
