@@ -85,7 +85,7 @@ def test_adapter_names_roles_and_attention_layout() -> None:
     assert locate("model.layers.1.self_attn.q_norm") == (1, "q_norm")
     assert locate("model.layers.0.self_attn.k_norm") == (0, "k_norm")
     assert locate("model.layers.0.self_attn.q_proj") == (0, "q")
-    roles = {locate(name.rpartition(".")[0])[1] for name in model.state_dict()}
+    roles = {adapter.LAYOUT.locate(name.rpartition(".")[0])[1] for name in model.state_dict()}
     assert None not in roles
     assert all(adapter.linear(adapter.blocks(model)[0], r).bias is None for r in ("q", "k", "v"))
 

@@ -79,7 +79,8 @@ class ArchAdapter:
     Methods take the HF ``*ForCausalLM`` model or one of its decoder blocks. Class attributes a family sets:
     ``MODEL_TYPES``, ``NAME`` (for messages), ``LAYOUT``; ``ROTATION_REFUSAL`` / ``PADDING_REFUSAL``: why the residual stream cannot
     be rotated / padded without changing the function (None: it can); ``GGUF``: the llama.cpp
-    architecture, or the reason there is none.
+    architecture, or the reason there is none; ``ONNX_REFUSAL``: why the ONNX graph cannot compute the family
+    (None: it can).
     """
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
@@ -88,6 +89,7 @@ class ArchAdapter:
     LINEAR_GROUPS: ClassVar[list[list[str]]] = []
     ROTATION_REFUSAL: ClassVar[str | None] = None
     PADDING_REFUSAL: ClassVar[str | None] = None
+    ONNX_REFUSAL: ClassVar[str | None] = None
     GGUF: ClassVar[GgufArch | str] = "the family has no llama.cpp architecture"
 
     def __init_subclass__(cls, **kwargs: object) -> None:
