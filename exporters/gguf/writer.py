@@ -50,8 +50,15 @@ TENSOR_OF_ROLE = {"embedding": MODEL_TENSOR.TOKEN_EMBD, "final_norm": MODEL_TENS
                   "head": MODEL_TENSOR.OUTPUT, "attention_norm": MODEL_TENSOR.ATTN_NORM, "q": MODEL_TENSOR.ATTN_Q,
                   "k": MODEL_TENSOR.ATTN_K, "v": MODEL_TENSOR.ATTN_V, "o": MODEL_TENSOR.ATTN_OUT,
                   "mlp_norm": MODEL_TENSOR.FFN_NORM, "gate": MODEL_TENSOR.FFN_GATE, "up": MODEL_TENSOR.FFN_UP,
-                  "down": MODEL_TENSOR.FFN_DOWN}
-BLOCK_ROLES = ("attention_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
+                  "down": MODEL_TENSOR.FFN_DOWN, "q_norm": MODEL_TENSOR.ATTN_Q_NORM,
+                  "k_norm": MODEL_TENSOR.ATTN_K_NORM, "attention_post_norm": MODEL_TENSOR.ATTN_POST_NORM,
+                  "mlp_post_norm": MODEL_TENSOR.FFN_POST_NORM}
+# an architecture whose MLP has a pre- and a post-norm (gemma3) names its MLP norm FFN_PRE_NORM
+PRE_NORM_OF = {MODEL_TENSOR.FFN_NORM: MODEL_TENSOR.FFN_PRE_NORM}
+BLOCK_ROLES = ("attention_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down", "q_norm", "k_norm",
+               "attention_post_norm", "mlp_post_norm")
+NORM_ROLES = ("final_norm", "attention_norm", "mlp_norm", "q_norm", "k_norm", "attention_post_norm",
+              "mlp_post_norm")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -65,6 +72,8 @@ def gguf_tensor_name(spec: ArchSpec, hf_name: str) -> tuple[MODEL_TENSOR, str] |
     kind = TENSOR_OF_ROLE.get(role) if role is not None else None
     if kind is None or (block is None) != (role not in BLOCK_ROLES):
         return None
+    if kind not in MODEL_TENSORS[spec.arch] and PRE_NORM_OF.get(kind) in MODEL_TENSORS[spec.arch]:
+        kind = PRE_NORM_OF[kind]
     name = TENSOR_NAMES[kind] if block is None else TENSOR_NAMES[kind].format(bid=block)
     return kind, f"{name}.{suffix}"
 
@@ -88,6 +97,8 @@ def _gguf_tensors(spec: ArchSpec, hp: Hyperparameters,
             continue  # llama.cpp uses token_embd as the output matrix
         if spec.permute_qk and kind in heads:
             tensor = tensor.with_rows_permuted(heads[kind])
+        if spec.norm_offset and spec.layout.locate(hf_name.rpartition(".")[0])[1] in NORM_ROLES:
+            tensor = GgufTensor.from_float(tensor.data + spec.norm_offset)
         out[name] = tensor
     missing = [name for name in _required_names(spec, hp) if name not in out]
     if missing:
@@ -101,7 +112,10 @@ def _required_names(spec: ArchSpec, hp: Hyperparameters) -> list[str]:
     top = [MODEL_TENSOR.TOKEN_EMBD, MODEL_TENSOR.OUTPUT_NORM] + ([] if hp.tied_embeddings else [MODEL_TENSOR.OUTPUT])
     names = [f"{TENSOR_NAMES[t]}.weight" for t in top]
     present = spec.layout.roles.present()
-    layer = [TENSOR_OF_ROLE[r] for r in BLOCK_ROLES if r in present or r in ("attention_norm", "mlp_norm")]
+    norms = ("attention_norm", "mlp_norm", *spec.layout.head_norms())
+    allowed = MODEL_TENSORS[spec.arch]
+    layer = [TENSOR_OF_ROLE[r] for r in BLOCK_ROLES if r in present or r in norms]
+    layer = [PRE_NORM_OF.get(t, t) if t not in allowed else t for t in layer]
     for bid in range(hp.n_layer):
         names += [f"{TENSOR_NAMES[t].format(bid=bid)}.weight" for t in layer]
         if spec.qkv_bias:

@@ -12,8 +12,10 @@ from typing import Any
 
 from torch import nn
 
+from turboboa.arch import gemma3 as _gemma3  # noqa: F401  (registers Gemma 3)
 from turboboa.arch import llama as _llama  # noqa: F401  (registers Llama, Mistral, Qwen2)
 from turboboa.arch import opt as _opt  # noqa: F401  (registers OPT)
+from turboboa.arch import qwen3 as _qwen3  # noqa: F401  (registers Qwen3)
 from turboboa.arch.base import (
     ArchAdapter,
     AttentionShape,
@@ -57,10 +59,15 @@ def decoder_spec(hf_config: Any) -> DecoderSpec:
 def locate(name: str) -> tuple[int | None, str | None]:
     """``(block index, role)`` of the full module name ``name`` in the registered families' layouts
     (:meth:`Layout.locate`); ``(i, None)`` for another name inside block ``i``, ``(None, None)`` when no
-    family has it. The families agree on every name they share (a name with two roles is a ValueError)."""
+    family has it. The families agree on every linear layer they share (a linear name with two roles is a
+    ValueError); a norm name two families use differently (Llama's ``post_attention_layernorm`` is its MLP
+    norm, Gemma's the attention's post-norm) has no family-independent role: ``(i, None)``."""
     layouts = {id(cls.LAYOUT): cls.LAYOUT for cls in registered_adapters().values()}
     found = {layout.locate(name) for layout in layouts.values()}
     roles = {hit for hit in found if hit[1] is not None}
+    if len(roles) > 1 and all(role not in LINEAR_ROLES for _, role in roles):
+        blocks = {block for block, _ in roles}
+        return (blocks.pop(), None) if len(blocks) == 1 else (None, None)
     if len(roles) > 1:
         raise ValueError(f"module {name!r} has different roles in the registered families: {sorted(map(str, roles))}")
     if roles:

@@ -62,11 +62,15 @@ class AttentionShape:
 class GgufArch:
     """The llama.cpp architecture a family exports to: ``name`` (``general.architecture``); ``permute_qk``:
     llama.cpp applies adjacent-pair ("normal") rope, so q/k rows are permuted from HF's rotate-half order;
-    ``qkv_bias``: the q/k/v biases are required tensors."""
+    ``qkv_bias``: the q/k/v biases are required tensors; ``norm_offset``: llama.cpp's norm weight is the HF
+    weight plus this (Gemma's ``(1 + w)`` RMSNorm is stored as ``1 + w``); ``sliding_window``: llama.cpp reads
+    the window of the sliding layers from ``{arch}.attention.sliding_window``."""
 
     name: str
     permute_qk: bool
     qkv_bias: bool
+    norm_offset: float = 0.0
+    sliding_window: bool = False
 
 
 class ArchAdapter:
@@ -75,7 +79,8 @@ class ArchAdapter:
     Methods take the HF ``*ForCausalLM`` model or one of its decoder blocks. Class attributes a family sets:
     ``MODEL_TYPES``, ``NAME`` (for messages), ``LAYOUT``; ``ROTATION_REFUSAL`` / ``PADDING_REFUSAL``: why the residual stream cannot
     be rotated / padded without changing the function (None: it can); ``GGUF``: the llama.cpp
-    architecture, or the reason there is none.
+    architecture, or the reason there is none; ``ONNX_REFUSAL``: why the ONNX graph cannot compute the family
+    (None: it can).
     """
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
@@ -84,6 +89,7 @@ class ArchAdapter:
     LINEAR_GROUPS: ClassVar[list[list[str]]] = []
     ROTATION_REFUSAL: ClassVar[str | None] = None
     PADDING_REFUSAL: ClassVar[str | None] = None
+    ONNX_REFUSAL: ClassVar[str | None] = None
     GGUF: ClassVar[GgufArch | str] = "the family has no llama.cpp architecture"
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -188,7 +194,9 @@ class ArchAdapter:
 
         When ``record`` is given it is called with ``"attn_input"`` (B, L, D), ``"q_rope"`` (B, H, L, d),
         ``"k_rope"`` (B, G, L, d) (the queries and keys after RoPE, the projections themselves without it,
-        both before the softmax scale) and ``"attn_probs"`` (B, H, L, L).
+        both before the softmax scale; after the per-head q/k norms where the family has them) and
+        ``"attn_probs"`` (B, H, L, L); a family with per-head q/k norms also records their gains ``"q_gain"``,
+        ``"k_gain"`` (d,) for the row Hessians.
         """
         raise NotImplementedError
 
@@ -199,6 +207,14 @@ class ArchAdapter:
         if isinstance(self.GGUF, GgufArch):
             return self.GGUF
         raise UserError(f"GGUF export of {self.name()} models is not possible: {self.GGUF}; export with --to onnx")
+
+    def check_gguf_config(self, hf_config: Any) -> None:
+        """A one-line UserError for a config llama.cpp's architecture would compute differently (default: none)."""
+
+    @staticmethod
+    def config_window(hf_config: Any) -> int | None:
+        """The sliding window some layer of ``hf_config`` applies, None for full causal attention everywhere."""
+        return None
 
     def decoder_spec(self, hf_config: Any) -> DecoderSpec:
         """The decoder the ONNX graph computes for ``hf_config``; a UserError for what the graph cannot."""

@@ -5,7 +5,11 @@ The rest of the package names a decoder's parts by role, never by a family's mod
 * linear roles of a block (:data:`LINEAR_ROLES`): ``q``, ``k``, ``v`` (the attention's query, key and value
   projections), ``o`` (its output projection), ``gate`` and ``up`` (the MLP's input projections; ``gate`` is
   absent in an ungated MLP), ``down`` (the MLP's output projection);
-* the block's norms: ``attention_norm`` (read by q, k, v) and ``mlp_norm`` (read by gate and up);
+* the block's norms: ``attention_norm`` (read by q, k, v) and ``mlp_norm`` (read by gate and up); where the
+  family has them, ``q_norm`` and ``k_norm``: per-head RMSNorms of the queries and keys inside the attention
+  (over the head size ``d``, after the projections, before RoPE), which no rotation of the residual touches;
+  ``attention_post_norm`` / ``mlp_post_norm``: norms of the attention's / MLP's output before the residual
+  add (Gemma), where the family has them;
 * model-level modules: ``embedding`` (token table), ``positions`` (a learned position table, where the family
   has one), ``final_norm`` and ``head`` (the output projection to the vocabulary).
 
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 NORM_ROLES = ("attention_norm", "mlp_norm")
+HEAD_NORM_ROLES = ("q_norm", "k_norm")
+POST_NORM_ROLES = ("attention_post_norm", "mlp_post_norm")
 MODEL_ROLES = ("embedding", "positions", "final_norm", "head")
 ATTENTION_INPUT_ROLES = ("q", "k", "v")
 MLP_INPUT_ROLES = ("gate", "up")
@@ -71,7 +77,8 @@ class Layout:
     """One family's module names: full names of the model-level modules, block-relative names of the block's.
 
     ``blocks``: the ``ModuleList`` of decoder blocks; ``attention``: the block's self-attention module (it
-    holds q, k, v and o); ``positions``: the learned position table, None where positions are rotary.
+    holds q, k, v and o); ``positions``: the learned position table, None where positions are rotary;
+    ``q_norm`` / ``k_norm``: the per-head query / key norms, None where the family has none.
     """
 
     blocks: str
@@ -83,6 +90,10 @@ class Layout:
     attention_norm: str
     mlp_norm: str
     positions: str | None = None
+    q_norm: str | None = None
+    k_norm: str | None = None
+    attention_post_norm: str | None = None
+    mlp_post_norm: str | None = None
 
     def block(self, i: int) -> str:
         """Full name of decoder block ``i``."""
@@ -97,10 +108,21 @@ class Layout:
         return f"{self.block(i)}.{self.block_module(role)}"
 
     def block_module(self, role: str) -> str:
-        """Block-relative name of the module of ``role``: a linear role or a norm role."""
+        """Block-relative name of the module of ``role``: a linear role or a norm role (a per-head norm the
+        family lacks is a KeyError)."""
         if role in NORM_ROLES:
             return getattr(self, role)
+        if role in HEAD_NORM_ROLES + POST_NORM_ROLES:
+            name = getattr(self, role)
+            if name is None:
+                raise KeyError(f"no {role} in this family")
+            return name
         return self.roles.name(role)
+
+    def head_norms(self) -> tuple[str, ...]:
+        """The per-head and post norm roles this family has (``q_norm``, ``k_norm``, ``attention_post_norm``,
+        ``mlp_post_norm``), in that order."""
+        return tuple(role for role in HEAD_NORM_ROLES + POST_NORM_ROLES if getattr(self, role) is not None)
 
     def norm_readers(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """Each block norm's role with the linear roles that read its output: ``attention_norm`` -> q, k, v;
@@ -139,5 +161,6 @@ class Layout:
         relative = match.group(2)
         role = self.roles.role_of(relative)
         if role is None:
-            role = next((r for r in NORM_ROLES if getattr(self, r) == relative), None)
+            roles = NORM_ROLES + HEAD_NORM_ROLES + POST_NORM_ROLES
+            role = next((r for r in roles if getattr(self, r) == relative), None)
         return int(match.group(1)), role

@@ -152,12 +152,24 @@ class LlamaAdapter(ArchAdapter):
                            tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
                            max_positions=int(getattr(hf_config, "max_position_embeddings", 2048)))
 
+    @staticmethod
+    def normalize_heads(attn: nn.Module, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """The queries and keys (B, L, heads, d) as the attention reads them before RoPE: Llama's as projected."""
+        return q, k
+
+    @staticmethod
+    def head_gains(attn: nn.Module) -> tuple[Tensor | None, Tensor | None]:
+        """The gains ``(gamma_q, gamma_k)`` (d,) of per-head q/k norms, recorded for the row Hessians
+        (:mod:`turboboa.hessians.attention`); Llama has no such norms."""
+        return None, None
+
     def block_forward(
         self, block: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, record: Record | None = None
     ) -> Tensor:
         """One decoder block from its own submodules.
 
-        x = norm1(h); q, k, v = Wq x, Wk x, Wv x (per head); q~, k~ = RoPE(q), RoPE(k);
+        x = norm1(h); q, k, v = Wq x, Wk x, Wv x (per head, q and k through :meth:`normalize_heads`);
+        q~, k~ = RoPE(q), RoPE(k);
         A_h = softmax(scale * q~_h k~_{g(h)}^T + causal mask) (float32); o_h = A_h v_{g(h)};
         h' = h + Wo [o_1..o_H]; out = h' + W_down(act(W_gate y) * W_up y) with y = norm2(h').
         """
@@ -175,8 +187,9 @@ class LlamaAdapter(ArchAdapter):
         sin = sin[..., :seqlen, :].to(device=hidden.device, dtype=torch.float32).unsqueeze(-3)
 
         x = block.input_layernorm(hidden)
-        q = attn.q_proj(x).view(batch, seqlen, n_heads, head_dim).transpose(1, 2).float()
-        k = attn.k_proj(x).view(batch, seqlen, n_kv, head_dim).transpose(1, 2).float()
+        q, k = self.normalize_heads(attn, attn.q_proj(x).view(batch, seqlen, n_heads, head_dim),
+                                    attn.k_proj(x).view(batch, seqlen, n_kv, head_dim))
+        q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()
         v = attn.v_proj(x).view(batch, seqlen, n_kv, head_dim).transpose(1, 2).float()
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
@@ -189,6 +202,9 @@ class LlamaAdapter(ArchAdapter):
             record("q_rope", q)
             record("k_rope", k)
             record("attn_probs", probs.view(batch, n_heads, seqlen, seqlen))
+            for name, gain in zip(("q_gain", "k_gain"), self.head_gains(attn), strict=True):
+                if gain is not None:
+                    record(name, gain)
 
         out = out.transpose(1, 2).reshape(batch, seqlen, n_heads * head_dim).to(hidden.dtype)
         hidden = hidden + attn.o_proj(out)

@@ -5,6 +5,20 @@ query head h reads KV head g(h) = h // r. All statistics are float32 running mea
 RoPE follows the HF "rotate_half" convention: R_t = diag(c_t) + diag(s_t) J with J = [[0, -I], [I, 0]]; a
 family without RoPE has R_t = I, so its row Hessians are the plain key and query covariances. Layers are
 named by role: q, k, v the query, key and value projections.
+
+Per-head q/k norms (Qwen3, Gemma 3): the attention reads ``q^_t = diag(gamma_q) q_t / rho_t`` with
+``q_t = W_q x_t`` (one head) and ``rho_t = sqrt(mean(q_t^2) + eps)``, then ``q~_t = R_t q^_t``; ``gamma_q`` is
+the norm's effective gain (``w``, Gemma's ``1 + w``), recorded by the adapter as ``q_gain`` (``k_gain``). Freezing
+each token's ``rho_t``, a change ``dq_t = dW x_t`` moves the score by
+``ds_{t,s} = (R_t diag(gamma_q) dq_t / rho_t) . k~_s``, so the relaxed error's Hessian is
+``sum_t (x_t x_t^T / rho_t^2) (x) diag(gamma_q) R_t^T Mk R_t diag(gamma_q)``. Decoupling ``1 / rho_t^2`` from
+``x_t`` (its mean is one scalar for the head, and the GPTQ/BoA solution is invariant to scaling ``H_row``):
+``H_row(q, h) = diag(gamma_q) RoPEavg(Mk_g) diag(gamma_q)`` with ``Mk`` of the normalized keys ``k~``, and
+likewise ``H_row(k, g) = diag(gamma_k) RoPEavg(mean_{h in g} Mq_h) diag(gamma_k)``.
+
+A family whose layers use different RoPE tables (Gemma 3: local and global bases) records the block's own
+tables as ``rope_cos`` / ``rope_sin`` (L, d); ``RoPEavg`` then averages over those instead of the tables passed
+to :meth:`AttentionStatistics.row_hessian_q`.
 """
 
 from __future__ import annotations
@@ -16,6 +30,8 @@ from turboboa.errors import UserError
 from turboboa.hessians.covariance import CovarianceAccumulator, RunningMean
 
 _REQUIRED = ("attn_input", "q_rope", "k_rope", "attn_probs")
+_GAINS = ("q_gain", "k_gain")  # optional: the per-head q/k norms' gains (d,), where the family has them
+_TABLES = ("rope_cos", "rope_sin")  # optional: the block's own RoPE tables (L, d)
 
 
 def _right_j(m: Tensor) -> Tensor:
@@ -70,6 +86,8 @@ class AttentionStatistics:
         self._cross = RunningMean()
         self.n_heads: int | None = None
         self.n_kv_heads: int | None = None
+        self.gains: dict[str, Tensor] = {}
+        self.tables: tuple[Tensor, Tensor] | None = None
 
     @property
     def n(self) -> int:
@@ -165,6 +183,11 @@ class AttentionStatistics:
         self._qq.update(torch.einsum("bhld,bhle->hde", q, q), n)
         self._kk.update(torch.einsum("bgld,bgle->gde", k, k), n)
         self.qkv.add(x)
+        for key in _GAINS:
+            if key in rec:
+                self.gains[key] = rec[key].detach().to(device=q.device, dtype=torch.float32).reshape(-1)
+        if all(key in rec for key in _TABLES):
+            self.tables = (rec["rope_cos"].detach(), rec["rope_sin"].detach())
         x_fp = a_fp = None
         if rec_fp is not None:
             x_fp, a_fp = self._check(rec_fp, "full-precision")
@@ -186,18 +209,30 @@ class AttentionStatistics:
             raise RuntimeError("AttentionStatistics read before any add()")
         return stat.value
 
+    def _gained(self, m: Tensor, key: str) -> Tensor:
+        """``diag(gamma) M diag(gamma)`` with the recorded gain ``key`` (module docstring); M without one."""
+        gain = self.gains.get(key)
+        return m if gain is None else m * gain.to(m.device)[:, None] * gain.to(m.device)[None, :]
+
+    def _rope_average(self, m: Tensor, cos: Tensor | None, sin: Tensor | None) -> Tensor:
+        """RoPEavg(M) over the block's recorded tables, else over ``cos``/``sin``; M itself without RoPE."""
+        if self.tables is not None:
+            cos, sin = self.tables
+        return m if cos is None else rope_average(m, cos, sin)
+
     def row_hessian_q(self, cos: Tensor | None, sin: Tensor | None) -> Tensor:
         """H_row(q, h) = (1/L) sum_t R_t^T Mk_{g(h)} R_t, (H, d, d); cos/sin (L, d) for the calibration L, or
-        None without RoPE (R_t = I: H_row(q, h) = Mk_{g(h)})."""
+        None without RoPE (R_t = I: H_row(q, h) = Mk_{g(h)}); with a q norm ``diag(gamma_q) . diag(gamma_q)``."""
         mk = self._require(self._kk)
-        averaged = mk if cos is None else rope_average(mk, cos, sin)
+        averaged = self._gained(self._rope_average(mk, cos, sin), "q_gain")
         return averaged.repeat_interleave(self.group_size, dim=0)
 
     def row_hessian_k(self, cos: Tensor | None, sin: Tensor | None) -> Tensor:
-        """H_row(k, g) = (1/L) sum_t R_t^T (mean_{h in g} Mq_h) R_t, (G, d, d); the mean alone without RoPE."""
+        """H_row(k, g) = (1/L) sum_t R_t^T (mean_{h in g} Mq_h) R_t, (G, d, d); the mean alone without RoPE;
+        with a k norm ``diag(gamma_k) . diag(gamma_k)``."""
         mq = self._require(self._qq)
         mq = mq.view(self.n_kv_heads, self.group_size, *mq.shape[1:]).mean(dim=1)
-        return mq if cos is None else rope_average(mq, cos, sin)
+        return self._gained(self._rope_average(mq, cos, sin), "k_gain")
 
     def col_hessian_v(self) -> Tensor:
         """H_col(v, g) = mean_{h in g} 2 mean_t y_h y_h^T with Y_h = A_h X, (G, D, D)."""

