@@ -102,9 +102,13 @@ class AttentionStatistics:
         return self.n_heads // self.n_kv_heads
 
     def merge(self, other: AttentionStatistics) -> None:
-        """Fold in ``other``'s sums after this one's (another shard of the same block's calibration set)."""
+        """Fold in ``other``'s sums after this one's (another shard of the same block's calibration set); the
+        block's recorded q/k gains and RoPE tables, the same in every shard, come along."""
         if other.n_heads is not None:
             self.n_heads, self.n_kv_heads = other.n_heads, other.n_kv_heads
+        self.gains.update(other.gains)
+        if other.tables is not None:
+            self.tables = other.tables
         self.qkv.merge(other.qkv)
         for mine, theirs in ((self._kk, other._kk), (self._qq, other._qq), (self._vv, other._vv),
                              (self._cross, other._cross)):
