@@ -18,6 +18,7 @@ computes the block as its ``gemma3`` architecture, whose norms store ``1 + w``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -26,7 +27,6 @@ from torch import Tensor, nn
 from turboboa.arch.attention import causal_mask, grouped_attention
 from turboboa.arch.base import GgufArch, Record
 from turboboa.arch.decoder import DecoderSpec
-from turboboa.arch.layout import Layout, Roles
 from turboboa.arch.llama import ROTARY, LlamaAdapter, apply_rope
 from turboboa.errors import UserError
 
@@ -38,21 +38,10 @@ class Gemma3Adapter(LlamaAdapter):
 
     MODEL_TYPES = ("gemma3_text",)
     NAME = "Gemma 3"
-    LAYOUT = Layout(
-        blocks="model.layers",
-        embedding="model.embed_tokens",
-        final_norm="model.norm",
-        head="lm_head",
-        roles=Roles(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-                    gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj"),
-        attention="self_attn",
-        attention_norm="input_layernorm",
-        mlp_norm="pre_feedforward_layernorm",
-        q_norm="self_attn.q_norm",
-        k_norm="self_attn.k_norm",
-        attention_post_norm="post_attention_layernorm",
-        mlp_post_norm="post_feedforward_layernorm",
-    )
+    LAYOUT = dataclasses.replace(
+        LlamaAdapter.LAYOUT, mlp_norm="pre_feedforward_layernorm", q_norm="self_attn.q_norm",
+        k_norm="self_attn.k_norm", attention_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm")
     GGUF = GgufArch("gemma3", permute_qk=False, qkv_bias=False, norm_offset=1.0, sliding_window=True)
     ROTATION_REFUSAL = ("Gemma 3 normalizes the attention's and the MLP's outputs (post-norms) before they join "
                         "the residual stream, so a rotation of the stream cannot be folded into the weights; "

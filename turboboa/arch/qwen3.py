@@ -14,13 +14,13 @@ folds as for Llama and leaves them alone; llama.cpp computes them as ``attn_q_no
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import Tensor, nn
 
 from turboboa.arch.base import GgufArch
 from turboboa.arch.decoder import DecoderSpec
-from turboboa.arch.layout import Layout, Roles
 from turboboa.arch.llama import LlamaAdapter
 from turboboa.errors import UserError
 
@@ -30,19 +30,7 @@ class Qwen3Adapter(LlamaAdapter):
 
     MODEL_TYPES = ("qwen3",)
     NAME = "Qwen3"
-    LAYOUT = Layout(
-        blocks="model.layers",
-        embedding="model.embed_tokens",
-        final_norm="model.norm",
-        head="lm_head",
-        roles=Roles(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-                    gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj"),
-        attention="self_attn",
-        attention_norm="input_layernorm",
-        mlp_norm="post_attention_layernorm",
-        q_norm="self_attn.q_norm",
-        k_norm="self_attn.k_norm",
-    )
+    LAYOUT = dataclasses.replace(LlamaAdapter.LAYOUT, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
     GGUF = GgufArch("qwen3", permute_qk=False, qkv_bias=False)
     ONNX_REFUSAL = ("the ONNX decoder graph computes no per-head RMSNorm of the queries and keys (Qwen3's "
                     "q_norm/k_norm); export Qwen3 with --to gguf")
