@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from turboboa.arch.attention import causal_mask, grouped_attention
 from turboboa.arch.base import GgufArch, Record
 from turboboa.arch.decoder import DecoderSpec
-from turboboa.arch.llama import ROTARY, LlamaAdapter, apply_rope
+from turboboa.arch.llama import LlamaAdapter, apply_rope
 from turboboa.errors import UserError
 
 LAYER_TYPES = ("full_attention", "sliding_attention")  # index of each type's RoPE table in rotary_cos_sin
@@ -81,15 +81,9 @@ class Gemma3Adapter(LlamaAdapter):
     ) -> tuple[Tensor, Tensor]:
         """cos, sin (2, seqlen, d): the RoPE tables of ``full_attention`` (row 0) and ``sliding_attention``
         (row 1) layers, each from the model's rotary module with that layer type's base."""
-        if seqlen < 1:
-            raise UserError(f"seqlen must be a positive number of tokens, got {seqlen}; pass seqlen >= 1")
-        rotary = self._module(model, ROTARY)
-        head_dim = self.attention_shape(model).head_dim
-        probe = torch.zeros(1, seqlen, head_dim, device=device, dtype=torch.float32)
-        positions = torch.arange(seqlen, device=device).unsqueeze(0)
-        tables = [rotary(probe, positions, layer_type) for layer_type in LAYER_TYPES]
-        cos = torch.stack([c[0] for c, _ in tables]).to(dtype)
-        sin = torch.stack([s[0] for _, s in tables]).to(dtype)
+        tables = [self.rotary_tables(model, seqlen, device, layer_type) for layer_type in LAYER_TYPES]
+        cos = torch.stack([c for c, _ in tables]).to(dtype)
+        sin = torch.stack([s for _, s in tables]).to(dtype)
         return cos, sin
 
     @staticmethod

@@ -83,14 +83,21 @@ class LlamaAdapter(ArchAdapter):
 
         Rope-scaling variants (llama3, yarn, linear, ...) and their attention factor come from the HF module.
         """
+        cos, sin = self.rotary_tables(model, seqlen, device)
+        return cos.to(dtype), sin.to(dtype)
+
+    def rotary_tables(self, model: nn.Module, seqlen: int, device: torch.device | str,
+                      *layer_type: str) -> tuple[Tensor, Tensor]:
+        """float32 cos, sin (seqlen, d) of the model's rotary module at positions 0..seqlen-1 (``layer_type``:
+        the module's argument choosing a layer type's base, for families that have several)."""
         if seqlen < 1:
             raise UserError(f"seqlen must be a positive number of tokens, got {seqlen}; pass seqlen >= 1")
         rotary = self._module(model, ROTARY)
         head_dim = self.attention_shape(model).head_dim
         probe = torch.zeros(1, seqlen, head_dim, device=device, dtype=torch.float32)
         positions = torch.arange(seqlen, device=device).unsqueeze(0)
-        cos, sin = rotary(probe, positions)
-        return cos[0].to(dtype), sin[0].to(dtype)
+        cos, sin = rotary(probe, positions, *layer_type)
+        return cos[0], sin[0]
 
     def rope_tables(self, hf_config: Any, positions: int) -> tuple[np.ndarray, np.ndarray]:
         """``(cos, sin)``, each float32 ``(positions, head_dim)``, for positions ``0 .. positions - 1``, from
