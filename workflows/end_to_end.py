@@ -34,7 +34,7 @@ from runtime_check.report import JSON_NAME, MD_NAME, PNG_NAME, atomic_write, wri
 from turboboa import quantization
 from turboboa.activations import check_act_bits
 from turboboa.arch import LINEAR_ROLES, GgufArch
-from turboboa.arch.base import adapter_class
+from turboboa.arch.base import registered_adapters
 from turboboa.checkpoint import load_qdir
 from turboboa.checksums import sha256_file, sums_text
 from turboboa.config import QuantConfig
@@ -98,8 +98,9 @@ def check_exports(cfg: QuantConfig, exports: tuple[str, ...], act_bits: int | No
     ``onnx_profile`` takes (a quantized embedding of another type is stored dequantized, so any type), and
     ``npu`` needs symmetric uniform grids."""
     formats = possible_formats(cfg)
-    if model_type is not None:
-        gguf_arch = adapter_class(model_type, f"the model ({model_type})").GGUF
+    family = registered_adapters().get(model_type) if model_type else None  # an unknown one is named at load
+    if family is not None:
+        gguf_arch = family.GGUF
         if "gguf" in exports and not isinstance(gguf_arch, GgufArch):
             raise UserError(f"--export gguf cannot hold a {model_type} model ({gguf_arch}); use --export onnx")
     if "gguf" in exports:
