@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test accuracy lint bench bench-qwen clean
+.PHONY: venv demo test accuracy lint bench bench-qwen bench-gemma clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,9 @@ IQ_ARGS       ?= --model smollm2-135m --presets IQ2_XXS,IQ2_XS,IQ2_S,IQ3_XXS,IQ3
 QWEN_ARGS     ?= --model qwen2.5-coder-1.5b --name gguf-vs-llamacpp-qwen2.5-coder-1.5b \
                  --presets IQ2_XXS,IQ2_XS,IQ2_S,IQ2_M,Q2_K,IQ3_XXS,IQ3_M,Q3_K_S,Q3_K_M,Q4_K_M \
                  --makers llama.cpp+imatrix,turboboa --nsamples 32 --seqlen 512 --eval-seqlen 512 --max-windows 16
+# Gemma 3 (bench-gemma, not part of `make bench`): GPTQ against TurboBoA at 4 bits, group 128, on Gemma-3-270M.
+GEMMA_ARGS    ?= --model gemma-3-270m --methods gptq,turboboa --bits 4 --groups 128 --nsamples 16 --seqlen 512 \
+                 --eval-seqlen 512 --max-windows 16 --out bench/results/gemma-3-270m-methods
 NPU_ARGS      ?= --windows 4 --seqlen 128 --nsamples 16 --calib-seqlen 512
 
 bench: venv
@@ -74,6 +77,9 @@ bench: venv
 # (rows reused only when settings, data, machine and versions match) and fails when a check fails.
 bench-qwen: venv
 	$(PY) bench/gguf_vs_llamacpp.py $(QWEN_ARGS) $(BENCH_ARGS)
+
+bench-gemma: venv
+	$(PY) bench/methods.py $(GEMMA_ARGS) $(BENCH_ARGS)
 
 accuracy: venv
 	$(PY) bench/accuracy.py $(BENCH_ARGS)

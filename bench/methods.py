@@ -1,4 +1,5 @@
-"""Benchmark: RTN, GPTQ, BoA and TurboBoA on the default model at several bit widths and group sizes.
+"""Benchmark: RTN, GPTQ, BoA and TurboBoA on a model (``--model``, the default one unless given) at bit widths
+and group sizes.
 
 Each configuration is quantized in its own process (so its peak memory is its own), then evaluated on the same
 WikiText-2 raw test windows. Results are written to ``bench/results/methods.json`` (atomically, after every row,
@@ -60,7 +61,7 @@ def write_table(doc: dict, path: Path) -> None:
     devices = sorted({r.get("device") or r.get("provenance", {}).get("settings", {}).get("quantize", {}).get("device")
                       for r in doc["runs"].values()} - {None})
     lines = [
-        "# Methods on SmolLM2-135M-Instruct (WikiText-2)",
+        f"# Methods on {s['model']} (WikiText-2)",
         "",
         f"Calibration: {s['nsamples']} x {s['seqlen']} tokens of WikiText-2 validation (seed {s['seed']}). "
         f"Evaluation: WikiText-2 raw test, {s['max_windows'] or 'all'} windows of {s['eval_seqlen']} tokens. "
@@ -127,7 +128,7 @@ def float_row(ctx: pv.Context, doc: dict, ev: list[str], eval_seqlen: int, max_w
 
 def quantize_args(method: str, bits: int, group: int, a: argparse.Namespace, device: str) -> list[str]:
     """``turboboa quantize`` arguments (after the subcommand, without -o) of one configuration."""
-    return ["smollm2-135m", "--method", method, "--bits", str(bits), "--group-size", str(group),
+    return [a.model, "--method", method, "--bits", str(bits), "--group-size", str(group),
             "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--seed", str(a.seed), "--device", device,
             "-q", "--json"]
 
@@ -155,6 +156,7 @@ def measure_row(ctx: pv.Context, method: str, bits: int, group: int, order: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="a model alias or folder (default: the default model)")
     ap.add_argument("--methods", default="rtn,gptq,boa,turboboa")
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--groups", default="-1,128")
@@ -170,7 +172,7 @@ def main() -> None:
     ctx = pv.Context.start(a.device, a.fresh, exclude=[a.out])
     a.out.mkdir(parents=True, exist_ok=True)
     settings = {"methods": a.methods.split(","), "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed,
-                "eval_seqlen": a.eval_seqlen, "max_windows": a.max_windows, "model": "smollm2-135m"}
+                "eval_seqlen": a.eval_seqlen, "max_windows": a.max_windows, "model": a.model}
     out_json = a.out / "methods.json"
     doc = load_doc(out_json, settings, a.note)
     ev = eval_args(a.eval_seqlen, a.max_windows, ctx.device)
@@ -181,7 +183,7 @@ def main() -> None:
         write_table(doc, a.out / "methods.md")
         write_chart(doc, a.out / "methods.png")
 
-    if float_row(ctx, doc, ev, a.eval_seqlen, a.max_windows):
+    if float_row(ctx, doc, ev, a.eval_seqlen, a.max_windows, a.model):
         save()
     data = {"calibration": pv.calibration_data(a.nsamples, a.seqlen),
             "evaluation": pv.evaluation_data(a.max_windows, a.eval_seqlen)}
