@@ -18,15 +18,17 @@ HEAD = LlamaAdapter.LAYOUT.head
 
 
 def make_tiny_llama(path: Path, tokenizer, *, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-                    layers: int = 2, intermediate: int = 128, seed: int = 0, model_type: str = "llama") -> Path:
-    """A random Llama-family model saved as a Hugging Face folder, with a real tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+                    layers: int = 2, intermediate: int = 128, seed: int = 0, model_type: str = "llama",
+                    **config_options: object) -> Path:
+    """A random Llama-family model (``model_type`` llama, mistral or qwen2; ``config_options`` go to its
+    config) saved as a Hugging Face folder, with a real tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     torch.manual_seed(seed)
-    cls = Qwen2Config if model_type == "qwen2" else LlamaConfig
+    cls = {"qwen2": Qwen2Config, "mistral": MistralConfig}.get(model_type, LlamaConfig)
     config = cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                 max_position_embeddings=2048, tie_word_embeddings=True)
+                 max_position_embeddings=2048, tie_word_embeddings=True, **config_options)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -60,6 +62,15 @@ def default_tokenizer():
     from turboboa.models import load_float_model
 
     return load_float_model().tokenizer
+
+
+@pytest.fixture(scope="session")
+def text_windows(default_tokenizer) -> list[torch.Tensor]:
+    """Two WikiText-2 test windows, of 64 and 17 tokens (two lengths through one dynamic graph)."""
+    from turboboa.data import eval_tokens
+
+    ids = eval_tokens(default_tokenizer, "wikitext2")
+    return [ids[:64], ids[64:81]]
 
 
 @pytest.fixture(scope="session")

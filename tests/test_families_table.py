@@ -1,13 +1,17 @@
 """The README's supported-families table says what the adapters do: one row per registered ``model_type``,
 all four methods, ``--rotate`` yes exactly when the adapter has no rotation refusal, the GGUF column naming
-the llama.cpp architecture (or "no"), the ONNX column "no" exactly when the adapter refuses ONNX export."""
+the llama.cpp architecture (or "no"), the ONNX column "yes" exactly when the adapter gives the ONNX graph a
+decoder for the family's default config, and ``npu`` named only then."""
 
 from __future__ import annotations
 
 import re
 
+from transformers import AutoConfig
+
 from turboboa.arch import supported_model_types
 from turboboa.arch.base import GgufArch, adapter_class
+from turboboa.errors import UserError
 
 from .conftest import ROOT
 
@@ -36,4 +40,9 @@ def test_the_families_table_matches_the_adapters() -> None:
             assert gguf.startswith("yes") and f"`{cls.GGUF.name}`" in gguf, model_type
         else:
             assert gguf.startswith("no"), model_type
-        assert onnx.startswith("no") == (cls.ONNX_REFUSAL is not None), model_type
+        try:
+            cls().decoder_spec(AutoConfig.for_model(model_type))
+            exportable = True
+        except UserError:
+            exportable = False
+        assert onnx.startswith("yes") == exportable, model_type

@@ -1,8 +1,9 @@
 """Gemma 3 through the toolchain: its adapter computes the transformers model ((1 + w) norms, post-norms, per-head
 q/k norms, GeGLU, sliding-window layers with their own RoPE base, the scaled embedding), all four methods
 quantize and evaluate it, BoA's statistics use each layer's own RoPE tables and q/k gains, the GGUF export runs
-in llama.cpp's ``gemma3`` with torch's logits, and what cannot apply (rotation, padding, ONNX) is refused in
-one line.
+in llama.cpp's ``gemma3`` with torch's logits, the ONNX graph computes the fake-quant model, ``turboboa run``
+passes its check, and what cannot apply (rotation, padding, the fully quantized NPU graph) is refused in one
+line.
 
 Tiny random Gemma 3s (6 layers: 5 sliding, 1 global, as llama.cpp's gemma3 fixes them), seconds each; one slow
 case runs the real Gemma-3-270M end to end with GGUF.
@@ -10,18 +11,21 @@ case runs the real Gemma-3-270M end to end with GGUF.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from exporters import export
 from exporters.gguf import float_tensors, write_gguf
 from exporters.gguf.export import check_gguf_weights
+from exporters.onnx import check_onnx_weights, export_onnx
 from turboboa import quantization
-from turboboa.arch import get_adapter, locate
+from turboboa.arch import decoder_spec, get_adapter, locate
 from turboboa.arch.gemma3 import Gemma3Adapter
 from turboboa.checkpoint import load_fakequant_model, load_qdir
 from turboboa.config import QuantConfig
@@ -31,8 +35,9 @@ from turboboa.eval.evaluate import evaluate as evaluate_torch
 from turboboa.eval.perplexity import make_windows
 from turboboa.hessians import AttentionStatistics, rope_average
 
-from .conftest import assert_one_line_error, run_main
+from .conftest import assert_one_line_error, run_cli, run_main
 from .test_gguf_writer import BOUND_F16_KV, logit_gap, randomize
+from .test_onnx_export import REL_BOUND, relative_gap
 
 METHODS = ("rtn", "gptq", "boa", "turboboa")
 # llama.cpp vs torch with an F32 KV cache, max |logit diff| / std: measured 2.7e-3, above Llama's 1e-4 because
@@ -182,9 +187,40 @@ def test_gguf_export_holds_the_checkpoint(tmp_path, gemma_qdirs) -> None:
     assert max(check_gguf_weights(path, ckpt).values()) == 0.0
 
 
+@pytest.mark.parametrize("seqlen", [None, 64], ids=["dynamic", "static"])
+def test_onnx_logits_match_fake_quant(tmp_path, gemma_qdirs, text_windows, seqlen) -> None:
+    """The ONNX graph computes Gemma 3's block: (1 + w) norms, per-head q/k norms, post-norms, tanh-GELU,
+    sqrt(D)-scaled embedding, and on each layer its own RoPE base and window (16 keys on the sliding layers,
+    windows of 64 and 17 tokens): onnxruntime's logits equal the fake-quant model's, weights exact."""
+    ckpt = load_qdir(gemma_qdirs["turboboa"])
+    spec = decoder_spec(AutoConfig.from_pretrained(ckpt.path))
+    assert spec.windows == (16,) * 5 + (None,) and spec.rope_table == (1,) * 5 + (0,)
+    path = export_onnx(ckpt, tmp_path / "m.onnx", **({} if seqlen is None else {"seqlen": seqlen}))
+    assert max(check_onnx_weights(path, ckpt).values()) == 0.0
+    used = [w for w in text_windows if seqlen is None or len(w) == seqlen]
+    assert relative_gap(path, ckpt, used) < REL_BOUND
+
+
+def test_run_with_default_settings_passes_the_check(tmp_path, gemma_dir) -> None:
+    """``turboboa run`` with its defaults (TurboBoA onto q4_0, no rotation for Gemma) writes a GGUF and an
+    npu-profile ONNX that pass the check: weights exact, llama.cpp and onnxruntime within their bounds."""
+    out = tmp_path / "run"
+    r = run_cli("run", str(gemma_dir), "--nsamples", "2", "--seqlen", "32", "--export", "gguf,onnx",
+                "--onnx-profile", "npu", "--eval-seqlen", "64", "--max-windows", "2", "-q", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True and report["run"]["config"]["method"] == "turboboa"
+    assert {row["backend"] for row in report["backends"]} >= {"llama.cpp", "onnxruntime"}
+
+
 def test_what_gemma_cannot_take_is_refused_in_one_line(tmp_path, gemma_qdirs, gemma_dir, capsys) -> None:
-    with pytest.raises(UserError, match="post-norms"):
-        export(load_qdir(gemma_qdirs["rtn"]), "onnx", tmp_path / "m.onnx")
+    qdir = tmp_path / "copy"
+    shutil.copytree(gemma_qdirs["rtn"], qdir)
+    before = {p.name: p.read_bytes() for p in qdir.iterdir()}
+    assert_one_line_error(run_main("calibrate", str(qdir), "--act-bits", "16", "--scope", "graph", "--nsamples",
+                                   "2", "--seqlen", "32", "-q", capsys=capsys),
+                          "--profile qnn-htp", "post-norms", "sliding-window layers", "--profile generic or npu")
+    assert {p.name: p.read_bytes() for p in qdir.iterdir()} == before
     quantize = ("quantize", str(gemma_dir), "--nsamples", "2", "--seqlen", "32", "--format", "q4_0",
                 "--device", "cpu", "-q", "-o", str(tmp_path / "q"))
     assert_one_line_error(run_main(*quantize, "--rotate", "hadamard", capsys=capsys), "--rotate hadamard",

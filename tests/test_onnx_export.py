@@ -143,11 +143,8 @@ def tiny_untied(tmp_path_factory, default_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def windows(default_tokenizer) -> list[torch.Tensor]:
-    from turboboa.data import eval_tokens
-
-    ids = eval_tokens(default_tokenizer, "wikitext2")
-    return [ids[:64], ids[64:81]]  # two lengths through the same dynamic graph
+def windows(text_windows) -> list[torch.Tensor]:
+    return text_windows
 
 
 # --- (1) DequantizeLinear output == dequantize(), every bit width and grid --------------------------------
@@ -229,6 +226,26 @@ def test_tiny_model_logits_match_fake_quant(tmp_path, tiny_llama, tiny_qwen2, ti
 
 
 # --- (3) profile and format errors, through the command line -------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type,options,expected", [
+    ("mistral", {"sliding_window": 8}, (8, 8)),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, (None, 8)),
+], ids=["mistral-every-layer", "qwen2-upper-layers"])
+def test_sliding_windows_match_fake_quant(tmp_path, default_tokenizer, windows, model_type, options, expected) -> None:
+    """Per-layer sliding windows (8 keys; windows of 64 and 17 tokens, so the 64-token one is cut): the graph
+    masks each layer as the model does, in the dynamic graph and in a static one."""
+    from transformers import AutoConfig
+
+    from turboboa.arch import decoder_spec
+
+    folder = perturbed_tiny(tmp_path / model_type, default_tokenizer, model_type=model_type, **options)
+    assert decoder_spec(AutoConfig.from_pretrained(folder)).windows == expected
+    ckpt = quantize(folder, tmp_path / "q", bits=4, group_size=32)
+    for options in ({}, {"seqlen": 64}):
+        path = export_onnx(ckpt, tmp_path / "m.onnx", **options)
+        used = [w for w in windows if not options or len(w) == 64]
+        assert relative_gap(path, ckpt, used) < REL_BOUND
 
 
 def test_profile_errors_are_one_line(tmp_path, tiny_llama) -> None:

@@ -1,7 +1,7 @@
 """Qwen3 through the toolchain: its adapter computes the transformers model (per-head q/k RMSNorms, with and
 without sliding windows), all four methods quantize and evaluate it, the Hadamard-rotated model computes the
 original function, the GGUF export runs in llama.cpp's ``qwen3`` architecture with torch's logits, and the ONNX
-export is refused in one line.
+graph computes the fake-quant model (per-head norms, per-layer windows).
 
 Tiny random Qwen3s only (no Qwen3 weights are on this machine): hidden 32 or 256, heads of 16 or 64, 2 layers,
 random norms (the q/k norms included, so a norm left out or applied twice shows).
@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from exporters import export
 from exporters.gguf import float_tensors, write_gguf
 from exporters.gguf.export import check_gguf_weights
+from exporters.onnx import export_onnx
+from exporters.onnx.check import check_onnx_weights
 from turboboa import quantization
-from turboboa.arch import AttentionShape, get_adapter, locate
+from turboboa.arch import AttentionShape, decoder_spec, get_adapter, locate
 from turboboa.arch.qwen3 import Qwen3Adapter
 from turboboa.checkpoint import load_fakequant_model, load_qdir
 from turboboa.config import QuantConfig
@@ -32,6 +34,8 @@ from turboboa.hessians import AttentionStatistics
 from turboboa.rotation.fuse import rotate_model
 
 from .test_gguf_writer import BOUND_F16_KV, BOUND_F32_KV, logit_gap, randomize
+from .test_onnx_export import REL_BOUND, relative_gap
+from .test_onnx_export import quantize as quantize_onnx
 
 METHODS = ("rtn", "gptq", "boa", "turboboa")
 
@@ -52,11 +56,12 @@ def tiny_qwen3(seed: int = 0, **overrides: object) -> nn.Module:
 
 
 def make_tiny_qwen3_dir(path: Path, tokenizer, *, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-                        head_dim: int = 32, tied: bool = True) -> Path:
+                        head_dim: int = 32, tied: bool = True, **config_options: object) -> Path:
     """A random Qwen3 saved as a Hugging Face folder with a real tokenizer; norms random too."""
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=tied)
+                         head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=tied,
+                         **config_options)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config)
     with torch.no_grad():
@@ -176,12 +181,29 @@ def test_every_method_quantizes_and_evaluates_qwen3(qwen3_qdirs, qwen3_dir, meth
     assert abs(quantized.ppl / base.ppl - 1) < 0.05
 
 
-def test_gguf_export_holds_the_checkpoint_and_onnx_is_refused(tmp_path, qwen3_qdirs) -> None:
+def test_gguf_export_holds_the_checkpoint(tmp_path, qwen3_qdirs) -> None:
     ckpt = load_qdir(qwen3_qdirs["turboboa"])
     path = export(ckpt, "gguf", tmp_path / "m.gguf")
     assert max(check_gguf_weights(path, ckpt).values()) == 0.0
-    with pytest.raises(UserError, match="per-head RMSNorm"):
-        export(ckpt, "onnx", tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("case", ["full-tied-generic", "sliding-untied-generic", "sliding-untied-npu"])
+def test_onnx_logits_match_fake_quant(tmp_path, default_tokenizer, text_windows, case) -> None:
+    """The ONNX graph computes the per-head q/k norms, and per layer its own window (block 1 of the sliding
+    case attends 8 keys back, block 0 all of them, over windows of 64 and 17 tokens; the npu profile's static
+    graph on the 64-token one): onnxruntime's logits equal the fake-quant model's within the ONNX tests'
+    bound, weights exact."""
+    sliding = case.startswith("sliding")
+    folder = make_tiny_qwen3_dir(tmp_path / "q3", default_tokenizer, tied=not sliding,
+                                 **({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
+                                    if sliding else {}))
+    static = case.endswith("npu")
+    ckpt = quantize_onnx(folder, tmp_path / "q", bits=4, group_size=32, sym=static)
+    assert decoder_spec(AutoConfig.from_pretrained(folder)).windows == ((None, 8) if sliding else (None, None))
+    path = export_onnx(ckpt, tmp_path / "m.onnx", **({"seqlen": 64, "profile": "npu"} if static else {}))
+    assert max(check_onnx_weights(path, ckpt).values()) == 0.0
+    used = [w for w in text_windows if not static or len(w) == 64]
+    assert relative_gap(path, ckpt, used) < REL_BOUND
 
 
 def test_llama_cpp_logits_match_torch(tmp_path, default_tokenizer) -> None:

@@ -4,16 +4,21 @@ What the graph computes comes from the family's :class:`~turboboa.arch.decoder.D
 and every tensor is named by role through the spec's layout. Equations (``D`` hidden, ``H`` query heads,
 ``G`` KV heads, ``d`` head size, ``r = H / G``):
 
-* ``h_0 = E[input_ids]`` (Gather), plus ``P[t + offset]`` (a Slice of the learned position table) for a
-  family with learned positions;
-* per block ``i``: ``x = Norm(h)``, ``q, k, v = x W_q^T (+ b_q), ...`` split into heads, with RoPE
-  ``q~ = q * cos + rotate_half(q) * sin`` (same for ``k``) for a RoPE family, KV heads repeated so query head
-  ``h`` reads KV head ``h // r``, ``A = softmax(q~ k~^T / sqrt(d) + M)`` with the causal mask ``M`` (0 on and
-  below the diagonal, float32 min above), ``h += concat_h(A v) W_o^T (+ b_o)``, then ``y = Norm(h)`` and
-  ``h += (silu(y W_gate^T) * (y W_up^T)) W_down^T`` with ``silu(a) = a * sigmoid(a)`` (gated MLP) or
-  ``h += relu(y W_up^T + b_up) W_down^T + b_down`` (ungated);
-* ``Norm`` is ``RMSNorm(x) = x * 1 / sqrt(mean(x^2) + eps) * w`` over the last axis, or ONNX's
-  ``LayerNormalization`` ``(x - mean(x)) / sqrt(var(x) + eps) * w + b``, with the spec's ``eps``;
+* ``h_0 = E[input_ids]`` (Gather), times the spec's ``embed_scale`` where it has one (Gemma's ``sqrt(D)``),
+  plus ``P[t + offset]`` (a Slice of the learned position table) for a family with learned positions;
+* per block ``i``: ``x = Norm(h)``, ``q, k, v = x W_q^T (+ b_q), ...`` split into heads, each head's
+  queries and keys through their own ``Norm`` over ``d`` where the layout has per-head norms (Qwen3, Gemma
+  3), with RoPE ``q~ = q * cos_i + rotate_half(q) * sin_i`` (same for ``k``; the block's table, Gemma's local
+  or global base) for a RoPE family, KV heads repeated so query head ``h`` reads KV head ``h // r``,
+  ``A = softmax(q~ k~^T s + M_i)`` with the spec's score scale ``s`` and the causal mask ``M_i`` (0 where key
+  ``j <= i`` and, on a sliding-window block, ``i - j < window``; float32 min elsewhere),
+  ``o = concat_h(A v) W_o^T (+ b_o)``, ``h += Norm(o)`` with the attention's post-norm where the layout has
+  one (Gemma 3) else ``h += o``; then ``y = Norm(h)`` and ``z = (act(y W_gate^T) * (y W_up^T)) W_down^T`` with
+  ``silu(a) = a * sigmoid(a)`` or ``gelu_tanh(a) = a/2 (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))`` (gated MLP)
+  or ``z = relu(y W_up^T + b_up) W_down^T + b_down`` (ungated), ``h += Norm(z)`` or ``h += z`` likewise;
+* ``Norm`` is ``RMSNorm(x) = x * 1 / sqrt(mean(x^2) + eps) * (offset + w)`` over the last axis (offset 1 for
+  Gemma's stored ``w``, else 0), or ONNX's ``LayerNormalization`` ``(x - mean(x)) / sqrt(var(x) + eps) * w + b``,
+  with the spec's ``eps``;
 * ``logits = Norm(h_L) W_head^T``, ``W_head = E`` when the embeddings are tied.
 
 Every quantized linear weight comes from its DequantizeLinear (:mod:`.weights`) and feeds the MatMul directly.
@@ -21,13 +26,14 @@ With static activation encodings in the QDIR, the MatMul's other input is ``Dequ
 s, zp), s, zp)`` with the layer's per-tensor float32 scale and uint8/uint16 zero point (:meth:`activation`).
 With per-token activation or KV quantization in the QDIR (``WxAyKVz``), the MatMul inputs of the blocks and
 the post-RoPE keys and the values are quantized by scales computed in the graph, after the online rotations
-(:mod:`.dynamic`). The sequence length ``T`` is either static (RoPE tables and mask are constants) or the dynamic dimension
-``seq`` (a RoPE table for every position the model supports, sliced to ``T`` rows, and a mask built from
+(:mod:`.dynamic`). The sequence length ``T`` is either static (RoPE tables and masks are constants) or the dynamic dimension
+``seq`` (each RoPE table for every position the model supports, sliced to ``T`` rows, and the masks built from
 ``Range(T)``); without RoPE the position table is sliced to rows ``[offset, offset + T)`` the same way.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -63,6 +69,7 @@ class DecoderGraph:
         self._used_encodings: set[str] = set()
         self._shapes: dict[tuple[int, ...], str] = {}
         self._rows: tuple[str, str] | None = None
+        self._causal: tuple[str, str, str] | None = None
         self.dynamic = DynamicSpec.from_config(ckpt.config)
 
     # --- tensors of the checkpoint -------------------------------------------------------------------
@@ -178,9 +185,13 @@ class DecoderGraph:
             return self.b.op("LayerNormalization", [x, w, bias], axis=-1, epsilon=float(self.spec.eps))
 
     def rms_norm(self, x: str, name: str) -> str:
-        """``x * 1 / sqrt(mean(x^2, -1) + eps) * w``."""
+        """``x * 1 / sqrt(mean(x^2, -1) + eps) * (offset + w)`` with the spec's ``norm_offset`` added to the
+        stored weight in float32 (Gemma's ``1 + w``)."""
         with self.b.scope(name):
-            w = self.b.const("weight", self.float_tensor(f"{name}.weight"))
+            w = self.float_tensor(f"{name}.weight")
+            if self.spec.norm_offset:
+                w = np.float32(self.spec.norm_offset) + w
+            w = self.b.const("weight", w)
             eps = self.b.const("eps", np.array(self.spec.eps, dtype=np.float32))
             axes = self.b.const("axes", np.array([-1], dtype=np.int64))
             square = self.b.op("Mul", [x, x], "Square")
@@ -212,14 +223,18 @@ class DecoderGraph:
         return self.b.op("Gather", [x, self.b.const(f"{name}/kv_of_head", index)], f"{name}/RepeatKV", axis=1)
 
     def attention(self, x: str, i: int, cos: str | None, sin: str | None, mask: str) -> str:
-        """Causal grouped-query attention of block ``i``, through its output projection (RoPE on queries and
-        keys when ``cos``/``sin`` are given)."""
+        """Causal grouped-query attention of block ``i``, through its output projection (per-head norms of the
+        queries and keys where the layout has them, RoPE on them when ``cos``/``sin`` are given)."""
         spec = self.spec
-        scope = f"{spec.block(i)}.{spec.layout.attention_scope}"
+        layout = spec.layout
+        scope = f"{spec.block(i)}.{layout.attention_scope}"
         q_name, k_name, v_name, o_name = (spec.linear(i, role) for role in ("q", "k", "v", "o"))
         q = self.heads(self.linear(x, q_name), spec.heads, f"{scope}/q")
         k = self.heads(self.linear(x, k_name), spec.kv_heads, f"{scope}/k")
         v = self.heads(self.linear(x, v_name), spec.kv_heads, f"{scope}/v")
+        if layout.q_norm is not None and layout.k_norm is not None:
+            q = self.norm(q, f"{spec.block(i)}.{layout.q_norm}")
+            k = self.norm(k, f"{spec.block(i)}.{layout.k_norm}")
         with self.b.scope(scope):
             if cos is not None and sin is not None:
                 q, k = self.rope(q, cos, sin, "q_rope"), self.rope(k, cos, sin, "k_rope")
@@ -227,7 +242,7 @@ class DecoderGraph:
             k = self.repeat_kv(k, "k")
             v = self.repeat_kv(v, "v")
             k_t = self.b.op("Transpose", [k], "k_transposed", perm=[0, 1, 3, 2])
-            scale = self.b.const("scale", np.array(spec.head_dim**-0.5, dtype=np.float32))
+            scale = self.b.const("scale", np.array(spec.scale, dtype=np.float32))
             scores = self.b.op("Mul", [self.b.op("MatMul", [q, k_t], "QK"), scale], "Scaled")
             probs = self.b.op("Softmax", [self.b.op("Add", [scores, mask], "Masked")], axis=-1)
             out = self.b.op("Transpose", [self.b.op("MatMul", [probs, v], "AV")], "merge/Transpose", perm=[0, 2, 1, 3])
@@ -246,47 +261,77 @@ class DecoderGraph:
             return self.linear(hidden, down_name)
         gate, up = self.linear(y, spec.linear(i, "gate")), self.linear(y, up_name)
         with self.b.scope(scope):
-            silu = self.b.op("Mul", [gate, self.b.op("Sigmoid", [gate])], "SiLU")
-            gated = self.b.op("Mul", [silu, up], "Gate")
+            if spec.activation == "gelu_tanh":
+                act = self.gelu_tanh(gate)
+            else:
+                act = self.b.op("Mul", [gate, self.b.op("Sigmoid", [gate])], "SiLU")
+            gated = self.b.op("Mul", [act, up], "Gate")
         return self.linear(gated, down_name)
 
-    def positions(self) -> tuple[str | None, str | None, str]:
-        """``(cos, sin, mask)``: RoPE tables ``[T, d]`` and the additive causal mask ``[T, T]``; without RoPE
-        the tables are None and :attr:`_rows` holds the ``(starts, ends)`` of the learned positions' rows."""
+    def gelu_tanh(self, a: str) -> str:
+        """``a/2 (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))`` from elementary ops (every opset and runtime)."""
+        b = self.b
+        with b.scope("GeluTanh"):
+            c = b.const("coeff", np.array(0.044715, dtype=np.float32))
+            k = b.const("sqrt_2_over_pi", np.array(np.sqrt(2.0 / np.pi), dtype=np.float32))
+            one, half = b.const("one", np.array(1, dtype=np.float32)), b.const("half", np.array(0.5, dtype=np.float32))
+            cube = b.op("Mul", [b.op("Mul", [a, a], "Square"), a], "Cube")
+            inner = b.op("Mul", [b.op("Add", [a, b.op("Mul", [cube, c], "MulCoeff")], "AddCube"), k], "MulSqrt")
+            gate = b.op("Add", [b.op("Tanh", [inner]), one], "AddOne")
+            return b.op("Mul", [b.op("Mul", [a, half], "Half"), gate], "Gelu")
+
+    def positions(self) -> tuple[list[tuple[str, str]] | None, dict[int | None, str]]:
+        """``(tables, masks)``: the RoPE tables ``(cos, sin)`` ``[T, d]`` by table index (None without RoPE,
+        when :attr:`_rows` holds the ``(starts, ends)`` of the learned positions' rows) and the additive causal
+        masks ``[T, T]`` by window (None: full causal attention), one for each window some block uses."""
         spec, b = self.spec, self.b
+        windows = sorted({spec.window(i) for i in range(spec.layers)}, key=lambda w: -1 if w is None else w)
         offset = np.array([spec.position_offset], dtype=np.int64)
-        if not spec.rope and self.profile.static:
+        if self.profile.static:
             t = int(self.profile.seqlen)  # type: ignore[arg-type]
-            self._rows = (b.const("position_rows_start", offset), b.const("position_rows_end", offset + t))
-            return None, None, self._static_mask(t)
-        if not spec.rope:
-            with b.scope("positions"):
-                t, pos = self._sequence()
-                mask = self._dynamic_mask(pos)
+            if not spec.rope:
+                self._rows = (b.const("position_rows_start", offset), b.const("position_rows_end", offset + t))
+                return None, {w: self._static_mask(t, w) for w in windows}
+            rope_tables = adapter_for_config(self.hf_config).rope_tables
+            tables = []
+            for j in range(spec.rope_tables):
+                cos, sin = rope_tables(self.hf_config, t, j)
+                tables.append((b.const(f"rope_cos{self._table(j)}", cos), b.const(f"rope_sin{self._table(j)}", sin)))
+            return tables, {w: self._static_mask(t, w) for w in windows}
+        with b.scope("positions"):
+            t, pos = self._sequence()
+            if not spec.rope:
+                masks = {w: self._dynamic_mask(pos, w) for w in windows}
                 t1d = b.op("Unsqueeze", [t, b.const("axis0", np.array([0], dtype=np.int64))], "SeqLen1d")
                 starts = b.const("rows_start", offset)
                 self._rows = (starts, b.op("Add", [t1d, starts], "RowsEnd"))
-            return None, None, mask
-        rope_tables = adapter_for_config(self.hf_config).rope_tables
-        if self.profile.static:
-            t = int(self.profile.seqlen)  # type: ignore[arg-type]
-            cos, sin = rope_tables(self.hf_config, t)
-            return b.const("rope_cos", cos), b.const("rope_sin", sin), self._static_mask(t)
-        cos_table, sin_table = rope_tables(self.hf_config, spec.max_positions)
-        with b.scope("positions"):
-            t, pos = self._sequence()
+                return None, masks
+            rope_tables = adapter_for_config(self.hf_config).rope_tables
             ends = b.op("Unsqueeze", [t, b.const("axis0", np.array([0], dtype=np.int64))], "SeqLen1d")
             starts = b.const("starts", np.array([0], dtype=np.int64))
-            cos = b.op("Slice", [b.const("rope_cos_table", cos_table), starts, ends, starts], "rope_cos")
-            sin = b.op("Slice", [b.const("rope_sin_table", sin_table), starts, ends, starts], "rope_sin")
-            mask = self._dynamic_mask(pos)
-        return cos, sin, mask
+            tables = []
+            for j in range(spec.rope_tables):
+                cos_table, sin_table = rope_tables(self.hf_config, spec.max_positions, j)
+                cos = b.op("Slice", [b.const(f"rope_cos_table{self._table(j)}", cos_table), starts, ends, starts],
+                           f"rope_cos{self._table(j)}")
+                sin = b.op("Slice", [b.const(f"rope_sin_table{self._table(j)}", sin_table), starts, ends, starts],
+                           f"rope_sin{self._table(j)}")
+                tables.append((cos, sin))
+            return tables, {w: self._dynamic_mask(pos, w) for w in windows}
 
-    def _static_mask(self, t: int) -> str:
-        """The additive causal mask ``[T, T]`` as a constant."""
+    @staticmethod
+    def _table(j: int) -> str:
+        """The name suffix of RoPE table ``j`` (none for the first)."""
+        return f"_{j}" if j else ""
+
+    def _static_mask(self, t: int, window: int | None) -> str:
+        """The additive causal mask ``[T, T]`` as a constant: ``MASK_VALUE`` where key ``j`` > query ``i``, or,
+        with a window, where ``i - j >= window``."""
         future = np.triu(np.ones((t, t), dtype=bool), k=1)
+        if window is not None:
+            future |= np.tril(np.ones((t, t), dtype=bool), k=-window)
         mask = np.where(future, MASK_VALUE, np.float32(0)).astype(np.float32)
-        return self.b.const("causal_mask", mask)
+        return self.b.const("causal_mask" if window is None else f"causal_mask_window{window}", mask)
 
     def _sequence(self) -> tuple[str, str]:
         """``T`` (a scalar read from ``input_ids``' shape) and the positions ``Range(T)``."""
@@ -296,14 +341,33 @@ class DecoderGraph:
         zero, one = b.const("zero", np.array(0, dtype=np.int64)), b.const("one", np.array(1, dtype=np.int64))
         return t, b.op("Range", [zero, t, one], "Positions")
 
-    def _dynamic_mask(self, pos: str) -> str:
-        """The additive causal mask ``[T, T]`` from the positions: ``MASK_VALUE`` where key > query."""
+    def _causality(self, pos: str) -> tuple[str, str, str]:
+        """``(query, key, future)``: the positions as a column ``[T, 1]`` and a row ``[1, T]``, and where key >
+        query (built once)."""
+        if self._causal is None:
+            b = self.b
+            query = b.op("Unsqueeze", [pos, b.const("axis1", np.array([1], dtype=np.int64))], "QueryPos")
+            key = b.op("Unsqueeze", [pos, b.const("axis0_key", np.array([0], dtype=np.int64))], "KeyPos")
+            self._causal = (query, key, b.op("Greater", [key, query], "Future"))
+        return self._causal
+
+    def _dynamic_mask(self, pos: str, window: int | None) -> str:
+        """The additive causal mask ``[T, T]`` from the positions: ``MASK_VALUE`` where key > query, or, with a
+        window, also where ``query - key >= window``."""
         b = self.b
-        query = b.op("Unsqueeze", [pos, b.const("axis1", np.array([1], dtype=np.int64))], "QueryPos")
-        key = b.op("Unsqueeze", [pos, b.const("axis0_key", np.array([0], dtype=np.int64))], "KeyPos")
-        future = b.op("Greater", [key, query], "Future")
-        return b.op("Where", [future, b.const("mask_value", np.array(MASK_VALUE, dtype=np.float32)),
-                              b.const("mask_zero", np.array(0, dtype=np.float32))], "causal_mask")
+        query, key, masked = self._causality(pos)
+        with b.scope(f"window{window}") if window is not None else nullcontext():
+            if window is not None:
+                far = b.op("GreaterOrEqual", [b.op("Sub", [query, key], "Distance"),
+                                              b.const("window", np.array(window, dtype=np.int64))], "Far")
+                masked = b.op("Or", [masked, far], "Masked")
+            return b.op("Where", [masked, b.const("mask_value", np.array(MASK_VALUE, dtype=np.float32)),
+                                  b.const("mask_zero", np.array(0, dtype=np.float32))], "causal_mask")
+
+    def post_norm(self, x: str, i: int, role: str) -> str:
+        """``Norm(x)`` with block ``i``'s post-norm of ``role`` where the layout has one, else ``x``."""
+        name = getattr(self.spec.layout, role)
+        return x if name is None else self.norm(x, f"{self.spec.block(i)}.{name}")
 
     def learned_positions(self) -> str:
         """``P[t + offset]`` for ``t < T``: rows ``[offset, offset + T)`` of the learned position table."""
@@ -320,17 +384,22 @@ class DecoderGraph:
         """Embedding, blocks, final norm, head; checks that every tensor of the checkpoint was used."""
         spec, b = self.spec, self.b
         layout = spec.layout
-        cos, sin, mask = self.positions()
+        tables, masks = self.positions()
         embedding, embedding_t = self.embedding()
         h = b.op("Gather", [embedding, INPUT], f"{spec.embedding}/Gather", axis=0)
+        if spec.embed_scale is not None:
+            scale = b.const(f"{spec.embedding}.embed_scale", np.array(spec.embed_scale, dtype=np.float32), scoped=False)
+            h = b.op("Mul", [h, scale], f"{spec.embedding}/Scale")
         if not spec.rope:
             h = b.op("Add", [h, self.learned_positions()], f"{layout.positions}/Add")
         for i in range(spec.layers):
             block = spec.block(i)
+            cos, sin = tables[spec.rope_index(i)] if tables is not None else (None, None)
             x = self.norm(h, layout.norm(i, "attention_norm"))
-            h = b.op("Add", [h, self.attention(x, i, cos, sin, mask)], f"{block}/AttentionResidual")
+            attention = self.post_norm(self.attention(x, i, cos, sin, masks[spec.window(i)]), i, "attention_post_norm")
+            h = b.op("Add", [h, attention], f"{block}/AttentionResidual")
             y = self.norm(h, layout.norm(i, "mlp_norm"))
-            h = b.op("Add", [h, self.mlp(y, i)], f"{block}/MlpResidual")
+            h = b.op("Add", [h, self.post_norm(self.mlp(y, i), i, "mlp_post_norm")], f"{block}/MlpResidual")
         h = self.norm(h, spec.final_norm)
         if spec.tied:
             head = embedding_t or b.op("Transpose", [embedding], f"{spec.head}/TiedEmbedding", perm=[1, 0])

@@ -34,7 +34,8 @@ scores' calibrated range (``lo - MASK_MARGIN``: ``exp(-MASK_MARGIN)`` of a row's
 keeps nearly the scores' resolution, where a float32-min fill would leave it none). The embedding is a
 Gather from the table quantized per tensor (its output keeps the table's encoding); the head is an int8
 per-output-channel symmetric weight (the QDIR's own when the head is quantized). A family whose decoder is
-another (LayerNorm, learned positions, an ungated MLP: OPT) is refused in one line (:func:`check_program`).
+another (LayerNorm, learned positions, an ungated MLP: OPT; per-head or post norms, sliding windows: Qwen3,
+Gemma 3) is refused in one line (:func:`check_program`).
 
 Encodings (:func:`.points.point_dtype`): uint16 asymmetric min-max, except the operands of the two
 activation-by-activation products (``q_rope``, ``k_rope``, ``v``, ``probs``), which are int16 symmetric, the
@@ -150,13 +151,24 @@ def linear(ops: Ops, x: Any, name: str) -> Any:
 
 
 def check_program(spec: DecoderSpec) -> None:
-    """A one-line UserError when ``spec``'s decoder is not the one this program computes (RMSNorm, RoPE, a
-    SiLU-gated MLP)."""
-    if (spec.norm, spec.rope, spec.gated, spec.activation) != ("rms", True, True, "silu"):
-        raise UserError(f"the fully quantized graph (--profile qnn-htp, --scope graph) computes RMSNorm, RoPE and a "
-                        f"SiLU-gated MLP; a {spec.model_type} model has {spec.norm} norms, "
-                        f"{'RoPE' if spec.rope else 'learned positions'} and a "
-                        f"{'gated ' if spec.gated else ''}{spec.activation} MLP: export it with --profile generic")
+    """A one-line UserError naming what ``spec``'s decoder has that this program does not compute: it computes
+    RMSNorm, RoPE, a SiLU-gated MLP and full causal attention, without per-head or post norms
+    (:meth:`DecoderSpec.plain`)."""
+    differences = [what for what, has in (
+        (f"{spec.norm} norms", spec.norm != "rms"),
+        ("learned positions", not spec.rope),
+        (f"an {'' if spec.gated else 'ungated '}{spec.activation} MLP", not spec.gated or spec.activation != "silu"),
+        ("per-head q/k norms", spec.layout.q_norm is not None),
+        ("post-norms", spec.layout.attention_post_norm is not None or spec.layout.mlp_post_norm is not None),
+        ("(1 + w) norm gains", spec.norm_offset != 0.0),
+        ("a scaled embedding", spec.embed_scale is not None),
+        ("another attention scale", spec.attention_scale is not None),
+        ("sliding-window layers", any(spec.windows)),
+        ("several RoPE tables", spec.rope_tables > 1)) if has]
+    if differences:
+        raise UserError(f"the fully quantized graph (--profile qnn-htp, --scope graph) computes Llama's block "
+                        f"(RMSNorm, RoPE, a SiLU-gated MLP, full causal attention); a {spec.model_type} model has "
+                        f"{', '.join(differences)}: export it with --profile generic or npu")
 
 
 def run_block(ops: Ops, spec: DecoderSpec, i: int, h: Any) -> Any:

@@ -79,8 +79,8 @@ class ArchAdapter:
     Methods take the HF ``*ForCausalLM`` model or one of its decoder blocks. Class attributes a family sets:
     ``MODEL_TYPES``, ``NAME`` (for messages), ``LAYOUT``; ``ROTATION_REFUSAL`` / ``PADDING_REFUSAL``: why the residual stream cannot
     be rotated / padded without changing the function (None: it can); ``GGUF``: the llama.cpp
-    architecture, or the reason there is none; ``ONNX_REFUSAL``: why the ONNX graph cannot compute the family
-    (None: it can).
+    architecture, or the reason there is none. :meth:`decoder_spec` gives the ONNX graph's decoder, or refuses
+    in one line what the graph does not compute.
     """
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
@@ -89,7 +89,6 @@ class ArchAdapter:
     LINEAR_GROUPS: ClassVar[list[list[str]]] = []
     ROTATION_REFUSAL: ClassVar[str | None] = None
     PADDING_REFUSAL: ClassVar[str | None] = None
-    ONNX_REFUSAL: ClassVar[str | None] = None
     GGUF: ClassVar[GgufArch | str] = "the family has no llama.cpp architecture"
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -175,8 +174,9 @@ class ArchAdapter:
         for a family without RoPE (its rotation ``R_t`` is the identity)."""
         raise NotImplementedError
 
-    def rope_tables(self, hf_config: Any, positions: int) -> tuple[np.ndarray, np.ndarray]:
-        """The RoPE tables the graphs use, float32 ``(positions, head_dim)`` each, for a config."""
+    def rope_tables(self, hf_config: Any, positions: int, table: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The RoPE tables the graphs use, float32 ``(positions, head_dim)`` each, for a config: the family's
+        table number ``table`` (:attr:`DecoderSpec.rope_table`; one table unless the family has several)."""
         raise UserError(f"{type(self).__name__} computes no rotary position embedding")
 
     # --- computation -----------------------------------------------------------------------------------

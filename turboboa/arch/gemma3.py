@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -48,9 +49,6 @@ class Gemma3Adapter(LlamaAdapter):
                         "use --rotate none for Gemma 3")
     PADDING_REFUSAL = ("Gemma 3's post-norms and its (1 + w) norm gains act on every residual channel, so "
                        "padded channels would not stay zero; drop --pad-to for Gemma 3")
-    ONNX_REFUSAL = ("the ONNX decoder graph computes no post-norms, per-head q/k norms, GeGLU MLP or per-layer "
-                    "sliding windows (Gemma 3); export Gemma 3 with --to gguf")
-
     def check_config(self, hf_config: Any) -> None:
         """Refuse attention or final logit soft-capping (Gemma 2's), which the adapter does not compute."""
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -138,10 +136,35 @@ class Gemma3Adapter(LlamaAdapter):
         y = block.pre_feedforward_layernorm(hidden)
         return hidden + block.post_feedforward_layernorm(mlp.down_proj(mlp.act_fn(mlp.gate_proj(y)) * mlp.up_proj(y)))
 
-    def rope_tables(self, hf_config: Any, positions: int) -> Any:
-        """Not used: Gemma 3 has no ONNX graph (:meth:`decoder_spec`)."""
-        raise UserError(f"ONNX export of Gemma 3 is not possible: {self.ONNX_REFUSAL}")
+    def rope_tables(self, hf_config: Any, positions: int, table: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``(cos, sin)`` float32 ``(positions, d)`` of the layer type ``LAYER_TYPES[table]``: 0 the global
+        (``full_attention``) base, 1 the local (``sliding_attention``) one, as the model's rotary module
+        computes them."""
+        return self._rope_tables(hf_config, positions, LAYER_TYPES[table])
 
     def decoder_spec(self, hf_config: Any) -> DecoderSpec:
-        """Refused in one line: the ONNX graph does not compute Gemma 3's block."""
-        raise UserError(f"ONNX export of Gemma 3 is not possible: {self.ONNX_REFUSAL}")
+        """The Gemma 3 decoder (module docstring): (1 + w) RMSNorms, per-head q/k norms and post-norms (from
+        the layout), a GeGLU MLP with tanh GELU, ``E[ids] * sqrt(D)``, the score scale
+        ``query_pre_attn_scalar^-1/2`` and, per layer, its type's RoPE table and window."""
+        act = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None)
+        if act != "gelu_pytorch_tanh":
+            raise UserError(f"ONNX export computes Gemma 3's tanh-GELU MLP, but this model uses {act!r}")
+        self.check_config(hf_config)
+        n_layers = int(hf_config.num_hidden_layers)
+        types = list(getattr(hf_config, "layer_types", None) or ["full_attention"] * n_layers)
+        unknown = sorted(set(types) - set(LAYER_TYPES))
+        if unknown:
+            raise UserError(f"this Gemma 3 model has layer types {unknown}; turboboa computes {list(LAYER_TYPES)}")
+        window = int(hf_config.sliding_window)
+        hidden = int(hf_config.hidden_size)
+        return DecoderSpec(
+            model_type=hf_config.model_type, layout=self.LAYOUT, hidden=hidden,
+            heads=int(hf_config.num_attention_heads), kv_heads=int(hf_config.num_key_value_heads),
+            head_dim=int(hf_config.head_dim), intermediate=int(hf_config.intermediate_size),
+            vocab=int(hf_config.vocab_size), layers=n_layers, eps=float(hf_config.rms_norm_eps),
+            tied=bool(getattr(hf_config, "tie_word_embeddings", True)),
+            max_positions=int(hf_config.max_position_embeddings), activation="gelu_tanh", norm_offset=1.0,
+            embed_scale=float(np.float32(hidden**0.5)),
+            attention_scale=float(hf_config.query_pre_attn_scalar) ** -0.5,
+            windows=tuple(window if t == "sliding_attention" else None for t in types),
+            rope_table=tuple(LAYER_TYPES.index(t) for t in types))

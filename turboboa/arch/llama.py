@@ -99,19 +99,24 @@ class LlamaAdapter(ArchAdapter):
         cos, sin = rotary(probe, positions, *layer_type)
         return cos[0], sin[0]
 
-    def rope_tables(self, hf_config: Any, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    def rope_tables(self, hf_config: Any, positions: int, table: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """``(cos, sin)``, each float32 ``(positions, head_dim)``, for positions ``0 .. positions - 1``, from
         the rotary module built from ``hf_config`` (the one the fake-quant torch model uses, so every
         ``rope_type`` and its attention factor come out as transformers computes them:
         ``cos[t] = cos(t * inv_freq) * attention_scaling`` over the doubled frequencies, likewise ``sin``).
         The angle of position ``t`` is one float32 product, so a table sliced to ``T`` rows equals what the
-        torch model computes for a window of ``T`` tokens."""
+        torch model computes for a window of ``T`` tokens. Llama has the one table 0."""
+        return self._rope_tables(hf_config, positions)
+
+    @staticmethod
+    def _rope_tables(hf_config: Any, positions: int, *layer_type: str) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`rope_tables` of the rotary module's table for ``layer_type`` (its default without one)."""
         head_dim = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
         rotary = rotary_module(hf_config)
         probe = torch.zeros(1, positions, head_dim, dtype=torch.float32)
         ids = torch.arange(positions).unsqueeze(0)
         with torch.no_grad():
-            cos, sin = rotary(probe, ids)
+            cos, sin = rotary(probe, ids, *layer_type)
         return (np.ascontiguousarray(cos[0].float().numpy()), np.ascontiguousarray(sin[0].float().numpy()))
 
     def embed(self, model: nn.Module, input_ids: Tensor) -> Tensor:
@@ -135,16 +140,24 @@ class LlamaAdapter(ArchAdapter):
         sliding = "sliding_attention" in (getattr(hf_config, "layer_types", None) or ())
         return window if window and (sliding or getattr(hf_config, "use_sliding_window", False)) else None
 
+    def layer_windows(self, hf_config: Any) -> tuple[int | None, ...]:
+        """The sliding window of each layer (None: full causal attention): the config's window on its
+        ``sliding_attention`` layers, or on every layer when it names no layer types."""
+        window = self.config_window(hf_config)
+        n_layers = int(hf_config.num_hidden_layers)
+        if not window:
+            return (None,) * n_layers
+        types = getattr(hf_config, "layer_types", None)
+        if not types:
+            return (int(window),) * n_layers
+        return tuple(int(window) if t == "sliding_attention" else None for t in types)
+
     def decoder_spec(self, hf_config: Any) -> DecoderSpec:
-        """The decoder of the module docstring; a UserError for what the graph does not compute (another
-        activation, a sliding window, an odd head size)."""
+        """The decoder of the module docstring, with the config's per-layer sliding windows; a UserError for
+        what the graph does not compute (another activation, an odd head size)."""
         act = getattr(hf_config, "hidden_act", "silu")
         if act != "silu":
             raise UserError(f"ONNX export computes a SiLU-gated MLP, but this model uses {act!r}")
-        window = self.config_window(hf_config)
-        if window:
-            raise UserError(f"ONNX export computes full causal attention, but this model uses a sliding window of "
-                            f"{window} tokens")
         heads = int(hf_config.num_attention_heads)
         kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
         hidden = int(hf_config.hidden_size)
@@ -157,7 +170,8 @@ class LlamaAdapter(ArchAdapter):
                            vocab=int(hf_config.vocab_size), layers=int(hf_config.num_hidden_layers),
                            eps=float(hf_config.rms_norm_eps),
                            tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
-                           max_positions=int(getattr(hf_config, "max_position_embeddings", 2048)))
+                           max_positions=int(getattr(hf_config, "max_position_embeddings", 2048)),
+                           windows=self.layer_windows(hf_config))
 
     @staticmethod
     def normalize_heads(attn: nn.Module, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:

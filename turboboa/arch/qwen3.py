@@ -9,7 +9,7 @@ on the keys, over the head size ``d``, between the projections and RoPE:
 
 The norms act inside the attention on each head's channels, so a rotation of the residual stream (QuaRot)
 folds as for Llama and leaves them alone; llama.cpp computes them as ``attn_q_norm`` / ``attn_k_norm`` of its
-``qwen3`` architecture (NEOX rope, so the q/k rows keep HF's order). The ONNX graph computes no per-head norm.
+``qwen3`` architecture (NEOX rope, so the q/k rows keep HF's order), the ONNX graph as the layout's per-head norms.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from turboboa.arch.base import GgufArch
-from turboboa.arch.decoder import DecoderSpec
 from turboboa.arch.llama import LlamaAdapter
 from turboboa.errors import UserError
 
@@ -32,9 +31,6 @@ class Qwen3Adapter(LlamaAdapter):
     NAME = "Qwen3"
     LAYOUT = dataclasses.replace(LlamaAdapter.LAYOUT, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
     GGUF = GgufArch("qwen3", permute_qk=False, qkv_bias=False)
-    ONNX_REFUSAL = ("the ONNX decoder graph computes no per-head RMSNorm of the queries and keys (Qwen3's "
-                    "q_norm/k_norm); export Qwen3 with --to gguf")
-
     def check_config(self, hf_config: Any) -> None:
         """Refuse q/k/v biases (``attention_bias``), which llama.cpp's ``qwen3`` does not read."""
         if getattr(hf_config, "attention_bias", False):
@@ -51,6 +47,3 @@ class Qwen3Adapter(LlamaAdapter):
         """``(gamma_q, gamma_k)``: Qwen3's RMSNorm gain is its weight ``w``."""
         return attn.q_norm.weight, attn.k_norm.weight
 
-    def decoder_spec(self, hf_config: Any) -> DecoderSpec:
-        """Refused in one line: the graph has no per-head q/k norm."""
-        raise UserError(f"ONNX export of Qwen3 is not possible: {self.ONNX_REFUSAL}")
