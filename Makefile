@@ -57,9 +57,11 @@ IQ_ARGS       ?= --model smollm2-135m --presets IQ2_XXS,IQ2_XS,IQ2_S,IQ3_XXS,IQ3
 QWEN_ARGS     ?= --model qwen2.5-coder-1.5b --name gguf-vs-llamacpp-qwen2.5-coder-1.5b \
                  --presets IQ2_XXS,IQ2_XS,IQ2_S,IQ2_M,Q2_K,IQ3_XXS,IQ3_M,Q3_K_S,Q3_K_M,Q4_K_M \
                  --makers llama.cpp+imatrix,turboboa --nsamples 32 --seqlen 512 --eval-seqlen 512 --max-windows 16
-# Gemma 3 (bench-gemma, not part of `make bench`): GPTQ against TurboBoA at 4 bits, group 128, on Gemma-3-270M.
+# Gemma 3 (bench-gemma, not part of `make bench`): GPTQ against TurboBoA at 4 bits, group 128, on Gemma-3-270M,
+# and `turboboa run` with its defaults (the demo's calibration and windows) exporting GGUF and ONNX, checked.
 GEMMA_ARGS    ?= --model gemma-3-270m --methods gptq,turboboa --bits 4 --groups 128 --nsamples 16 --seqlen 512 \
                  --eval-seqlen 512 --max-windows 16 --out bench/results/gemma-3-270m-methods
+GEMMA_RUN_ARGS ?= --name gemma-3-270m-run -- gemma-3-270m --export gguf,onnx $(DEMO_CALIB) $(DEMO_EVAL)
 NPU_ARGS      ?= --windows 4 --seqlen 128 --nsamples 16 --calib-seqlen 512
 
 bench: venv
@@ -80,6 +82,7 @@ bench-qwen: venv
 
 bench-gemma: venv
 	$(PY) bench/methods.py $(GEMMA_ARGS) $(BENCH_ARGS)
+	$(PY) bench/run_check.py $(BENCH_ARGS) $(GEMMA_RUN_ARGS)
 
 accuracy: venv
 	$(PY) bench/accuracy.py $(BENCH_ARGS)
