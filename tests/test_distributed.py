@@ -166,3 +166,17 @@ def test_run_refuses_ranks(tmp_path, tiny, monkeypatch, capsys):
     proc = run_main("run", str(tiny), "-o", str(tmp_path / "out"), capsys=capsys)
     assert_one_line_error(proc, "torchrun", "turboboa quantize")
     assert not (tmp_path / "out").exists()
+
+
+def test_two_ranks_write_the_qdir_of_one_for_gemma3(tmp_path, default_tokenizer):
+    """TurboBoA on a tiny Gemma 3 (16 heads): the norm-weighted covariances of q, k, o and down, and the
+    layers' own RoPE tables, fold across 2 ranks into the bytes of one process."""
+    from .test_gemma3 import make_tiny_gemma3_dir
+
+    folder = make_tiny_gemma3_dir(tmp_path / "gemma", default_tokenizer, heads=HEADS, kv_heads=4, head_dim=16)
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = _quantize(1, str(folder), *METHODS["turboboa"], *CALIB, "-o", str(one))
+    assert proc.returncode == 0, proc.stderr
+    pair = _quantize(2, str(folder), *METHODS["turboboa"], *CALIB, "-o", str(two))
+    assert pair.returncode == 0, pair.stderr
+    assert_same_qdir(one, two)

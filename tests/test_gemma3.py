@@ -6,7 +6,7 @@ passes its check, and what cannot apply (rotation, padding, the fully quantized 
 line.
 
 Tiny random Gemma 3s (6 layers: 5 sliding, 1 global, as llama.cpp's gemma3 fixes them), seconds each; one slow
-case runs the real Gemma-3-270M end to end with GGUF.
+case runs the real Gemma-3-270M end to end with GGUF and ONNX.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from exporters.onnx import check_onnx_weights, export_onnx
 from turboboa import quantization
 from turboboa.arch import decoder_spec, get_adapter, locate
 from turboboa.arch.gemma3 import Gemma3Adapter
+from turboboa.blockwise import BlockStatistics, _collect, norm_weighted_layers
 from turboboa.checkpoint import load_fakequant_model, load_qdir
 from turboboa.config import QuantConfig
 from turboboa.data import eval_tokens
+from turboboa.distributed import World
 from turboboa.errors import UserError
 from turboboa.eval.evaluate import evaluate as evaluate_torch
 from turboboa.eval.perplexity import make_windows
@@ -147,6 +149,41 @@ def test_statistics_use_each_layers_rope_and_gains() -> None:
     torch.testing.assert_close(stats.row_hessian_q(cos[0], sin[0]), want, rtol=1e-5, atol=1e-6)
 
 
+def test_layers_read_by_a_norm_take_norm_weighted_covariances() -> None:
+    """The o and down projections (read by the post-norms) and q, k (per-head norms) get
+    ``H = 2 mean_t w_t x_t x_t^T``, ``w_t = mean_heads 1 / (mean(z_t^2) + eps)`` with ``z`` the layer's output
+    (the norm's ``1 / rho_t^2``, the frozen-rho Hessian of the normalized output's error); v, gate and up
+    keep the plain input covariance."""
+    model = tiny_gemma3(seed=2)
+    adapter = get_adapter(model)
+    block = adapter.blocks(model)[1]
+    names = adapter.linear_names()
+    weights = norm_weighted_layers(adapter, block, names, 16)
+    assert weights == {"self_attn.q_proj": (16, 1e-6), "self_attn.k_proj": (16, 1e-6),
+                       "self_attn.o_proj": (0, 1e-6), "mlp.down_proj": (0, 1e-6)}
+    stats = BlockStatistics.empty([g[0] for g in adapter.LINEAR_GROUPS], False, weights)
+    X = torch.randn(3, 7, 32)
+    cos, sin = adapter.rotary_cos_sin(model, 7, "cpu")
+    with torch.no_grad():
+        _collect(adapter, block, None, X, None, cos, sin, 2, stats, World(), torch.device("cpu"))
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [block.get_submodule(n).register_forward_hook(
+        lambda m, a, out, n=n: seen.__setitem__(n, (a[0].reshape(-1, a[0].shape[-1]), out.reshape(-1, out.shape[-1]))))
+        for n in names]
+    with torch.no_grad():
+        adapter.block_forward(block, X, cos, sin)
+    for h in hooks:
+        h.remove()
+    for name, (size, eps) in weights.items():
+        x, z = seen[name]
+        z = z.reshape(z.shape[0], -1, size) if size else z[:, None]
+        w = (1 / (z.pow(2).mean(-1) + eps)).mean(-1)
+        torch.testing.assert_close(stats.normed[name].H, 2 * (x.T * w) @ x / x.shape[0], rtol=1e-5, atol=1e-5)
+    x = seen["mlp.up_proj"][0]
+    torch.testing.assert_close(stats.covs["mlp.gate_proj"].H, 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-5)
+    assert not set(stats.normed) & {"self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"}
+
+
 def test_softcapping_is_refused() -> None:
     with pytest.raises(UserError, match="final_logit_softcapping"):
         get_adapter(tiny_gemma3(final_logit_softcapping=30.0))
@@ -253,3 +290,19 @@ def test_llama_cpp_logits_match_torch(tmp_path, default_tokenizer) -> None:
     print(f"gemma3: max |diff| / std = {exact:.2e} (F32 KV cache), {default:.2e} (F16 KV cache)")
     assert exact < BOUND_GELU
     assert default < BOUND_F16_KV
+
+
+@pytest.mark.slow
+def test_real_gemma_run_passes(tmp_path) -> None:
+    """Gemma-3-270M (alias ``gemma-3-270m``, assembled into the cache on first use), RTN onto q4_0, exported to
+    GGUF and ONNX and checked on 2 windows of 256 tokens: weights exact, llama.cpp within 1% and onnxruntime
+    within 0.1% of the fake-quant PPL."""
+    out = tmp_path / "run"
+    r = run_cli("run", "gemma-3-270m", "--method", "rtn", "--nsamples", "2", "--seqlen", "128", "--export",
+                "gguf,onnx", "--eval-seqlen", "256", "--max-windows", "2", "-q", "-o", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["backend"]: row for row in report["backends"]}
+    print({name: (round(row["ppl"], 4), row["gap"]) for name, row in rows.items()})
+    assert report["passed"] is True and report["run"]["config"]["format"] == "q4_0"
+    assert {"llama.cpp", "onnxruntime"} <= set(rows) and rows["float"]["ppl"] < rows["fake-quant"]["ppl"]

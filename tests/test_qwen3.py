@@ -31,6 +31,7 @@ from turboboa.errors import UserError
 from turboboa.eval.evaluate import evaluate as evaluate_torch
 from turboboa.eval.perplexity import make_windows
 from turboboa.hessians import AttentionStatistics
+from turboboa.models.padding import pad_model
 from turboboa.rotation.fuse import rotate_model
 
 from .test_gguf_writer import BOUND_F16_KV, BOUND_F32_KV, logit_gap, randomize
@@ -151,6 +152,28 @@ def test_hadamard_rotation_keeps_the_function() -> None:
     assert report["norms_folded"] and report["untied_head"]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(b.self_attn.q_norm.weight.float(), w) for b, w in zip(model.model.layers, q_norms, strict=True))
+
+
+def test_padding_keeps_the_function(tmp_path, default_tokenizer) -> None:
+    """``--pad-to 64`` on a Qwen3 (hidden 96, 6 heads of 16 over 2 KV heads, MLP 192): zero channels and zero
+    heads (the MLP's 192 is a multiple already) keep the logits (a padded head's queries are zero, so its per-head norm outputs zero), also after a
+    reload; the q/k norms (over the head size) are left alone."""
+    folder = make_tiny_qwen3_dir(tmp_path / "m", default_tokenizer, hidden=96, heads=6, kv_heads=2, head_dim=16)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
+    q_norm = model.model.layers[0].self_attn.q_norm.weight.detach().clone()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        report = pad_model(model, 64)
+        got = model(input_ids=ids).logits
+    assert report == {"hidden": 96, "hidden_padded": 128, "heads": 6, "heads_padded": 8, "intermediate": 192,
+                      "intermediate_padded": 192}
+    assert torch.equal(model.model.layers[0].self_attn.q_norm.weight, q_norm)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    model.save_pretrained(tmp_path / "padded")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "padded").eval()
+    with torch.no_grad():
+        assert (again(input_ids=ids).logits - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 # --- quantize, evaluate, export -----------------------------------------------------------------------------

@@ -118,15 +118,25 @@ class BlockStatistics:
 
     covs: dict[str, CovarianceAccumulator]
     attn: AttentionStatistics | None = None
+    normed: dict[str, CovarianceAccumulator] = field(default_factory=dict)
+    weights: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, names: list[str], attention: bool) -> BlockStatistics:
-        return cls({g: CovarianceAccumulator() for g in names}, AttentionStatistics() if attention else None)
+    def empty(cls, names: list[str], attention: bool,
+              weights: dict[str, tuple[int, float]] | None = None) -> BlockStatistics:
+        """Empty statistics of the groups led by ``names``; ``weights``: the layers whose output an RMSNorm
+        reads, with the norm's group size (head size, or 0 for the whole output) and eps, which get their own
+        norm-weighted covariance (:class:`_NormWeights`)."""
+        weights = dict(weights or {})
+        return cls({g: CovarianceAccumulator() for g in names}, AttentionStatistics() if attention else None,
+                   {name: CovarianceAccumulator() for name in weights}, weights)
 
     def merge(self, other: BlockStatistics) -> None:
         """Fold in ``other``'s sums after this one's."""
         for name, acc in self.covs.items():
             acc.merge(other.covs[name])
+        for name, acc in self.normed.items():
+            acc.merge(other.normed[name])
         if self.attn is not None and other.attn is not None:
             self.attn.merge(other.attn)
 
@@ -149,6 +159,44 @@ class _InputCapture:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class _NormWeights:
+    """Forward hooks that turn the output ``z`` of each layer an RMSNorm reads into per-token weights
+    ``w_t = mean_g 1 / (mean_c z_{t,g,c}^2 + eps)``: the norm's ``1 / rho_t^2``, averaged over the heads ``g``
+    of a per-head norm (groups of ``size`` channels; ``size`` 0: one group, the whole output)."""
+
+    def __init__(self, block: nn.Module, weights: dict[str, tuple[int, float]]):
+        self.weights: dict[str, torch.Tensor] = {}
+        self.handles = [block.get_submodule(n).register_forward_hook(self._hook(n, *spec))
+                        for n, spec in weights.items()]
+
+    def _hook(self, name: str, size: int, eps: float) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            z = out.detach().float().reshape(-1, out.shape[-1])
+            z = z.reshape(z.shape[0], -1, size) if size else z[:, None, :]
+            self.weights[name] = (1.0 / (z.pow(2).mean(-1) + eps)).mean(-1)
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def norm_weighted_layers(adapter: ArchAdapter, block: nn.Module, names: list[str],
+                         head_dim: int) -> dict[str, tuple[int, float]]:
+    """The layers among ``names`` whose output an RMSNorm reads first (:meth:`Layout.normed_outputs`), with
+    the norm's group size (``head_dim`` for a per-head norm, 0 for the whole output) and its eps."""
+    normed = adapter.LAYOUT.normed_outputs()
+    out = {}
+    for name in names:
+        role = adapter.role_of(name)
+        if role in normed:
+            norm_role, per_head = normed[role]
+            norm = block.get_submodule(adapter.LAYOUT.block_module(norm_role))
+            out[name] = (head_dim if per_head else 0, adapter.norm_eps(norm))
+    return out
 
 
 def quantize_model(
@@ -214,7 +262,9 @@ def quantize_model(
             fp_block = (copy.deepcopy(block) if cfg.true_sequential else block) if use_dx else None
             block_layers: dict[str, QuantizedLinear] = {}
             for si, stage in enumerate(stages):
-                stats = BlockStatistics.empty([g[0] for g in stage], cfg.is_row_method and si == 0)
+                weighted = norm_weighted_layers(adapter, block, [n for g in stage for n in g],
+                                                shape.head_dim) if cfg.is_row_method else {}
+                stats = BlockStatistics.empty([g[0] for g in stage], cfg.is_row_method and si == 0, weighted)
                 tp = time.perf_counter()
                 if need_stats:
                     # the last pass also advances the fp stream to the next block's input
@@ -222,7 +272,7 @@ def quantize_model(
                              advance_fp=si == len(stages) - 1)
                 phases["statistics"] += time.perf_counter() - tp
                 tp = time.perf_counter()
-                block_layers.update(_solve_groups(block, adapter, stage, cfg, stats.covs, stats.attn, cos, sin,
+                block_layers.update(_solve_groups(block, adapter, stage, cfg, stats, cos, sin,
                                                   use_dx, f"{prefix}{i}.", formats, world))
                 phases["solve"] += time.perf_counter() - tp
             kill_point(f"solve:{i}")
@@ -336,19 +386,22 @@ def _collect(
     With ``advance_fp`` the full-precision block's outputs replace ``X_fp`` (the next block's fp input).
 
     Accumulates, per shard, the sums of ``H = 2 X X^T / n`` of each layer named in ``stats.covs`` (inputs caught
-    by forward pre-hooks), the F2 cross terms ``C = 2 (X_fp - X) X^T / n`` when ``fp_block`` is given, and the
-    attention statistics; the shards' sums are folded into ``stats`` in shard order (one process: each shard as
+    by forward pre-hooks), the F2 cross terms ``C = 2 (X_fp - X) X^T / n`` when ``fp_block`` is given, the same
+    with each token weighted by its norm's ``1 / rho_t^2`` for the layers of ``stats.normed`` (weights from the
+    quantized stream's outputs, :class:`_NormWeights`), and the attention statistics; the shards' sums are folded into ``stats`` in shard order (one process: each shard as
     it is done; several ranks: all-gathered after the pass, :meth:`World.fold_shards`).
     """
     names = list(stats.covs)
-    capture = _InputCapture(block, names)
+    inputs = names + [n for n in stats.normed if n not in names]
+    capture = _InputCapture(block, inputs)
+    norm_weights = _NormWeights(block, stats.weights)  # after the fp pass: the quantized stream's weights
     # the fp block may be the block itself (one-pass mode): then one set of hooks serves both streams
-    capture_fp = None if fp_block is None else capture if fp_block is block else _InputCapture(fp_block, names)
+    capture_fp = None if fp_block is None else capture if fp_block is block else _InputCapture(fp_block, inputs)
     pending: list[BlockStatistics] = []  # this rank's shards, when the fold must wait for the other ranks'
     try:
         for c0 in range(0, X.shape[0], step):
             sl = slice(c0, c0 + step)
-            shard = BlockStatistics.empty(names, stats.attn is not None)
+            shard = BlockStatistics.empty(names, stats.attn is not None, stats.weights)
             rec_fp: dict[str, torch.Tensor] | None = None
             inputs_fp: dict[str, torch.Tensor] = {}
             if capture_fp is not None:
@@ -363,6 +416,11 @@ def _collect(
                 shard.covs[name].add(x)
                 if inputs_fp:
                     shard.covs[name].add_cross(inputs_fp[name], x)
+            for name, acc in shard.normed.items():
+                x, w = capture.inputs[name], norm_weights.weights[name]
+                acc.add(x, w)
+                if inputs_fp:
+                    acc.add_cross(inputs_fp[name], x, w)
             if shard.attn is not None:
                 shard.attn.add(rec, rec_fp)
             if capture_fp is not None and advance_fp:
@@ -373,6 +431,7 @@ def _collect(
                 stats.merge(shard)
     finally:
         capture.remove()
+        norm_weights.remove()
         if capture_fp is not None and capture_fp is not capture:
             capture_fp.remove()
     if world.distributed:
@@ -387,8 +446,7 @@ def _solve_groups(
     adapter: ArchAdapter,
     groups: list[list[str]],
     cfg: QuantConfig,
-    covs: dict[str, CovarianceAccumulator],
-    attn: AttentionStatistics | None,
+    stats: BlockStatistics,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     use_dx: bool,
@@ -403,10 +461,12 @@ def _solve_groups(
     every layer's result, gathered in the stages' order.
 
     ``cos``/``sin``: the RoPE tables of the calibration length (None without RoPE). By role, the query and key
-    projections take the attention row Hessians, the value projection its attention-weighted column Hessian.
+    projections take the attention row Hessians, the value projection its attention-weighted column Hessian;
+    a layer whose output an RMSNorm reads takes its norm-weighted covariance (``stats.normed``).
     """
     world = world or World()
     out = {}
+    covs, attn = stats.covs, stats.attn
     row_q = row_k = col_v = cross_v = None
     if attn is not None:
         row_q, row_k = attn.row_hessian_q(cos, sin), attn.row_hessian_k(cos, sin)
@@ -419,14 +479,14 @@ def _solve_groups(
     mine = world.shard_span(len(jobs))  # this rank's layers: a contiguous share, in the stage's order
 
     def solve_mine() -> list[tuple[str, QuantizedLinear]]:
-        return [(prefix + name, _solve_layer(block, adapter, group, name, cfg, covs, use_dx, prefix, formats,
-                                             attention)) for group, name in jobs[mine.start : mine.stop]]
+        return [(prefix + name, _solve_layer(block, adapter, name, cfg, stats.normed.get(name, covs[group[0]]),
+                                             use_dx, prefix, formats, attention))
+                for group, name in jobs[mine.start : mine.stop]]
 
-    for group in groups:
-        acc = covs[group[0]]
+    for name, acc in [(group[0], covs[group[0]]) for group in groups] + list(stats.normed.items()):
         if acc.n:
-            check_finite(acc.H, f"layer {prefix}{group[0]}: the input Hessian", _HESSIAN_HINT)
-            check_finite(acc.C if use_dx else None, f"layer {prefix}{group[0]}: the F2 cross term", _HESSIAN_HINT)
+            check_finite(acc.H, f"layer {prefix}{name}: the input Hessian", _HESSIAN_HINT)
+            check_finite(acc.C if use_dx else None, f"layer {prefix}{name}: the F2 cross term", _HESSIAN_HINT)
     solved = world.together(solve_mine)
     weights = block.get_submodule(jobs[0][1]).weight if jobs else None
     for full, q in world.all_gather(solved):
@@ -438,12 +498,12 @@ def _solve_groups(
     return out
 
 
-def _solve_layer(block: nn.Module, adapter: ArchAdapter, group: list[str], name: str, cfg: QuantConfig,
-                 covs: dict[str, CovarianceAccumulator], use_dx: bool, prefix: str, formats: dict[str, str],
+def _solve_layer(block: nn.Module, adapter: ArchAdapter, name: str, cfg: QuantConfig, acc: CovarianceAccumulator,
+                 use_dx: bool, prefix: str, formats: dict[str, str],
                  attention: tuple[torch.Tensor | None, ...]) -> QuantizedLinear:
-    """Layer ``name`` (of ``group``, which shares one input) solved on its statistics: the group's covariance
-    and, by role, the attention Hessians ``attention = (row_q, row_k, col_v, cross_v)`` (None without them)."""
-    acc = covs[group[0]]
+    """Layer ``name`` solved on its statistics: its input covariance ``acc`` (its group's, or its own
+    norm-weighted one) and, by role, the attention Hessians ``attention = (row_q, row_k, col_v, cross_v)``
+    (None without them)."""
     row_q, row_k, col_v, cross_v = attention
     W = block.get_submodule(name).weight.detach().float()
     if acc.n == 0:  # RTN with min-max grids needs no statistics

@@ -156,6 +156,14 @@ class ArchAdapter:
         """Block ``block``'s norm of ``role`` (``attention_norm`` or ``mlp_norm``)."""
         return block.get_submodule(self.LAYOUT.block_module(role))
 
+    @staticmethod
+    def norm_eps(norm: nn.Module) -> float:
+        """The ``eps`` of an RMSNorm module (``eps`` or ``variance_epsilon``, as the HF class names it)."""
+        for key in ("eps", "variance_epsilon"):
+            if hasattr(norm, key):
+                return float(getattr(norm, key))
+        raise UserError(f"{type(norm).__name__} has no eps; this family's norms are not RMSNorms")
+
     # --- attention layout ------------------------------------------------------------------------------
 
     def attention_shape(self, model: nn.Module) -> AttentionShape:

@@ -131,6 +131,15 @@ class Layout:
         return (("attention_norm", ATTENTION_INPUT_ROLES),
                 ("mlp_norm", tuple(r for r in MLP_INPUT_ROLES if r in present)))
 
+    def normed_outputs(self) -> dict[str, tuple[str, bool]]:
+        """The linear roles whose output an RMSNorm reads before anything else, with that norm's role and
+        whether it normalizes each head (over the head size) or the whole output: the query and key projections
+        under per-head ``q_norm`` / ``k_norm``, the output and down projections under the attention's and the
+        MLP's post-norms (Gemma)."""
+        norms = {"q": ("q_norm", True), "k": ("k_norm", True), "o": ("attention_post_norm", False),
+                 "down": ("mlp_post_norm", False)}
+        return {role: (norm, per_head) for role, (norm, per_head) in norms.items() if getattr(self, norm) is not None}
+
     def model_modules(self) -> dict[str, str]:
         """Full names of the model-level modules by role (``positions`` only where the family has it)."""
         names = {"embedding": self.embedding, "positions": self.positions, "final_norm": self.final_norm,

@@ -11,8 +11,9 @@ Per-head q/k norms (Qwen3, Gemma 3): the attention reads ``q^_t = diag(gamma_q) 
 the norm's effective gain (``w``, Gemma's ``1 + w``), recorded by the adapter as ``q_gain`` (``k_gain``). Freezing
 each token's ``rho_t``, a change ``dq_t = dW x_t`` moves the score by
 ``ds_{t,s} = (R_t diag(gamma_q) dq_t / rho_t) . k~_s``, so the relaxed error's Hessian is
-``sum_t (x_t x_t^T / rho_t^2) (x) diag(gamma_q) R_t^T Mk R_t diag(gamma_q)``. Decoupling ``1 / rho_t^2`` from
-``x_t`` (its mean is one scalar for the head, and the GPTQ/BoA solution is invariant to scaling ``H_row``):
+``sum_t (x_t x_t^T / rho_t^2) (x) diag(gamma_q) R_t^T Mk R_t diag(gamma_q)``. The ``1 / rho_t^2`` go into the
+column Hessian, ``H_col = 2 mean_t w_t x_t x_t^T`` with ``w_t = mean_h 1 / rho_{h,t}^2`` (one column Hessian
+for the layer: the heads' weights averaged; the block loop's norm-weighted covariances), and
 ``H_row(q, h) = diag(gamma_q) RoPEavg(Mk_g) diag(gamma_q)`` with ``Mk`` of the normalized keys ``k~``, and
 likewise ``H_row(k, g) = diag(gamma_k) RoPEavg(mean_{h in g} Mq_h) diag(gamma_k)``.
 

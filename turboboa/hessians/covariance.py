@@ -65,11 +65,19 @@ def _tokens(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.float32)
 
 
+def _weighted(tokens: Tensor, weight: Tensor | None) -> Tensor:
+    """``tokens`` (N, d) with row t times ``weight[t]`` (``weight`` any shape of N elements), or unchanged."""
+    if weight is None:
+        return tokens
+    return tokens * weight.reshape(-1, 1).to(device=tokens.device, dtype=torch.float32)
+
+
 class CovarianceAccumulator:
     """GPTQ statistics of one linear layer's input x (d_in), as means over tokens in float32 (:class:`RunningMean`).
 
     ``H = 2 * mean_t x_t x_t^T`` (from ``add``) and the F2 cross term ``C = 2 * mean_t (x_fp,t - x_t) x_t^T``
-    (from ``add_cross``; it updates only C, so call ``add(x)`` too for H). ``n`` counts the tokens in H.
+    (from ``add_cross``; it updates only C, so call ``add(x)`` too for H); with per-token weights ``w_t``,
+    ``H = 2 * mean_t w_t x_t x_t^T`` and ``C = 2 * mean_t w_t (x_fp,t - x_t) x_t^T``. ``n`` counts the tokens in H.
     """
 
     def __init__(self) -> None:
@@ -81,13 +89,15 @@ class CovarianceAccumulator:
         self._h.merge(other._h)
         self._c.merge(other._c)
 
-    def add(self, x: Tensor) -> None:
-        """Accumulate H from inputs x (..., d_in): sum_t x_t x_t^T over the flattened tokens."""
+    def add(self, x: Tensor, weight: Tensor | None = None) -> None:
+        """Accumulate H from inputs x (..., d_in): sum_t x_t x_t^T over the flattened tokens, each token's term
+        times ``weight[t]`` when given (one weight per token)."""
         tokens = _tokens(x)
-        self._h.update(tokens.T @ tokens, tokens.shape[0])
+        self._h.update(tokens.T @ _weighted(tokens, weight), tokens.shape[0])
 
-    def add_cross(self, x_fp: Tensor, x: Tensor) -> None:
-        """Accumulate C from the full-precision and quantized streams (same tokens): sum_t (x_fp,t - x_t) x_t^T."""
+    def add_cross(self, x_fp: Tensor, x: Tensor, weight: Tensor | None = None) -> None:
+        """Accumulate C from the full-precision and quantized streams (same tokens): sum_t (x_fp,t - x_t) x_t^T,
+        each token's term times ``weight[t]`` when given."""
         if x_fp.shape != x.shape:
             raise UserError(
                 f"full-precision input {tuple(x_fp.shape)} and quantized input {tuple(x.shape)} differ in shape; "
@@ -95,7 +105,7 @@ class CovarianceAccumulator:
             )
         tokens = _tokens(x)
         delta = _tokens(x_fp).to(tokens.device) - tokens
-        self._c.update(delta.T @ tokens, tokens.shape[0])
+        self._c.update(delta.T @ _weighted(tokens, weight), tokens.shape[0])
 
     @property
     def n(self) -> int:
