@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test accuracy lint bench bench-qwen bench-gemma clean
+.PHONY: venv demo test accuracy lint bench bench-qwen bench-gemma bench-gpu clean
 
 venv: $(STAMP)
 
@@ -62,6 +62,10 @@ QWEN_ARGS     ?= --model qwen2.5-coder-1.5b --name gguf-vs-llamacpp-qwen2.5-code
 GEMMA_ARGS    ?= --model gemma-3-270m --methods gptq,turboboa --bits 4 --groups 128 --nsamples 16 --seqlen 512 \
                  --eval-seqlen 512 --max-windows 16 --out bench/results/gemma-3-270m-methods
 GEMMA_RUN_ARGS ?= --name gemma-3-270m-run -- gemma-3-270m --export gguf,onnx $(DEMO_CALIB) $(DEMO_EVAL)
+# The GPU timing (bench-gpu, for a CUDA machine): every method with the papers' calibration on Qwen2.5-Coder-1.5B at
+# INT2 per channel with rotation (--rotate auto), wall time by phase and peak GPU memory per row.
+GPU_ARGS      ?= --model qwen2.5-coder-1.5b --methods rtn,gptq,boa,turboboa --bits 2 --groups -1 --nsamples 128 \
+                 --seqlen 2048 --eval-seqlen 2048 --max-windows 16 --device cuda --out bench/results/qwen2.5-coder-1.5b-gpu
 NPU_ARGS      ?= --windows 4 --seqlen 128 --nsamples 16 --calib-seqlen 512
 
 bench: venv
@@ -79,6 +83,9 @@ bench: venv
 # (rows reused only when settings, data, machine and versions match) and fails when a check fails.
 bench-qwen: venv
 	$(PY) bench/gguf_vs_llamacpp.py $(QWEN_ARGS) $(BENCH_ARGS)
+
+bench-gpu: venv
+	$(PY) bench/methods.py $(GPU_ARGS) $(BENCH_ARGS)
 
 bench-gemma: venv
 	$(PY) bench/methods.py $(GEMMA_ARGS) $(BENCH_ARGS)
