@@ -6,7 +6,7 @@ codeword where that may miss the best under a diagonal metric), and tries the su
 the ``FIT_CANDIDATES`` nearest codewords. This script quantizes real layers with GPTQ onto each i-quant type
 twice, with those lists as shipped and with every codeword in both, and compares the layer loss
 ``tr((W - Q) H (W - Q)^T) / tr(W H W^T)`` (``H = 2 X X^T / n`` from the calibration inputs of the layer) and
-the solve time. Layers: the q, k, v, gate, up and down projections of the first blocks of a model whose widths
+the solve time. Layers: the q, k, v, gate, up and down projections (``--roles``) of chosen blocks of a model whose widths
 take 256-column blocks (Qwen2.5-Coder-1.5B by default), inputs from WikiText-2 calibration windows.
 
 Results: ``bench/results/codebook-search.{json,md}`` with each row's provenance (``bench/provenance.py``); a row
@@ -37,7 +37,8 @@ from turboboa.solvers import LayerProblem  # noqa: E402
 ROLES = ("q", "k", "v", "gate", "up", "down")
 
 
-def layer_inputs(model_spec: str, blocks: list[int], nsamples: int, seqlen: int, seed: int) -> dict[str, Any]:
+def layer_inputs(model_spec: str, blocks: list[int], roles: list[str], nsamples: int, seqlen: int,
+                 seed: int) -> dict[str, Any]:
     """The float model's layers of ``blocks`` by name: ``(W, H)`` with ``H = 2 X X^T / n`` over the calibration
     tokens, the inputs caught by forward pre-hooks while the first ``max(blocks) + 1`` blocks run."""
     from turboboa.arch import get_adapter
@@ -52,7 +53,7 @@ def layer_inputs(model_spec: str, blocks: list[int], nsamples: int, seqlen: int,
     hooks = []
     for i in blocks:
         block = adapter.blocks(model)[i]
-        for role in ROLES:
+        for role in roles:
             name = f"{i}.{role}"
 
             def hook(module: Any, args: tuple, name: str = name) -> None:
@@ -73,7 +74,7 @@ def layer_inputs(model_spec: str, blocks: list[int], nsamples: int, seqlen: int,
     out = {}
     for i in blocks:
         block = adapter.blocks(model)[i]
-        for role in ROLES:
+        for role in roles:
             name = f"{i}.{role}"
             out[name] = (adapter.linear(block, role).weight.detach().float().clone(), 2 * sums[name] / counts[name])
     return out
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
     ap.add_argument("--blocks", default="0,1")
     ap.add_argument("--formats", default="iq2_xxs,iq2_xs,iq2_s,iq3_xxs,iq1_s")
+    ap.add_argument("--roles", default=",".join(ROLES), help="the layers of each block, by role")
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
@@ -131,6 +133,7 @@ def main() -> None:
     a = ap.parse_args()
     ctx = pv.Context.start(a.device, a.fresh, exclude=[a.out])
     blocks = [int(b) for b in a.blocks.split(",")]
+    roles = a.roles.split(",")
     settings = {"model": a.model, "blocks": blocks, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed,
                 "method": "gptq", "fit_candidates": codebook.FIT_CANDIDATES,
                 "flip_candidates": codebook.FLIP_CANDIDATES}
@@ -139,9 +142,9 @@ def main() -> None:
     doc = json.loads(out_json.read_text()) if out_json.exists() else {}
     if doc.get("settings") != pv.normalized(settings):
         doc = {"settings": settings, "rows": {}}
-    todo = [(f, name) for f in a.formats.split(",") for name in (f"{i}.{r}" for i in blocks for r in ROLES)
+    todo = [(f, name) for f in a.formats.split(",") for name in (f"{i}.{r}" for i in blocks for r in roles)
             if not ctx.reuse(f"{f} {name}", doc["rows"].get(f"{f} {name}"), {**settings, "format": f}, data)]
-    layers = layer_inputs(a.model, blocks, a.nsamples, a.seqlen, a.seed) if todo else {}
+    layers = layer_inputs(a.model, blocks, roles, a.nsamples, a.seqlen, a.seed) if todo else {}
     for fmt, name in todo:
         meter = pv.RowMeter()
         W, H = layers[name]
