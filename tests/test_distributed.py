@@ -175,8 +175,10 @@ def test_two_ranks_write_the_qdir_of_one_for_gemma3(tmp_path, default_tokenizer)
 
     folder = make_tiny_gemma3_dir(tmp_path / "gemma", default_tokenizer, heads=HEADS, kv_heads=4, head_dim=16)
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = _quantize(1, str(folder), *METHODS["turboboa"], *CALIB, "-o", str(one))
+    calib = (*CALIB[:4], "--nsamples", "16", "--seqlen", "512", "-q")  # two shards of 8 windows of 512
+    proc = _quantize(1, str(folder), *METHODS["turboboa"], *calib, "-o", str(one))
     assert proc.returncode == 0, proc.stderr
-    pair = _quantize(2, str(folder), *METHODS["turboboa"], *CALIB, "-o", str(two))
+    pair = _quantize(2, str(folder), *METHODS["turboboa"], *calib, "-o", str(two))
     assert pair.returncode == 0, pair.stderr
     assert_same_qdir(one, two)
+    assert json.loads((two / "quant_config.json").read_text())["ranks"] == 2

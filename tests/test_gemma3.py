@@ -6,7 +6,7 @@ passes its check, and what cannot apply (rotation, padding, the fully quantized 
 line.
 
 Tiny random Gemma 3s (6 layers: 5 sliding, 1 global, as llama.cpp's gemma3 fixes them), seconds each; one slow
-case runs the real Gemma-3-270M end to end with GGUF and ONNX.
+case runs the real Gemma-3-270M end to end with GGUF.
 """
 
 from __future__ import annotations
@@ -295,14 +295,15 @@ def test_llama_cpp_logits_match_torch(tmp_path, default_tokenizer) -> None:
 @pytest.mark.slow
 def test_real_gemma_run_passes(tmp_path) -> None:
     """Gemma-3-270M (alias ``gemma-3-270m``, assembled into the cache on first use), RTN onto q4_0, exported to
-    GGUF and ONNX and checked on 2 windows of 256 tokens: weights exact, llama.cpp within 1% and onnxruntime
-    within 0.1% of the fake-quant PPL."""
+    GGUF and checked on a window of 256 tokens: weights exact, llama.cpp within 1% of the fake-quant PPL. (The
+    ONNX graph of Gemma 3 is checked on tiny models here and on the real one by ``make bench-gemma``: a
+    262k-token vocabulary makes each backend of the check cost tens of seconds.)"""
     out = tmp_path / "run"
     r = run_cli("run", "gemma-3-270m", "--method", "rtn", "--nsamples", "2", "--seqlen", "128", "--export",
-                "gguf,onnx", "--eval-seqlen", "256", "--max-windows", "2", "-q", "-o", str(out))
+                "gguf", "--eval-seqlen", "256", "--max-windows", "1", "-q", "-o", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((out / "report.json").read_text())
     rows = {row["backend"]: row for row in report["backends"]}
     print({name: (round(row["ppl"], 4), row["gap"]) for name, row in rows.items()})
     assert report["passed"] is True and report["run"]["config"]["format"] == "q4_0"
-    assert {"llama.cpp", "onnxruntime"} <= set(rows) and rows["float"]["ppl"] < rows["fake-quant"]["ppl"]
+    assert "llama.cpp" in rows and rows["float"]["ppl"] < rows["fake-quant"]["ppl"]
