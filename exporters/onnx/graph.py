@@ -294,7 +294,7 @@ class DecoderGraph:
                 return None, {w: self._static_mask(t, w) for w in windows}
             rope_tables = adapter_for_config(self.hf_config).rope_tables
             tables = []
-            for j in range(spec.rope_tables):
+            for j in range(spec.rope_table_count):
                 cos, sin = rope_tables(self.hf_config, t, j)
                 tables.append((b.const(f"rope_cos{self._table(j)}", cos), b.const(f"rope_sin{self._table(j)}", sin)))
             return tables, {w: self._static_mask(t, w) for w in windows}
@@ -310,7 +310,7 @@ class DecoderGraph:
             ends = b.op("Unsqueeze", [t, b.const("axis0", np.array([0], dtype=np.int64))], "SeqLen1d")
             starts = b.const("starts", np.array([0], dtype=np.int64))
             tables = []
-            for j in range(spec.rope_tables):
+            for j in range(spec.rope_table_count):
                 cos_table, sin_table = rope_tables(self.hf_config, spec.max_positions, j)
                 cos = b.op("Slice", [b.const(f"rope_cos_table{self._table(j)}", cos_table), starts, ends, starts],
                            f"rope_cos{self._table(j)}")

@@ -164,7 +164,7 @@ def check_program(spec: DecoderSpec) -> None:
         ("a scaled embedding", spec.embed_scale is not None),
         ("another attention scale", spec.attention_scale is not None),
         ("sliding-window layers", any(spec.windows)),
-        ("several RoPE tables", spec.rope_tables > 1)) if has]
+        ("several RoPE tables", spec.rope_table_count > 1)) if has]
     if differences:
         raise UserError(f"the fully quantized graph (--profile qnn-htp, --scope graph) computes Llama's block "
                         f"(RMSNorm, RoPE, a SiLU-gated MLP, full causal attention); a {spec.model_type} model has "

@@ -78,7 +78,7 @@ class DecoderSpec:
         return self.rope_table[i] if self.rope_table else 0
 
     @property
-    def rope_tables(self) -> int:
+    def rope_table_count(self) -> int:
         """How many RoPE tables the blocks use."""
         return max(self.rope_table, default=0) + 1
 
