@@ -57,6 +57,20 @@ def make_tiny_opt(path: Path, tokenizer, *, hidden: int = 64, heads: int = 4, la
     return path
 
 
+def save_with_random_norms(cls, config, path: Path, tokenizer, norm_offset: float) -> Path:
+    """``cls(config)`` built under seed 0, every norm weight set to ``norm_offset + 0.2 N(0, 1)`` (so a norm left
+    out or applied twice shows), saved as a Hugging Face folder with ``tokenizer``."""
+    torch.manual_seed(0)
+    model = cls(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(norm_offset + 0.2 * torch.randn_like(param))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def default_tokenizer():
     from turboboa.models import load_float_model

@@ -37,7 +37,7 @@ from turboboa.eval.evaluate import evaluate as evaluate_torch
 from turboboa.eval.perplexity import make_windows
 from turboboa.hessians import AttentionStatistics, rope_average
 
-from .conftest import assert_one_line_error, run_cli, run_main
+from .conftest import assert_one_line_error, run_cli, run_main, save_with_random_norms
 from .test_gguf_writer import BOUND_F16_KV, logit_gap, randomize
 from .test_onnx_export import REL_BOUND, relative_gap
 
@@ -70,15 +70,7 @@ def make_tiny_gemma3_dir(path: Path, tokenizer, *, hidden: int = 64, heads: int 
                               num_hidden_layers=6, num_attention_heads=heads, num_key_value_heads=kv_heads,
                               head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=window,
                               max_position_embeddings=2048)
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(0.2 * torch.randn_like(param))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_with_random_norms(Gemma3ForCausalLM, config, path, tokenizer, norm_offset=0.0)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from turboboa.hessians import AttentionStatistics
 from turboboa.models.padding import pad_model
 from turboboa.rotation.fuse import rotate_model
 
+from .conftest import save_with_random_norms
 from .test_gguf_writer import BOUND_F16_KV, BOUND_F32_KV, logit_gap, randomize
 from .test_onnx_export import REL_BOUND, relative_gap
 from .test_onnx_export import quantize as quantize_onnx
@@ -63,15 +64,7 @@ def make_tiny_qwen3_dir(path: Path, tokenizer, *, hidden: int = 64, heads: int =
                          num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=tied,
                          **config_options)
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_with_random_norms(Qwen3ForCausalLM, config, path, tokenizer, norm_offset=1.0)
 
 
 @pytest.fixture(scope="module")
