@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test accuracy lint bench bench-qwen bench-gemma bench-gpu clean
+.PHONY: venv demo test accuracy lint bench bench-qwen bench-gemma bench-gpu bench-memory clean
 
 venv: $(STAMP)
 
@@ -67,6 +67,13 @@ CODEBOOK_ARGS ?= --model qwen2.5-coder-1.5b --blocks 0 --roles q,gate,down --for
 # INT2 per channel with rotation (--rotate auto), wall time by phase and peak GPU memory per row.
 GPU_ARGS      ?= --model qwen2.5-coder-1.5b --methods rtn,gptq,boa,turboboa --bits 2 --groups -1 --nsamples 128 \
                  --seqlen 2048 --eval-seqlen 2048 --max-windows 16 --device cuda --out bench/results/qwen2.5-coder-1.5b-gpu
+# Peak host memory (bench-memory, not part of `make bench`): `turboboa quantize` streamed block by block against the
+# whole model loaded (--no-stream), on the default model and Qwen2.5-Coder-1.5B; 128 x 2048 calibration as well on
+# a GPU (BENCH_ARGS="--device cuda"), where it takes minutes instead of hours.
+comma         := ,
+MEMORY_ARGS   ?= --models smollm2-135m,qwen2.5-coder-1.5b \
+                 --calib $(if $(findstring cuda,$(BENCH_ARGS)),16x512$(comma)128x2048,16x512) \
+                 -- --method gptq --bits 4 --group-size 128
 NPU_ARGS      ?= --windows 4 --seqlen 128 --nsamples 16 --calib-seqlen 512
 
 bench: venv
@@ -92,6 +99,9 @@ bench-gpu: venv
 bench-gemma: venv
 	$(PY) bench/methods.py $(GEMMA_ARGS) $(BENCH_ARGS)
 	$(PY) bench/run_check.py $(BENCH_ARGS) $(GEMMA_RUN_ARGS)
+
+bench-memory: venv
+	$(PY) bench/memory.py $(BENCH_ARGS) $(MEMORY_ARGS)
 
 accuracy: venv
 	$(PY) bench/accuracy.py $(BENCH_ARGS)

@@ -55,6 +55,10 @@ QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
     click.option("--resume", is_flag=True,
                  help="continue an interrupted run from its last finished block (state kept in <output>.partial/); "
                       "the result is identical to an uninterrupted run's"),
+    click.option("--stream/--no-stream", default=True, show_default=True,
+                 help="read the float model block by block, so memory holds one block and not the model "
+                      "(--pad-to and --act-scope inputs load it whole); --no-stream loads it whole first. "
+                      "Same result either way"),
 ]
 
 
@@ -94,7 +98,7 @@ def quantize(model: str, output: str, quiet: bool, as_json: bool, **options: Any
     scope, act_bits = activation_scheme(options)
     summary = quantization.quantize(model, cfg, output, device=options["device"], progress=not quiet, act_bits=act_bits,
                            act_scope="inputs" if scope == "token" else scope,
-                           resume=options["resume"])
+                           resume=options["resume"], stream=options["stream"])
     if not is_main_process():  # under torchrun only rank 0 reports
         return
     if as_json:
@@ -344,7 +348,7 @@ def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, e
     log = None if quiet or as_json else (lambda line: click.echo(line, err=True))
     result = run(model, cfg, outdir, exports, format_given=format_given, check=run_check, settings=settings,
                  device=options["device"], act_bits=act_bits, progress=not quiet and not as_json,
-                 resume=options["resume"], log=log, onnx_profile=onnx_profile,
+                 resume=options["resume"], stream=options["stream"], log=log, onnx_profile=onnx_profile,
                  act_scope="inputs" if scope == "token" else scope)
     report = result.report
     if as_json:

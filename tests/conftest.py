@@ -28,7 +28,7 @@ def make_tiny_llama(path: Path, tokenizer, *, hidden: int = 64, heads: int = 4, 
     cls = {"qwen2": Qwen2Config, "mistral": MistralConfig}.get(model_type, LlamaConfig)
     config = cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                 max_position_embeddings=2048, tie_word_embeddings=True, **config_options)
+                 max_position_embeddings=2048, **{"tie_word_embeddings": True, **config_options})
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -43,6 +43,7 @@ from .formats.registry import get_format
 from .hessians import CovarianceAccumulator
 from .hessians.attention import AttentionStatistics
 from .models.chunks import chunk_size, module_name
+from .models.stream import StreamedModel
 from .numerics import check_finite, check_quantized_finite
 from .output_files import kill_point
 from .quantized import QuantizedLinear, cat_rows
@@ -209,6 +210,8 @@ def quantize_model(
     state: dict | None = None,
     on_block_done: Callable[[int, dict[str, QuantizedLinear], dict], None] | None = None,
     world: World | None = None,
+    streamed: StreamedModel | None = None,
+    keep_layers: bool = True,
 ) -> PipelineResult:
     """Quantize every block's linear layers of ``model`` (modified in place into its fake-quant form).
 
@@ -220,6 +223,11 @@ def quantize_model(
 
     ``world``: the ranks of a ``torchrun`` run (:mod:`turboboa.distributed`); this rank keeps the streams of
     its shards only, and ``on_block_done`` is called on every rank with the all-gathered streams.
+
+    ``streamed``: ``model`` is a streamed skeleton (:mod:`turboboa.models.stream`): each block is read from the
+    source when its turn comes and its linear weights are given back when it is done; the head is read before
+    it is rounded. ``keep_layers=False``: the blocks' quantized layers are not kept in the result (the caller
+    has them from ``on_block_done``), only the tables'.
     """
     world = world or World()
     t0 = time.time()
@@ -256,7 +264,7 @@ def quantize_model(
         stages = [[g] for g in adapter.LINEAR_GROUPS] if cfg.true_sequential else [adapter.LINEAR_GROUPS]
         for i in bar:
             tb = time.time()
-            block = blocks[i]
+            block = blocks[i] if streamed is None else streamed.load_block(i)
             block.to(device=device, dtype=torch.float32)
             # the fp stream needs the block's original weights: a copy when groups are quantized between passes
             fp_block = (copy.deepcopy(block) if cfg.true_sequential else block) if use_dx else None
@@ -276,7 +284,8 @@ def quantize_model(
                                                   use_dx, f"{prefix}{i}.", formats, world))
                 phases["solve"] += time.perf_counter() - tp
             kill_point(f"solve:{i}")
-            layers.update(block_layers)
+            if keep_layers:
+                layers.update(block_layers)
             tp = time.perf_counter()
             for c0 in range(0, n, step):
                 sl = slice(c0, c0 + step)
@@ -285,6 +294,8 @@ def quantize_model(
             world.together(functools.partial(_check_outputs, X, X_fp, f"block {prefix}{i}"))
             block.to("cpu")
             del fp_block
+            if streamed is not None:
+                streamed.release_block(i)
             block_seconds.append(time.time() - tb)
             if on_block_done is not None:
                 on_block_done(i, block_layers, {"X": _all_sequences(world, X), "X_fp": _all_sequences(world, X_fp),
@@ -292,6 +303,8 @@ def quantize_model(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         layout = adapter.LAYOUT
+        if streamed is not None:
+            streamed.load_head()
         for name, table in ((layout.embedding, quantize_embedding(model, cfg)),
                             (layout.head, quantize_head(model, cfg))):
             if table is not None:

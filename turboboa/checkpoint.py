@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,18 @@ def float_state(model: torch.nn.Module, quantized: set[str]) -> dict[str, torch.
     return state
 
 
+@dataclass
+class DeferredLayers:
+    """Quantized layers kept on disk until the QDIR is written (a streamed run's blocks, in its resume
+    folder): their names, their bytes, how to read them, and what to give back once the float tensors are
+    written (the streamed model's tables), so the two never share memory."""
+
+    names: list[str]
+    nbytes: int
+    read: Callable[[], dict[str, QuantizedLinear]]
+    after_floats: Callable[[], None] = lambda: None
+
+
 def save_qdir(
     path: Path,
     model: torch.nn.Module,
@@ -128,9 +141,11 @@ def save_qdir(
     config: QuantConfig,
     meta: dict[str, Any],
     activations: ActivationEncodings | None = None,
+    deferred: DeferredLayers | None = None,
 ) -> Path:
     """Write the QDIR (with the activation encodings, when given) into a temporary folder beside ``path`` and
-    rename it into place when complete.
+    rename it into place when complete. ``deferred``: layers read only after the float tensors are written,
+    listed before ``layers``.
 
     Before anything is written: every solved tensor and float tensor is checked finite (a NaN/Inf is a
     one-line :class:`~turboboa.numerics.NonFiniteError` naming it), the location writable and the free space
@@ -139,25 +154,29 @@ def save_qdir(
     for name, q in layers.items():
         check_quantized_finite(name, {"codes": q.codes, "scales": q.scale, "zero points": q.zero,
                                       **({} if q.grid is None else vars(q.grid))})
-    floats = float_state(model, set(layers))
-    check_state_finite(floats.items(), "the quantized model")
-    prepare_output(path, estimate_qdir_bytes(layers=layers, floats=floats), "the QDIR")
+    deferred = deferred or DeferredLayers([], 0, dict)
+    floats = [float_state(model, set(layers) | set(deferred.names))]
+    check_state_finite(floats[0].items(), "the quantized model")
+    prepare_output(path, estimate_qdir_bytes(layers=layers, floats=floats[0]) + deferred.nbytes, "the QDIR")
     with write_errors_as_user_errors(path):
         remove_stale_temporaries(path)
-        return _write_qdir(path, model, tokenizer, layers, floats, config, meta, activations)
+        return _write_qdir(path, model, tokenizer, layers, floats, config, meta, activations, deferred)
 
 
 def _write_qdir(path: Path, model: torch.nn.Module, tokenizer: Any, layers: dict[str, QuantizedLinear],
-                floats: dict[str, torch.Tensor], config: QuantConfig, meta: dict[str, Any],
-                activations: ActivationEncodings | None) -> Path:
+                floats: list[dict[str, torch.Tensor]], config: QuantConfig, meta: dict[str, Any],
+                activations: ActivationEncodings | None, deferred: DeferredLayers) -> Path:
     """The writing part of :func:`save_qdir`: a temporary folder beside ``path``, sealed by its SHA256SUMS,
-    renamed into place."""
+    renamed into place. The float tensors (``floats``, a one-item list it empties) are written and let go
+    before the deferred layers are read."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        tensors, entries = layer_tensors(layers)
+        save_file(floats.pop(), str(tmp / FLOAT_FILE), metadata={"format": QDIR_FORMAT})
+        deferred.after_floats()
+        tensors, entries = layer_tensors({**deferred.read(), **layers})
         save_file(tensors, str(tmp / QUANT_FILE), metadata={"format": QDIR_FORMAT})
-        save_file(floats, str(tmp / FLOAT_FILE), metadata={"format": QDIR_FORMAT})
+        del tensors
         kill_point("qdir-write")
         model.config.save_pretrained(tmp)
         if tokenizer is not None:

@@ -17,8 +17,9 @@ class NonFiniteError(UserError):
 
 
 def is_finite(t: torch.Tensor | None) -> bool:
-    """True for ``None``, integer tensors and float tensors without NaN/Inf."""
-    if t is None or not (t.is_floating_point() or t.is_complex()):
+    """True for ``None``, integer tensors, tensors on the meta device (not read yet: a streamed model's
+    blocks, checked when read) and float tensors without NaN/Inf."""
+    if t is None or t.is_meta or not (t.is_floating_point() or t.is_complex()):
         return True
     return bool(torch.isfinite(t).all())
 

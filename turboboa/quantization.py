@@ -17,6 +17,7 @@ from .activations.qdir import graph_encodings
 from .arch import get_adapter
 from .blockwise import check_group_size, quantize_model, select_device
 from .checkpoint import (
+    DeferredLayers,
     estimate_qdir_bytes,
     is_qdir,
     load_qdir,
@@ -29,12 +30,14 @@ from .distributed import World, rank_device
 from .errors import UserError
 from .formats.registry import get_format
 from .models import load_float_model
+from .models.loader import load_streamed
 from .models.padding import pad_model, residual_peaks, residual_placement
+from .models.stream import StreamedModel
 from .numerics import check_model_finite
 from .output_files import check_writable, prepare_output
 from .resume import BlockCheckpointer, apply_layers, fingerprint
 from .rotation import install_online_down, rotate_model
-from .rotation.fuse import rotation_unties_head
+from .rotation.fuse import rotate_streamed, rotation_unties_head
 
 
 @dataclass
@@ -73,7 +76,7 @@ def check_output_location(output: Path) -> None:
 
 def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: str = "auto",
              progress: bool = True, act_bits: int | None = None, resume: bool = False,
-             act_scope: str = "inputs") -> QuantizeSummary:
+             act_scope: str = "inputs", stream: bool = True) -> QuantizeSummary:
     """Quantize ``model`` with ``cfg`` and write the QDIR ``output`` (atomically: nothing half-written).
 
     ``act_bits`` (8 or 16): also calibrate static activation encodings (:func:`calibrate`) on the same
@@ -105,40 +108,53 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     world = World.join(dev)
     try:
         return _quantize(model, cfg, output, dev, world, progress and world.is_main, act_bits, resume, act_scope,
-                         t0)
+                         t0, stream)
     finally:
         world.close()
 
 
 def _quantize(model: str, cfg: QuantConfig, output: Path, dev: torch.device, world: World, progress: bool,
-              act_bits: int | None, resume: bool, act_scope: str, t0: float) -> QuantizeSummary:
+              act_bits: int | None, resume: bool, act_scope: str, t0: float, stream: bool) -> QuantizeSummary:
     """:func:`quantize` once the device and the ranks are known."""
-    loaded = load_float_model(model)
-    check_model_finite(loaded.model, f"the float model {model}")
+    # the whole model in memory only where a step needs all of it at once: padding widens every block,
+    # input encodings calibrate the whole fake-quant model
+    whole = not stream or bool(cfg.pad_to) or (act_bits is not None and act_scope == "inputs")
+    loaded = None if whole else load_streamed(model, get_adapter)
+    loaded = loaded or load_float_model(model)
+    streamed: StreamedModel | None = loaded.streamed
+    check_model_finite(loaded.model, f"the float model {model}")  # a streamed model: its tables; blocks when read
     adapter = get_adapter(loaded.model)  # an unsupported architecture is named before padding or rotation
     parameters = sum(p.numel() for p in loaded.model.parameters())  # a tied head once, before padding
     calib = calibration_batch(loaded.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     padding = pad(loaded.model, cfg, calib) if cfg.pad_to else None
     cfg = cfg.resolve_rotation(rotation_unties_head(loaded.model), rotatable=adapter.ROTATION_REFUSAL is None)
-    rotation = rotate(loaded.model, cfg)
-    check_group_size(loaded.model, adapter, cfg)
+    rotation = rotate(loaded.model, cfg, streamed)
+    block_layers = list(check_group_size(loaded.model, adapter, cfg))  # full names, in block order
     world.on_main(lambda: prepare_output(output, estimate_qdir_bytes(loaded.model), "the QDIR"))
     torch.manual_seed(cfg.seed)
-    saver = BlockCheckpointer(output, fingerprint(loaded.model, calib, cfg, dev), len(adapter.blocks(loaded.model)))
+    n_blocks = len(adapter.blocks(loaded.model))
+    saver = BlockCheckpointer(output, fingerprint(loaded.model, calib, cfg, dev, streamed and
+                                                  streamed.source.identity()), n_blocks)
     # a refused resume keeps the work folder (for the right command line); the other ranks read what rank 0 kept
     point = world.on_main(lambda: saver.start(resume))
     if world.broadcast(point is not None) and not world.is_main:
         point = saver.read()
     try:
-        if point is not None:
+        if point is not None and streamed is not None:
+            for i in range(point.next_block):  # their norms and biases, as the finished run holds them
+                streamed.load_block(i)
+                streamed.release_block(i)
+            point.layers = {}
+        elif point is not None:
             apply_layers(loaded.model, point.layers)
+        if point is not None:
             torch.set_rng_state(point.rng)
         result = quantize_model(loaded.model, calib, cfg, dev, progress=progress,
                                 start_block=0 if point is None else point.next_block,
                                 state=None if point is None else point.streams,
                                 on_block_done=lambda i, done, state: world.on_main(
                                     lambda: saver.on_block_done(i, done, state)),
-                                world=world)
+                                world=world, streamed=streamed, keep_layers=streamed is None)
         layers = {**(point.layers if point is not None else {}), **result.layers}
         meta: dict[str, Any] = {
             "source": loaded.source,
@@ -156,7 +172,8 @@ def _quantize(model: str, cfg: QuantConfig, output: Path, dev: torch.device, wor
                         "block_seconds": [round(s, 3) for s in saver.block_seconds],
                         "phase_seconds": {k: round(v, 3) for k, v in result.phase_seconds.items()},
                         "peak_memory_bytes": result.peak_memory,
-                        "resumed_from_block": None if point is None else point.next_block},
+                        "resumed_from_block": None if point is None else point.next_block,
+                        "streamed": streamed is not None},
         }
 
         def write() -> None:
@@ -165,7 +182,13 @@ def _quantize(model: str, cfg: QuantConfig, output: Path, dev: torch.device, wor
                 names = [name for name in layers if name != adapter.LAYOUT.embedding]
                 activations = calibrate_activations(loaded.model, calib, act_bits, names, dev, progress,
                                                     calibration=meta["calibration"])
-            save_qdir(output, loaded.model, loaded.tokenizer, layers, cfg, meta, activations)
+            deferred = None
+            if streamed is not None:
+                tables = [m for m in (loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings())
+                          if m is not None]
+                deferred = DeferredLayers(block_layers, saver.stored_bytes(), lambda: saver.layers(0, n_blocks),
+                                          lambda: [streamed.release_table(m) for m in tables])
+            save_qdir(output, loaded.model, loaded.tokenizer, layers, cfg, meta, activations, deferred)
 
         world.on_main(write)
     except UserError:
@@ -177,18 +200,22 @@ def _quantize(model: str, cfg: QuantConfig, output: Path, dev: torch.device, wor
     if act_bits is not None and act_scope != "inputs":
         world.on_main(lambda: save_activations(output, graph_encodings(
             load_qdir(output), calib, act_bits, act_scope, dev, progress, {**meta["calibration"]})))
-    return QuantizeSummary(output, len(layers), time.time() - t0, result.peak_memory, loaded.source, cfg, rotation)
+    n_layers = len(layers) + (len(block_layers) if streamed is not None else 0)  # a streamed run's blocks on disk
+    return QuantizeSummary(output, n_layers, time.time() - t0, result.peak_memory, loaded.source, cfg, rotation)
 
 
-def rotate(model: Any, cfg: QuantConfig) -> dict[str, Any] | None:
-    """``--rotate``: fold the norms and fuse the rotations into ``model`` (in place, after any padding), and
-    install the online rotation of the down projection's input the calibration must see; returns the QDIR's
-    report (or None)."""
+def rotate(model: Any, cfg: QuantConfig, streamed: StreamedModel | None = None) -> dict[str, Any] | None:
+    """``--rotate``: fold the norms and fuse the rotations into ``model`` (in place, after any padding; a
+    streamed model's blocks as they are read), and install the online rotation of the down projection's input
+    the calibration must see; returns the QDIR's report (or None)."""
 
     if cfg.rotate == "none":  # (QuantConfig refuses an online down rotation without one)
         return None
     spec = DynamicSpec.from_config(cfg)
-    report = rotate_model(model, cfg.rotate, cfg.rotate_seed, online_down=spec.online_down)
+    if streamed is not None:
+        report = rotate_streamed(streamed, cfg.rotate, cfg.rotate_seed, online_down=spec.online_down)
+    else:
+        report = rotate_model(model, cfg.rotate, cfg.rotate_seed, online_down=spec.online_down)
     if spec.online_down:
         install_online_down(model)
     report["online_qk"] = spec.online_qk

@@ -50,16 +50,22 @@ def work_dir(output: str | os.PathLike[str]) -> Path:
     return output.with_name(output.name + WORK_SUFFIX)
 
 
-def fingerprint(model: torch.nn.Module, calib_ids: torch.Tensor, cfg: QuantConfig, device: torch.device) -> str:
+def fingerprint(model: torch.nn.Module, calib_ids: torch.Tensor, cfg: QuantConfig, device: torch.device,
+                source: str | None = None) -> str:
     """SHA-256 over everything that decides a block's result: every tensor of ``model`` (name, dtype, shape,
-    bytes), the configuration, the calibration tokens, the device type and the package versions."""
+    bytes; a tensor not read yet, of a streamed model, by name, dtype and shape), the identity of the files
+    a streamed model reads (``source``, :meth:`TensorSource.identity`), the configuration, the calibration
+    tokens, the device type and the package versions."""
     h = hashlib.sha256()
     versions = {k: v for k, v in package_versions().items() if k in ("turboboa", "torch", "transformers")}
     head = {"state_version": STATE_VERSION, "config": cfg.to_dict(), "device": device.type, "versions": versions}
     h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    if source is not None:
+        h.update(f"streamed|{source}".encode())
     for name, t in model.state_dict().items():
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(_tensor_bytes(t))
+        if not t.is_meta:
+            h.update(_tensor_bytes(t))
     h.update(_tensor_bytes(calib_ids.to(torch.int64)))
     return h.hexdigest()
 
@@ -152,6 +158,18 @@ class BlockCheckpointer:
             write_text_atomic(self.folder / STATE_FILE, json.dumps(doc, indent=1) + "\n",
                               kill_at=f"state-write:{i}")
             (self.folder / _streams_file(i)).unlink(missing_ok=True)
+
+    def layers(self, first: int, stop: int) -> dict[str, QuantizedLinear]:
+        """The quantized layers of the committed blocks ``first`` to ``stop - 1``, read from their files."""
+        entries = self._committed_blocks()
+        layers: dict[str, QuantizedLinear] = {}
+        for i in range(first, stop):
+            layers.update(layers_from_tensors(entries[str(i)], load_file(str(self.folder / _block_file(i)))))
+        return layers
+
+    def stored_bytes(self) -> int:
+        """Bytes of the committed blocks' layer files."""
+        return sum(f.stat().st_size for f in self.folder.glob("block-*.safetensors"))
 
     def _committed_blocks(self) -> dict[str, Any]:
         try:

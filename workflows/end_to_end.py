@@ -193,13 +193,14 @@ class RunResult:
 def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ...], *, format_given: bool = True,
         check: bool = True, settings: Any = None, device: str = "auto", act_bits: int | None = None,
         progress: bool = True, resume: bool = False, log: Any = None, onnx_profile: str = "generic",
-        act_scope: str = "inputs") -> RunResult:
+        act_scope: str = "inputs", stream: bool = True) -> RunResult:
     """Quantize ``model`` with ``cfg`` into ``OUTDIR/qdir``, export every format of ``exports``, check the
     files against the QDIR (``settings``: a :class:`runtime_check.checker.CheckSettings`), write the reports
     and the SHA-256 manifest. ``onnx_profile``: the ONNX export's profile (``npu``: static shapes of the
     check's window length; ``qnn-htp``: every tensor quantized, so the activations are calibrated with
     ``act_scope="graph"``). ``resume`` continues an interrupted quantization into the same OUTDIR
-    (:func:`turboboa.quantization.quantize`). ``log`` (a callable taking a line) hears one line per step."""
+    (:func:`turboboa.quantization.quantize`), which reads the model block by block unless ``stream`` is False.
+    ``log`` (a callable taking a line) hears one line per step."""
     say = log or (lambda line: None)
     outdir = Path(outdir)
     settings = settings or CheckSettings()
@@ -217,7 +218,7 @@ def run(model: str, cfg: QuantConfig, outdir: str | Path, exports: tuple[str, ..
     if onnx_profile == "qnn-htp" and "onnx" in exports:
         act_scope = "graph"
     summary = quantization.quantize(model, cfg, outdir / QDIR_NAME, device=device, progress=progress, act_bits=act_bits,
-                           resume=resume, act_scope=act_scope)
+                           resume=resume, act_scope=act_scope, stream=stream)
     timings["quantize"] = round(time.perf_counter() - t0, 3)
     gc.collect()  # the float model quantized in place is garbage now; free it before the exports
     say(summary.line())

@@ -14,6 +14,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class LoadedModel:
     tokenizer: Any  # transformers.PreTrainedTokenizerBase
     source: str
     cache_dir: Path | None = None
+    streamed: Any = None  # turboboa.models.stream.StreamedModel when the blocks are read one at a time
 
 
 def model_id_for_config(spec: str) -> str:
@@ -129,10 +131,10 @@ def _convert_gguf(path: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32, label: str | None = None) -> LoadedModel:
-    """Load a GGUF file as a float model, converting it once into the model cache."""
+def gguf_folder(path: Path) -> tuple[Path, str]:
+    """The float32 safetensors folder of the GGUF file ``path`` in the model cache, converted on first use;
+    with how it was had ("converted" or "cached")."""
     target = cache_root() / "models" / gguf_cache_key(path)
-    name = label or str(path)
     if not (target / SOURCE_FILE).is_file():
         try:
             _convert_gguf(path, target)
@@ -141,11 +143,45 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, label: str | None 
         except Exception as e:
             raise UserError(f"cannot read {path} as a GGUF model ({type(e).__name__}: {e}); pass a GGUF "
                             f"file of a supported architecture") from e
-        how = "converted"
-    else:
-        how = "cached"
+        return target, "converted"
+    return target, "cached"
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32, label: str | None = None) -> LoadedModel:
+    """Load a GGUF file as a float model, converting it once into the model cache."""
+    target, how = gguf_folder(path)
     model, tokenizer = _from_pretrained(str(target), dtype)
-    return _finish(model, tokenizer, f"{name} dequantized to {_dtype_name(dtype)} ({how} at {target})", target)
+    return _finish(model, tokenizer, f"{label or path} dequantized to {_dtype_name(dtype)} ({how} at {target})",
+                   target)
+
+
+def load_streamed(spec: str, adapter_of: Callable[[Any], Any]) -> LoadedModel | None:
+    """The model named by ``spec`` as a streamed skeleton (:mod:`turboboa.models.stream`): its blocks are read
+    one at a time later. None where ``spec`` cannot be streamed (a hub id, a folder without safetensors
+    weights, or files that do not name the model's tensors): load it whole with :func:`load_float_model`."""
+    from transformers import AutoTokenizer
+
+    from .stream import open_streamed
+
+    cache_dir = None
+    if spec in ALIASES:
+        path = alias_gguf_path(spec)
+        folder, how = gguf_folder(path)
+        cache_dir = folder
+        source = f"{spec} ({path.name} {ALIASES[spec].origin()}) dequantized to float32 ({how} at {folder})"
+    elif (path := Path(spec).expanduser()).is_file() and path.suffix.lower() == ".gguf":
+        folder, how = gguf_folder(path)
+        cache_dir = folder
+        source = f"{path} dequantized to float32 ({how} at {folder})"
+    elif path.is_dir() and (path / "config.json").is_file():
+        folder, source = path, f"{path} (float32)"
+    else:
+        return None
+    streamed = open_streamed(folder, adapter_of, f"the float model {spec}")
+    if streamed is None:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return LoadedModel(streamed.model, tokenizer, f"{source}, streamed block by block", cache_dir, streamed)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
