@@ -16,6 +16,7 @@ transforms, tensor for tensor.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from turboboa.errors import UserError
+from turboboa.models.chunks import module_name
 from turboboa.numerics import check_finite
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -46,22 +49,53 @@ def safetensors_files(folder: Path) -> list[Path] | None:
     return None
 
 
+# safetensors dtype names (the format's header) and their torch dtypes
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset in the file
+    nbytes: int
+
+
 class TensorSource:
-    """Tensors by name from memory-mapped safetensors files, each read on its own (``safe_open``)."""
+    """Tensors by name from safetensors files, each read on its own with ordinary file reads into fresh
+    memory. (Memory-mapping the files would keep every page read so far resident in this process, so its
+    resident set would grow with the model after all.)"""
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
         self.files = files
-        self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-        self._where = {name: h for h in self._handles for name in h.keys()}
+        self._entries: dict[str, _Entry] = {}
+        for f in files:
+            header, data_start = _read_header(f)
+            for name, e in header.items():
+                if name == "__metadata__":
+                    continue
+                if e["dtype"] not in DTYPES:
+                    raise UserError(f"{f}: tensor {name} has the dtype {e['dtype']}, which turboboa does not read; "
+                                    f"convert the model to float32, float16 or bfloat16 safetensors")
+                begin, end = e["data_offsets"]
+                self._entries[name] = _Entry(f, DTYPES[e["dtype"]], tuple(e["shape"]), data_start + begin, end - begin)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._entries
 
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name`` read from its file, as float32 when it is a floating tensor."""
-        t = self._where[name].get_tensor(name)
+        e = self._entries[name]
+        t = torch.empty(e.shape, dtype=e.dtype)
+        if e.nbytes:
+            with open(e.file, "rb") as fh:
+                fh.seek(e.start)
+                if fh.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != e.nbytes:
+                    raise UserError(f"{e.file} ends inside tensor {name}; the model file is truncated, convert or "
+                                    f"download it again")
         return t.float() if t.is_floating_point() else t
 
     def identity(self) -> str:
@@ -71,10 +105,20 @@ class TensorSource:
         for f in self.files:
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(n))
+            header, _ = _read_header(f)
+            h.update(json.dumps(header, sort_keys=True).encode())
         return h.hexdigest()
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset its data starts at."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        try:
+            return json.loads(fh.read(n)), 8 + n
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not a safetensors file ({e}); pass a Hugging Face folder saved with "
+                            f"safetensors") from None
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -119,7 +163,7 @@ class StreamedModel:
     def load_block(self, i: int) -> nn.Module:
         """Block ``i`` with its float tensors read from the source and the transforms applied."""
         block = self.adapter.blocks(self.model)[i]
-        prefix = _module_name(self.model, block) + "."
+        prefix = module_name(self.model, block) + "."
         with torch.no_grad():
             self._fill(block, prefix)
             for transform in self.transforms:
@@ -132,6 +176,7 @@ class StreamedModel:
         for name in self.adapter.linear_names():
             lin = block.get_submodule(name)
             lin._parameters["weight"] = nn.Parameter(_meta_like(lin.weight), requires_grad=False)
+        trim_heap()
 
     def head_is_tied(self) -> bool:
         head, emb = self.model.get_output_embeddings(), self.model.get_input_embeddings()
@@ -139,7 +184,7 @@ class StreamedModel:
 
     def table_name(self, module: nn.Module) -> str:
         """The source's name of a table's weight (the embedding's or the head's)."""
-        return _module_name(self.model, module) + ".weight"
+        return module_name(self.model, module) + ".weight"
 
     def load_head(self) -> None:
         """Read the untied head's weight (``head_source``, through ``head_transform``) if it is not in memory."""
@@ -157,11 +202,14 @@ class StreamedModel:
         module._parameters["weight"] = nn.Parameter(_meta_like(module.weight), requires_grad=False)
 
 
-def _module_name(model: nn.Module, module: nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return name
-    raise KeyError("module not in model")
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's ``malloc_trim``; nothing elsewhere). A block's
+    tensors freed in an order unlike their allocation's leave the heap fragmented, and without this the
+    resident set grows by a few megabytes with every block although nothing is kept."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _compute_buffers(model: Any, module: nn.Module, recurse: bool = True) -> None:
@@ -202,7 +250,7 @@ def open_streamed(folder: Path, adapter_of: Callable[[nn.Module], Any],
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     skip = {id(head)} if head is not None else set()
     names = [n for n, t in model.state_dict(keep_vars=True).items()
-             if not (tied and head is not None and n == _module_name(model, head) + ".weight")]
+             if not (tied and head is not None and n == module_name(model, head) + ".weight")]
     if any(n not in source for n in names if not _is_buffer(model, n)):
         return None
     streamed = StreamedModel(model, source, adapter, label)
