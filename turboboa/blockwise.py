@@ -225,9 +225,10 @@ def quantize_model(
     its shards only, and ``on_block_done`` is called on every rank with the all-gathered streams.
 
     ``streamed``: ``model`` is a streamed skeleton (:mod:`turboboa.models.stream`): each block is read from the
-    source when its turn comes and its linear weights are given back when it is done; the head is read before
-    it is rounded. ``keep_layers=False``: the blocks' quantized layers are not kept in the result (the caller
-    has them from ``on_block_done``), only the tables'.
+    source when its turn comes and its linear weights are given back when it is done; the embedding is given
+    back once the calibration tokens are embedded, and read again with the head before they are rounded.
+    ``keep_layers=False``: the blocks' quantized layers are not kept in the result (the caller has them from
+    ``on_block_done``), only the tables'.
     """
     world = world or World()
     t0 = time.time()
@@ -253,6 +254,8 @@ def quantize_model(
         else:
             X = state["X"][mine].to(device)
             X_fp = None if state.get("X_fp") is None else state["X_fp"][mine].to(device)
+        if streamed is not None:
+            streamed.release_embedding()  # read again for the tables, after the blocks
         layers: dict[str, QuantizedLinear] = {}
         block_seconds: list[float] = []
         phases = {"statistics": 0.0, "solve": 0.0, "propagate": 0.0}
@@ -304,7 +307,7 @@ def quantize_model(
                 torch.cuda.empty_cache()
         layout = adapter.LAYOUT
         if streamed is not None:
-            streamed.load_head()
+            streamed.load_tables()
         for name, table in ((layout.embedding, quantize_embedding(model, cfg)),
                             (layout.head, quantize_head(model, cfg))):
             if table is not None:

@@ -4,14 +4,15 @@ A model source that is a folder of safetensors files (a local Hugging Face folde
 file, :mod:`turboboa.models.loader`) is opened without reading its tensors: the model is built on the meta
 device, its non-persistent buffers (RoPE frequencies, embedding scales) are computed on the CPU, and only the
 tables outside the blocks (embedding, final norm) are read. :meth:`StreamedModel.load_block` reads block ``i``'s
-tensors from the memory-mapped files (each tensor once, into float32) and :meth:`StreamedModel.release_block`
+tensors from the files (each tensor once, into float32, by ordinary reads) and :meth:`StreamedModel.release_block`
 gives the memory of its linear weights back once they are quantized; the block's other tensors (norms,
 biases) are small and stay. The output head is read when it is needed (:meth:`StreamedModel.load_head`).
 
-Host memory then holds the embedding, one block, the calibration streams and the quantized results, whatever
-the number of blocks. ``transforms`` are applied to every block as it is read (the rotation's per-block fold,
-:mod:`turboboa.rotation.fuse`), so a streamed model computes what the whole model would after the same
-transforms, tensor for tensor.
+Host memory then holds one block and the calibration streams, whatever the number of blocks: the embedding
+is read to embed the calibration tokens, given back (:meth:`StreamedModel.release_embedding`) and read again
+with the head at the end (:meth:`StreamedModel.load_tables`). ``transforms`` are applied to every block as it
+is read (the rotation's per-block fold, :mod:`turboboa.rotation.fuse`), so a streamed model computes what the
+whole model would after the same transforms, tensor for tensor.
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ class StreamedModel:
     # and passed through ``head_transform`` (the final norm folded and the rotation applied)
     head_source: str | None = None
     head_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # applied to the embedding whenever it is read again (the rotation's E Q)
+    embedding_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def _fill(self, module: nn.Module, prefix: str) -> None:
         """Read every persistent tensor of ``module`` (full names ``prefix + local``) that is still on the meta
@@ -185,6 +188,31 @@ class StreamedModel:
     def table_name(self, module: nn.Module) -> str:
         """The source's name of a table's weight (the embedding's or the head's)."""
         return module_name(self.model, module) + ".weight"
+
+    def release_embedding(self) -> None:
+        """Give back the embedding's memory while the blocks are quantized (the calibration tokens are
+        embedded); :meth:`load_tables` reads it again."""
+        tied = self.head_is_tied()
+        emb = self.model.get_input_embeddings()
+        self.release_table(emb)
+        if tied:
+            self.model.get_output_embeddings().weight = emb.weight
+        trim_heap()
+
+    def load_tables(self) -> None:
+        """Read the embedding (through ``embedding_transform``) and the untied head if they are not in memory."""
+        emb = self.model.get_input_embeddings()
+        if emb.weight.is_meta:
+            tied = self.head_is_tied()
+            name = self.table_name(emb)
+            value = self.source.get(name).to(emb.weight.dtype)
+            check_finite(value, f"{self.label}: tensor {name}", DAMAGED)
+            with torch.no_grad():
+                value = value if self.embedding_transform is None else self.embedding_transform(value)
+            _set_tensor(emb, "weight", value)
+            if tied:
+                self.model.get_output_embeddings().weight = emb.weight
+        self.load_head()
 
     def load_head(self) -> None:
         """Read the untied head's weight (``head_source``, through ``head_transform``) if it is not in memory."""

@@ -188,6 +188,7 @@ def rotate_streamed(streamed: StreamedModel, kind: str, seed: int = 0, online_do
             model.config.tie_word_embeddings = False
         if not streamed.head_is_tied():
             streamed.head_transform = lambda weight: rotation.rotate_table(weight, gain)
+        streamed.embedding_transform = rotation.rotate_table
         _set(emb.weight, rotation.rotate_table(emb.weight.data))
         _set(final.weight, torch.ones_like(w))
     return rotation.report(untied)
