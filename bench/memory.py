@@ -68,7 +68,9 @@ def table(doc: dict) -> list[str]:
              "wall (s) | statistics / solve / propagate (s) | tensors as whole | provenance |",
              "|---|---|---|---:|---:|---:|---:|---|---|---|"]
     rows = doc["rows"]
-    for key, row in rows.items():
+    order = list(dict.fromkeys(k.split("|")[0] for k in rows))  # models in the order first measured
+    for key, row in sorted(rows.items(), key=lambda kv: (order.index(kv[0].split("|")[0]), kv[0].split("|")[1],
+                                                          kv[0].split("|")[2] != "whole")):
         model, calib, load = key.split("|")
         peak = row["measured"]["peak_rss_bytes"]
         size = 4 * row["parameters"]
