@@ -57,8 +57,7 @@ QUANTIZE_OPTIONS: list[Callable[[F], F]] = [
                       "the result is identical to an uninterrupted run's"),
     click.option("--stream/--no-stream", default=True, show_default=True,
                  help="read the float model block by block, so memory holds one block and not the model "
-                      "(--pad-to and --act-scope inputs load it whole); --no-stream loads it whole first. "
-                      "Same result either way"),
+                      "(--pad-to and --act-scope inputs load it whole); --no-stream loads it whole first"),
 ]
 
 

@@ -94,6 +94,12 @@ def quantize(model: str, cfg: QuantConfig, output: str | os.PathLike, device: st
     Under ``torchrun`` (``WORLD_SIZE > 1``) each rank runs a share of the calibration shards and of each
     stage's layers (:mod:`turboboa.blockwise`, :mod:`turboboa.distributed`); only rank 0 writes the QDIR and the
     resume state, the others wait for it and fail with it. The QDIR is byte-identical to one process's.
+
+    ``stream`` (the default): a model in safetensors files (a local folder, or a GGUF file's float cache) is
+    read block by block (:mod:`turboboa.models.stream`), so host memory holds one block, the calibration
+    streams and one block's statistics, not the model (docs/checkpoint-and-reliability.md, "Streaming the
+    float model"). ``--pad-to`` and input activation encodings (``act_bits`` with ``act_scope`` "inputs")
+    load the whole model, as does ``stream=False``.
     """
     t0 = time.time()
     check_act_bits(act_bits)
