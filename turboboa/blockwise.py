@@ -211,7 +211,6 @@ def quantize_model(
     on_block_done: Callable[[int, dict[str, QuantizedLinear], dict], None] | None = None,
     world: World | None = None,
     streamed: StreamedModel | None = None,
-    keep_layers: bool = True,
 ) -> PipelineResult:
     """Quantize every block's linear layers of ``model`` (modified in place into its fake-quant form).
 
@@ -226,9 +225,9 @@ def quantize_model(
 
     ``streamed``: ``model`` is a streamed skeleton (:mod:`turboboa.models.stream`): each block is read from the
     source when its turn comes and its linear weights are given back when it is done; the embedding is given
-    back once the calibration tokens are embedded, and read again with the head before they are rounded.
-    ``keep_layers=False``: the blocks' quantized layers are not kept in the result (the caller has them from
-    ``on_block_done``), only the tables'.
+    back once the calibration tokens are embedded, and read again with the head before they are rounded; the
+    blocks' quantized layers are then not kept in the result (the caller has them from ``on_block_done``),
+    only the tables'.
     """
     world = world or World()
     t0 = time.time()
@@ -287,7 +286,7 @@ def quantize_model(
                                                   use_dx, f"{prefix}{i}.", formats, world))
                 phases["solve"] += time.perf_counter() - tp
             kill_point(f"solve:{i}")
-            if keep_layers:
+            if streamed is None:
                 layers.update(block_layers)
             tp = time.perf_counter()
             for c0 in range(0, n, step):

@@ -160,7 +160,7 @@ def _quantize(model: str, cfg: QuantConfig, output: Path, dev: torch.device, wor
                                 state=None if point is None else point.streams,
                                 on_block_done=lambda i, done, state: world.on_main(
                                     lambda: saver.on_block_done(i, done, state)),
-                                world=world, streamed=streamed, keep_layers=streamed is None)
+                                world=world, streamed=streamed)
         layers = {**(point.layers if point is not None else {}), **result.layers}
         meta: dict[str, Any] = {
             "source": loaded.source,
@@ -192,7 +192,7 @@ def _quantize(model: str, cfg: QuantConfig, output: Path, dev: torch.device, wor
             if streamed is not None:
                 tables = [m for m in (loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings())
                           if m is not None]
-                deferred = DeferredLayers(block_layers, saver.stored_bytes(), lambda: saver.layers(0, n_blocks),
+                deferred = DeferredLayers(block_layers, saver.stored_bytes(), lambda: saver.layers(n_blocks),
                                           lambda: [streamed.release_table(m) for m in tables])
             save_qdir(output, loaded.model, loaded.tokenizer, layers, cfg, meta, activations, deferred)
 

@@ -159,11 +159,11 @@ class BlockCheckpointer:
                               kill_at=f"state-write:{i}")
             (self.folder / _streams_file(i)).unlink(missing_ok=True)
 
-    def layers(self, first: int, stop: int) -> dict[str, QuantizedLinear]:
-        """The quantized layers of the committed blocks ``first`` to ``stop - 1``, read from their files."""
+    def layers(self, stop: int) -> dict[str, QuantizedLinear]:
+        """The quantized layers of the committed blocks 0 to ``stop - 1``, read from their files."""
         entries = self._committed_blocks()
         layers: dict[str, QuantizedLinear] = {}
-        for i in range(first, stop):
+        for i in range(stop):
             layers.update(layers_from_tensors(entries[str(i)], load_file(str(self.folder / _block_file(i)))))
         return layers
 
