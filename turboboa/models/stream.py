@@ -122,6 +122,13 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
                             f"safetensors") from None
 
 
+def _read(source: TensorSource, name: str, dtype: torch.dtype, label: str) -> torch.Tensor:
+    """Tensor ``name`` of ``source`` in ``dtype``, checked finite (a one-line error naming it and ``label``)."""
+    value = source.get(name).to(dtype)
+    check_finite(value, f"{label}: tensor {name}", DAMAGED)
+    return value
+
+
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Put ``value`` in place of ``module``'s parameter or buffer ``name`` (a parameter without gradient)."""
     if name in module._parameters:
@@ -158,9 +165,7 @@ class StreamedModel:
                 continue
             owner_name, _, leaf = local.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
-            value = self.source.get(prefix + local).to(t.dtype)
-            check_finite(value, f"{self.label}: tensor {prefix + local}", DAMAGED)
-            _set_tensor(owner, leaf, value)
+            _set_tensor(owner, leaf, _read(self.source, prefix + local, t.dtype, self.label))
         _compute_buffers(self.model, module)
 
     def load_block(self, i: int) -> nn.Module:
@@ -204,9 +209,7 @@ class StreamedModel:
         emb = self.model.get_input_embeddings()
         if emb.weight.is_meta:
             tied = self.head_is_tied()
-            name = self.table_name(emb)
-            value = self.source.get(name).to(emb.weight.dtype)
-            check_finite(value, f"{self.label}: tensor {name}", DAMAGED)
+            value = _read(self.source, self.table_name(emb), emb.weight.dtype, self.label)
             with torch.no_grad():
                 value = value if self.embedding_transform is None else self.embedding_transform(value)
             _set_tensor(emb, "weight", value)
@@ -219,9 +222,7 @@ class StreamedModel:
         head = self.model.get_output_embeddings()
         if head is None or not head.weight.is_meta:
             return
-        name = self.head_source or self.table_name(head)
-        value = self.source.get(name).to(head.weight.dtype)
-        check_finite(value, f"{self.label}: tensor {name}", DAMAGED)
+        value = _read(self.source, self.head_source or self.table_name(head), head.weight.dtype, self.label)
         with torch.no_grad():
             _set_tensor(head, "weight", value if self.head_transform is None else self.head_transform(value))
 
@@ -290,10 +291,7 @@ def open_streamed(folder: Path, adapter_of: Callable[[nn.Module], Any],
             for leaf, t in list(module._parameters.items()) + list(module._buffers.items()):
                 persistent = leaf not in module._non_persistent_buffers_set
                 if t is not None and t.is_meta and persistent:
-                    full = f"{name}.{leaf}" if name else leaf
-                    value = source.get(full).to(t.dtype)
-                    check_finite(value, f"{label}: tensor {full}", DAMAGED)
-                    _set_tensor(module, leaf, value)
+                    _set_tensor(module, leaf, _read(source, f"{name}.{leaf}" if name else leaf, t.dtype, label))
             _compute_buffers(model, module, recurse=False)
     if head is not None and tied:
         head.weight = emb.weight  # an untied head stays on the meta device until load_head
