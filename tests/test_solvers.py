@@ -216,7 +216,7 @@ def test_f2_shift_is_the_minimizer_and_vanishes_without_deviation():
     W = torch.randn(4, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     H = hessian(X)
     C = 2 * dX.T @ X / X.shape[0]
-    Wp = shifted_target(W, C, H, 1.0)
+    Wp = shifted_target(W, W @ C, H, 1.0)
     lstsq = W @ X_fp.T @ X @ torch.linalg.inv(X.T @ X)  # argmin_Q ||Q X - W X_fp||^2 (rows as tokens here)
     assert torch.allclose(Wp, lstsq, atol=1e-10)
     # F2 with zero input deviation equals no F2

@@ -21,6 +21,7 @@ same block, byte for byte as one process would (:mod:`turboboa.distributed`).
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -43,10 +44,10 @@ from .formats.registry import get_format
 from .hessians import CovarianceAccumulator
 from .hessians.attention import AttentionStatistics
 from .models.chunks import chunk_size, module_name
-from .models.stream import StreamedModel
+from .models.stream import StreamedModel, trim_heap
 from .numerics import check_finite, check_quantized_finite
 from .output_files import kill_point
-from .quantized import QuantizedLinear, cat_rows
+from .quantized import QuantizedLinear, empty_rows, set_rows
 from .solvers import HessianError, LayerProblem, solve_layer
 
 # rows of an embedding table or output head rounded at a time (quantize_embedding, quantize_head)
@@ -280,6 +281,7 @@ def quantize_model(
                     # the last pass also advances the fp stream to the next block's input
                     _collect(adapter, block, fp_block, X, X_fp, cos, sin, step, stats, world, device,
                              advance_fp=si == len(stages) - 1)
+                    trim_heap()  # the activations' memory back to the system before the solves
                 phases["statistics"] += time.perf_counter() - tp
                 tp = time.perf_counter()
                 block_layers.update(_solve_groups(block, adapter, stage, cfg, stats, cos, sin,
@@ -305,10 +307,9 @@ def quantize_model(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         layout = adapter.LAYOUT
-        if streamed is not None:
-            streamed.load_tables()
-        for name, table in ((layout.embedding, quantize_embedding(model, cfg)),
-                            (layout.head, quantize_head(model, cfg))):
+        embedding, head = (quantize_embedding(model, cfg), quantize_head(model, cfg)) if streamed is None else \
+            quantize_streamed_tables(model, cfg, streamed)
+        for name, table in ((layout.embedding, embedding), (layout.head, head)):
             if table is not None:
                 layers[name] = table
     return PipelineResult(layers, time.time() - t0, peak_memory_bytes(device), block_seconds, phases)
@@ -359,6 +360,25 @@ def quantize_head(model: nn.Module, cfg: QuantConfig) -> QuantizedLinear | None:
     return _round_table(name, head, fmt, cfg)
 
 
+def quantize_streamed_tables(model: nn.Module, cfg: QuantConfig,
+                             streamed: StreamedModel) -> tuple[QuantizedLinear | None, QuantizedLinear | None]:
+    """:func:`quantize_embedding` and :func:`quantize_head` of a streamed model with one table in memory at a
+    time: the embedding is read, rounded and given back (the quantized layer holds it) before an untied head is
+    read, rounded and given back. A table kept in float stays for the QDIR's float tensors."""
+    streamed.load_embedding()
+    embedding = quantize_embedding(model, cfg)
+    if embedding is not None:
+        streamed.release_embedding()
+    head = None
+    if not streamed.head_is_tied():
+        streamed.load_head()
+        head = quantize_head(model, cfg)
+        if head is not None:
+            streamed.release_table(model.get_output_embeddings())
+            trim_heap()
+    return embedding, head
+
+
 def _round_table(name: str, module: nn.Module, fmt: str, cfg: QuantConfig) -> QuantizedLinear | None:
     """``module.weight`` rounded (RTN with range search) onto ``fmt`` and loaded back in place; None for "".
 
@@ -369,7 +389,7 @@ def _round_table(name: str, module: nn.Module, fmt: str, cfg: QuantConfig) -> Qu
     rtn = dataclasses.replace(cfg, method="rtn", grid="search")
     weight = module.weight
     eye = torch.eye(weight.shape[1])
-    parts = []
+    table: QuantizedLinear | None = None
     for r0 in range(0, weight.shape[0], TABLE_ROWS):
         rows = slice(r0, r0 + TABLE_ROWS)
         part = quantize_layer(LayerProblem(name, weight[rows].detach().float(), eye, fmt=fmt), rtn)
@@ -377,8 +397,10 @@ def _round_table(name: str, module: nn.Module, fmt: str, cfg: QuantConfig) -> Qu
                                       **({} if part.grid is None else vars(part.grid))})
         with torch.no_grad():
             weight[rows].copy_(part.dequantize().to(weight.dtype))
-        parts.append(part)
-    return cat_rows(parts)
+        if table is None:
+            table = empty_rows(part, weight.shape[0])
+        set_rows(table, r0, part)
+    return table
 
 
 def _collect(
@@ -426,12 +448,15 @@ def _collect(
                 inputs_fp = dict(capture_fp.inputs)  # snapshot before the quantized stream overwrites it
             rec: dict[str, torch.Tensor] = {}
             adapter.block_forward(block, X[sl], cos, sin, rec.__setitem__ if shard.attn is not None else None)
+            # one process: the covariances take this shard's sums as they are made (the very updates a merge
+            # would replay, in the same order), so no shard's d_in x d_in sums wait beside the running ones
+            covs = shard if world.distributed else stats
             for name in names:
                 x = capture.inputs[name]
-                shard.covs[name].add(x)
+                covs.covs[name].add(x)
                 if inputs_fp:
-                    shard.covs[name].add_cross(inputs_fp[name], x)
-            for name, acc in shard.normed.items():
+                    covs.covs[name].add_cross(inputs_fp[name], x)
+            for name, acc in covs.normed.items():
                 x, w = capture.inputs[name], norm_weights.weights[name]
                 acc.add(x, w)
                 if inputs_fp:
@@ -493,15 +518,17 @@ def _solve_groups(
     jobs = [(group, name) for group in groups for name in group]
     mine = world.shard_span(len(jobs))  # this rank's layers: a contiguous share, in the stage's order
 
-    def solve_mine() -> list[tuple[str, QuantizedLinear]]:
-        return [(prefix + name, _solve_layer(block, adapter, name, cfg, stats.normed.get(name, covs[group[0]]),
-                                             use_dx, prefix, formats, attention))
-                for group, name in jobs[mine.start : mine.stop]]
+    accs = {name: stats.normed.get(name, covs[group[0]]) for group, name in jobs}
+    readers = collections.Counter(id(acc) for acc in accs.values())
 
-    for name, acc in [(group[0], covs[group[0]]) for group in groups] + list(stats.normed.items()):
-        if acc.n:
-            check_finite(acc.H, f"layer {prefix}{name}: the input Hessian", _HESSIAN_HINT)
-            check_finite(acc.C if use_dx else None, f"layer {prefix}{name}: the F2 cross term", _HESSIAN_HINT)
+    def solve_mine() -> list[tuple[str, QuantizedLinear]]:
+        done = []
+        for _, name in jobs[mine.start : mine.stop]:
+            done.append((prefix + name, _solve_layer(block, adapter, name, cfg, accs[name],
+                                                     readers[id(accs[name])] == 1, use_dx, prefix, formats, attention)))
+            trim_heap()  # a solve's temporaries back to the system before the next one's
+        return done
+
     solved = world.together(solve_mine)
     weights = block.get_submodule(jobs[0][1]).weight if jobs else None
     for full, q in world.all_gather(solved):
@@ -514,17 +541,22 @@ def _solve_groups(
 
 
 def _solve_layer(block: nn.Module, adapter: ArchAdapter, name: str, cfg: QuantConfig, acc: CovarianceAccumulator,
-                 use_dx: bool, prefix: str, formats: dict[str, str],
+                 sole_reader: bool, use_dx: bool, prefix: str, formats: dict[str, str],
                  attention: tuple[torch.Tensor | None, ...]) -> QuantizedLinear:
     """Layer ``name`` solved on its statistics: its input covariance ``acc`` (its group's, or its own
-    norm-weighted one) and, by role, the attention Hessians ``attention = (row_q, row_k, col_v, cross_v)``
-    (None without them)."""
+    norm-weighted one; ``sole_reader``: no other layer reads it, so its memory becomes the problem's) and, by
+    role, the attention Hessians ``attention = (row_q, row_k, col_v, cross_v)`` (None without them)."""
     row_q, row_k, col_v, cross_v = attention
     W = block.get_submodule(name).weight.detach().float()
     if acc.n == 0:  # RTN with min-max grids needs no statistics
         problem = LayerProblem(prefix + name, W, torch.eye(W.shape[1], device=W.device))
     else:
-        problem = LayerProblem(prefix + name, W, acc.H, cross=acc.C if use_dx else None)
+        H, C = acc.take() if sole_reader else (acc.H, acc.C)
+        C = C if use_dx else None
+        check_finite(H, f"layer {prefix}{name}: the input Hessian", _HESSIAN_HINT)
+        check_finite(C, f"layer {prefix}{name}: the F2 cross term", _HESSIAN_HINT)
+        problem = LayerProblem(prefix + name, W, H, cross=C, owned=True)  # taken, or computed for this layer
+        del H, C
     problem.fmt = formats[prefix + name]
     role = adapter.role_of(name)
     if row_q is not None:
@@ -532,8 +564,8 @@ def _solve_layer(block: nn.Module, adapter: ArchAdapter, name: str, cfg: QuantCo
             problem.H_row, problem.heads = row_q, row_q.shape[0]
         elif role == "k":
             problem.H_row, problem.heads = row_k, row_k.shape[0]
-        elif role == "v":
-            problem.H, problem.heads, problem.cross = col_v, col_v.shape[0], cross_v
+        elif role == "v":  # the attention statistics, which the caller keeps
+            problem.H, problem.heads, problem.cross, problem.owned = col_v, col_v.shape[0], cross_v, False
     try:
         q = quantize_layer(problem, cfg)
     except HessianError as e:

@@ -25,11 +25,12 @@ dequantizer every consumer uses, and simulates the activation encodings when the
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from .output_files import (
     write_errors_as_user_errors,
 )
 from .quantized import QuantizedLinear
+from .safetensors_file import save_by_parts
 
 QDIR_FORMAT = "turboboa-qdir"
 QDIR_VERSION = 2  # 2: SHA256SUMS
@@ -124,12 +126,13 @@ def float_state(model: torch.nn.Module, quantized: set[str]) -> dict[str, torch.
 @dataclass
 class DeferredLayers:
     """Quantized layers kept on disk until the QDIR is written (a streamed run's blocks, in its resume
-    folder): their names, their bytes, how to read them, and what to give back once the float tensors are
-    written (the streamed model's tables), so the two never share memory."""
+    folder): their names, their bytes, how to read them (``read()`` yields them a block at a time, and is
+    called again for every pass of :func:`~turboboa.safetensors_file.save_by_parts`), and what to give back
+    once the float tensors are written (the streamed model's tables), so the two never share memory."""
 
     names: list[str]
     nbytes: int
-    read: Callable[[], dict[str, QuantizedLinear]]
+    read: Callable[[], Iterable[dict[str, QuantizedLinear]]]
     after_floats: Callable[[], None] = lambda: None
 
 
@@ -154,7 +157,7 @@ def save_qdir(
     for name, q in layers.items():
         check_quantized_finite(name, {"codes": q.codes, "scales": q.scale, "zero points": q.zero,
                                       **({} if q.grid is None else vars(q.grid))})
-    deferred = deferred or DeferredLayers([], 0, dict)
+    deferred = deferred or DeferredLayers([], 0, list)
     floats = [float_state(model, set(layers) | set(deferred.names))]
     check_state_finite(floats[0].items(), "the quantized model")
     prepare_output(path, estimate_qdir_bytes(layers=layers, floats=floats[0]) + deferred.nbytes, "the QDIR")
@@ -168,15 +171,22 @@ def _write_qdir(path: Path, model: torch.nn.Module, tokenizer: Any, layers: dict
                 activations: ActivationEncodings | None, deferred: DeferredLayers) -> Path:
     """The writing part of :func:`save_qdir`: a temporary folder beside ``path``, sealed by its SHA256SUMS,
     renamed into place. The float tensors (``floats``, a one-item list it empties) are written and let go
-    before the deferred layers are read."""
+    before the deferred layers are read; those are written a block at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_file(floats.pop(), str(tmp / FLOAT_FILE), metadata={"format": QDIR_FORMAT})
+        save_by_parts(tmp / FLOAT_FILE, lambda: floats, {"format": QDIR_FORMAT})
+        floats.clear()
         deferred.after_floats()
-        tensors, entries = layer_tensors({**deferred.read(), **layers})
-        save_file(tensors, str(tmp / QUANT_FILE), metadata={"format": QDIR_FORMAT})
-        del tensors
+        entries: dict[str, dict[str, Any]] = {}
+
+        def parts() -> Iterator[dict[str, torch.Tensor]]:
+            for chunk in itertools.chain(deferred.read(), [layers]):
+                tensors, chunk_entries = layer_tensors(chunk)
+                entries.update(chunk_entries)
+                yield tensors
+
+        save_by_parts(tmp / QUANT_FILE, parts, {"format": QDIR_FORMAT})
         kill_point("qdir-write")
         model.config.save_pretrained(tmp)
         if tokenizer is not None:

@@ -1,6 +1,8 @@
 """Non-finite values (NaN, Inf) caught where they appear, named by layer, before anything is written.
 
-One ``torch.isfinite(t).all()`` per tensor: cheap next to the work that produced it.
+One ``torch.isfinite(t).all()`` per tensor, on a band of :data:`FINITE_ELEMENTS` elements at a time: cheap next
+to the work that produced it, and without temporaries the size of the tensor (``isfinite`` of a whole
+embedding table allocates more than the table).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .errors import UserError
+
+FINITE_ELEMENTS = 1 << 24  # elements checked at a time by is_finite
 
 
 class NonFiniteError(UserError):
@@ -21,7 +25,10 @@ def is_finite(t: torch.Tensor | None) -> bool:
     blocks, checked when read) and float tensors without NaN/Inf."""
     if t is None or t.is_meta or not (t.is_floating_point() or t.is_complex()):
         return True
-    return bool(torch.isfinite(t).all())
+    if t.numel() <= FINITE_ELEMENTS or not t.is_contiguous():
+        return bool(torch.isfinite(t).all())
+    flat = t.view(-1)
+    return all(bool(torch.isfinite(flat[i : i + FINITE_ELEMENTS]).all()) for i in range(0, flat.numel(), FINITE_ELEMENTS))
 
 
 def check_finite(t: torch.Tensor | None, where: str, hint: str = "") -> None:

@@ -192,7 +192,7 @@ def _quantize(model: str, cfg: QuantConfig, output: Path, dev: torch.device, wor
             if streamed is not None:
                 tables = [m for m in (loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings())
                           if m is not None]
-                deferred = DeferredLayers(block_layers, saver.stored_bytes(), lambda: saver.layers(n_blocks),
+                deferred = DeferredLayers(block_layers, saver.stored_bytes(), lambda: saver.blocks(n_blocks),
                                           lambda: [streamed.release_table(m) for m in tables])
             save_qdir(output, loaded.model, loaded.tokenizer, layers, cfg, meta, activations, deferred)
 

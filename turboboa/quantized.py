@@ -58,15 +58,39 @@ class QuantizedLinear:
                                sym=self.sym, fmt=self.fmt, grid=grid)
 
 
+def _row_fields(q: QuantizedLinear) -> dict[str, torch.Tensor]:
+    """Every stored tensor of ``q`` (codes, scales, zero points, the grid fields it has), each with one row per
+    output row."""
+    fields = {"codes": q.codes, "scale": q.scale, "zero": q.zero}
+    if q.grid is not None:
+        fields.update({f"grid.{k}": v for k, v in vars(q.grid).items() if v is not None})
+    return fields
+
+
 def cat_rows(parts: list[QuantizedLinear]) -> QuantizedLinear:
     """The layer whose rows are the rows of ``parts`` in order (same grid kind, format and width): codes,
     scales, zero points and every stored grid field joined along the row axis."""
-    first = parts[0]
+    out = empty_rows(parts[0], sum(p.shape[0] for p in parts))
+    start = 0
+    for part in parts:
+        set_rows(out, start, part)
+        start += part.shape[0]
+    return out
+
+
+def empty_rows(like: QuantizedLinear, rows: int) -> QuantizedLinear:
+    """An uninitialized layer of ``rows`` rows with the format, grid and per-row field shapes of ``like``, to be
+    filled part by part (:func:`set_rows`) without holding the parts and the whole at once."""
+    new = {k: torch.empty((rows, *v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in _row_fields(like).items()}
     grid = None
-    if first.grid is not None:
-        fields = {k: None if v is None else torch.cat([getattr(p.grid, k) for p in parts])
-                  for k, v in vars(first.grid).items()}
-        grid = GgmlGrid(**fields)
-    return QuantizedLinear(codes=torch.cat([p.codes for p in parts]), scale=torch.cat([p.scale for p in parts]),
-                           zero=torch.cat([p.zero for p in parts]), bits=first.bits, group_size=first.group_size,
-                           sym=first.sym, fmt=first.fmt, grid=grid)
+    if like.grid is not None:
+        grid = GgmlGrid(**{k: new.get(f"grid.{k}") for k in vars(like.grid)})
+    return QuantizedLinear(codes=new["codes"], scale=new["scale"], zero=new["zero"], bits=like.bits,
+                           group_size=like.group_size, sym=like.sym, fmt=like.fmt, grid=grid)
+
+
+def set_rows(layer: QuantizedLinear, start: int, part: QuantizedLinear) -> None:
+    """Copy ``part``'s rows into ``layer``'s rows ``start .. start + len(part) - 1`` (every stored field)."""
+    target = _row_fields(layer.row_slice(start, start + part.shape[0]))
+    for key, value in _row_fields(part).items():
+        target[key].copy_(value)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,13 +160,12 @@ class BlockCheckpointer:
                               kill_at=f"state-write:{i}")
             (self.folder / _streams_file(i)).unlink(missing_ok=True)
 
-    def layers(self, stop: int) -> dict[str, QuantizedLinear]:
-        """The quantized layers of the committed blocks 0 to ``stop - 1``, read from their files."""
+    def blocks(self, stop: int) -> Iterator[dict[str, QuantizedLinear]]:
+        """The quantized layers of the committed blocks 0 to ``stop - 1``, one block at a time, read from their
+        files."""
         entries = self._committed_blocks()
-        layers: dict[str, QuantizedLinear] = {}
         for i in range(stop):
-            layers.update(layers_from_tensors(entries[str(i)], load_file(str(self.folder / _block_file(i)))))
-        return layers
+            yield layers_from_tensors(entries[str(i)], load_file(str(self.folder / _block_file(i))))
 
     def stored_bytes(self) -> int:
         """Bytes of the committed blocks' layer files."""

@@ -52,6 +52,18 @@ class RunningMean:
             raise ValueError("merge replays one batch; this accumulator folded several (one per shard is needed)")
         self.update(other._sum, other.n)
 
+    def take(self, scale: float = 1.0) -> Tensor | None:
+        """``scale * value``, computed in the memory this accumulator holds, which it then gives up (it is empty
+        afterwards): the same numbers as ``scale * value`` without a second copy."""
+        if self._mean is not None:
+            t = self._mean
+        elif self._sum is not None:
+            t = self._sum.div_(self.n)
+        else:
+            return None
+        self._sum, self._mean, self.n = None, None, 0
+        return t.mul_(scale)
+
     @property
     def value(self) -> Tensor | None:
         """The mean (None before any sample)."""
@@ -123,6 +135,15 @@ class CovarianceAccumulator:
         if self._h.value is None:
             raise RuntimeError("CovarianceAccumulator.H read before any add(x)")
         return 2.0 * self._h.value
+
+    def take(self) -> tuple[Tensor, Tensor | None]:
+        """``(H, C)`` as :attr:`H` and :attr:`C` give them, computed in this accumulator's own memory, which it
+        then gives up: for the one layer it serves, so that no second ``d_in x d_in`` copy is made."""
+        if self._h.n == 0:
+            raise RuntimeError("CovarianceAccumulator.take before any add(x)")
+        H = self._h.take(2.0)
+        assert H is not None
+        return H, self._c.take(2.0)
 
     @property
     def C(self) -> Tensor | None:

@@ -10,7 +10,7 @@ biases) are small and stay. The output head is read when it is needed (:meth:`St
 
 Host memory then holds one block and the calibration streams, whatever the number of blocks: the embedding
 is read to embed the calibration tokens, given back (:meth:`StreamedModel.release_embedding`) and read again
-with the head at the end (:meth:`StreamedModel.load_tables`). ``transforms`` are applied to every block as it
+at the end (:meth:`StreamedModel.load_embedding`), after the head. ``transforms`` are applied to every block as it
 is read (the rotation's per-block fold, :mod:`turboboa.rotation.fuse`), so a streamed model computes what the
 whole model would after the same transforms, tensor for tensor.
 """
@@ -31,6 +31,7 @@ from torch import nn
 from turboboa.errors import UserError
 from turboboa.models.chunks import module_name
 from turboboa.numerics import check_finite
+from turboboa.safetensors_file import DTYPES, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -49,11 +50,6 @@ def safetensors_files(folder: Path) -> list[Path] | None:
         return [folder / SINGLE_FILE]
     return None
 
-
-# safetensors dtype names (the format's header) and their torch dtypes
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
 
 
 @dataclass(frozen=True)
@@ -74,7 +70,7 @@ class TensorSource:
         self.files = files
         self._entries: dict[str, _Entry] = {}
         for f in files:
-            header, data_start = _read_header(f)
+            header, data_start = read_header(f)
             for name, e in header.items():
                 if name == "__metadata__":
                     continue
@@ -106,20 +102,9 @@ class TensorSource:
         for f in self.files:
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
-            header, _ = _read_header(f)
+            header, _ = read_header(f)
             h.update(json.dumps(header, sort_keys=True).encode())
         return h.hexdigest()
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the offset its data starts at."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        try:
-            return json.loads(fh.read(n)), 8 + n
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not a safetensors file ({e}); pass a Hugging Face folder saved with "
-                            f"safetensors") from None
 
 
 def _read(source: TensorSource, name: str, dtype: torch.dtype, label: str) -> torch.Tensor:
@@ -196,7 +181,7 @@ class StreamedModel:
 
     def release_embedding(self) -> None:
         """Give back the embedding's memory while the blocks are quantized (the calibration tokens are
-        embedded); :meth:`load_tables` reads it again."""
+        embedded); :meth:`load_embedding` reads it again."""
         tied = self.head_is_tied()
         emb = self.model.get_input_embeddings()
         self.release_table(emb)
@@ -204,8 +189,8 @@ class StreamedModel:
             self.model.get_output_embeddings().weight = emb.weight
         trim_heap()
 
-    def load_tables(self) -> None:
-        """Read the embedding (through ``embedding_transform``) and the untied head if they are not in memory."""
+    def load_embedding(self) -> None:
+        """Read the embedding (through ``embedding_transform``) if it is not in memory."""
         emb = self.model.get_input_embeddings()
         if emb.weight.is_meta:
             tied = self.head_is_tied()
@@ -215,7 +200,6 @@ class StreamedModel:
             _set_tensor(emb, "weight", value)
             if tied:
                 self.model.get_output_embeddings().weight = emb.weight
-        self.load_head()
 
     def load_head(self) -> None:
         """Read the untied head's weight (``head_source``, through ``head_transform``) if it is not in memory."""

@@ -132,10 +132,12 @@ class Rotation:
         Wo = o_lin.weight.double().reshape(-1, n_heads, d)
         _set(o_lin.weight, torch.matmul(Wo, Hd).reshape(-1, n_heads * d))
 
-    def rotate_table(self, weight: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+    def rotate_table(self, weight: torch.Tensor, gain: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
         """``W diag(gain) Q`` of an embedding (``gain`` None) or a head (the final norm's weight ``gain``
-        folded first, stored in ``weight``'s dtype in between), :data:`TABLE_ROWS` rows at a time."""
-        out = torch.empty_like(weight)
+        folded first, stored in ``weight``'s dtype in between), :data:`TABLE_ROWS` rows at a time, into ``out``
+        (``weight`` itself rotates it in place; default a new tensor)."""
+        out = torch.empty_like(weight) if out is None else out
         for r0 in range(0, weight.shape[0], TABLE_ROWS):
             rows = weight[r0 : r0 + TABLE_ROWS].double()
             if gain is not None:
@@ -186,9 +188,10 @@ def rotate_streamed(streamed: StreamedModel, kind: str, seed: int = 0, online_do
             head.weight = nn.Parameter(torch.empty_like(emb.weight, device="meta"), requires_grad=False)
             streamed.head_source = streamed.table_name(emb)
             model.config.tie_word_embeddings = False
+        # the streamed tables are read into memory of their own: rotated in place
         if not streamed.head_is_tied():
-            streamed.head_transform = lambda weight: rotation.rotate_table(weight, gain)
-        streamed.embedding_transform = rotation.rotate_table
-        _set(emb.weight, rotation.rotate_table(emb.weight.data))
+            streamed.head_transform = lambda weight: rotation.rotate_table(weight, gain, out=weight)
+        streamed.embedding_transform = lambda weight: rotation.rotate_table(weight, out=weight)
+        rotation.rotate_table(emb.weight.data, out=emb.weight.data)
         _set(final.weight, torch.ones_like(w))
     return rotation.report(untied)

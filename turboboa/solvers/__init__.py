@@ -12,10 +12,11 @@ import torch
 
 from ..configs.solvers import BoAConfig, F2Config, GPTQConfig, RTNConfig, SolverConfig, TurboBoAConfig
 from ..grids import BlockGrid
+from ..numerics import is_finite
 from ..quantized import QuantizedLinear
 from .boa import RowOptions, boa_quantize
 from .gptq import ColumnResult, ColumnSolver, Grid, fit_groups
-from .linalg import HessianError, as_float, damp
+from .linalg import HessianError, as_float, damp, dead_columns
 from .refine import refine_params
 from .rtn import rtn_quantize
 
@@ -35,6 +36,9 @@ class LayerProblem:
     ``fmt``: the layer's format, whose grid the block loop gives the solver (:meth:`QuantConfig.solver_grid`,
     :func:`turboboa.blockwise.quantize_layer`): "int" (the config's uniform grid) or a storage format (a ggml
     type, an i-quant, LPBQ); None: the config's ``format``.
+    ``owned``: ``H`` and ``cross`` were computed for this problem alone (the block loop's statistics): the solver
+    takes them (:meth:`hessian`, :meth:`cross_term`), overwrites ``H`` and lets each go once it has what it
+    needs, so no second ``C x C`` copy lives beside the factors. Otherwise they are left as given.
     """
 
     name: str
@@ -44,27 +48,51 @@ class LayerProblem:
     heads: int = 1
     cross: torch.Tensor | None = None
     fmt: str | None = None
+    owned: bool = False
+
+    def hessian(self) -> torch.Tensor:
+        """``H`` as ``(1|heads, C, C)`` for the solver, given up by an owned problem."""
+        H = self.H if self.H.dim() == 3 else self.H.unsqueeze(0)
+        if self.owned:
+            self.H = None  # type: ignore[assignment]  # the solver holds the only reference now
+        return H
+
+    def cross_term(self) -> torch.Tensor | None:
+        """``cross`` as ``(1|heads, C, C)`` (None without one), given up by an owned problem."""
+        cross = self.cross
+        if self.owned:
+            self.cross = None
+        return None if cross is None else cross if cross.dim() == 3 else cross.unsqueeze(0)
 
 
-def shifted_target(W: torch.Tensor, cross: torch.Tensor, H: torch.Tensor, alpha: float) -> torch.Tensor:
-    """TurboBoA F2 as a shifted target: ``W' = W + alpha W C H^-1``.
+def shifted_target(W: torch.Tensor, WC: torch.Tensor, H: torch.Tensor, alpha: float) -> torch.Tensor:
+    """TurboBoA F2 as a shifted target: ``W' = W + alpha W C H^-1``, from ``W`` and ``WC = W C``.
 
     With ``dX = X_fp - X``, the objective ``||Q X - W X_fp||^2`` equals ``||(Q - W') X||^2`` up to a constant
     when ``H = 2 X X^T`` and ``C = 2 dX X^T`` (complete the square); alpha scales the correction as in the paper.
     The row compensation then uses ``W' - Q``, the paper's ``W - Q + W C H^-1``.
     """
-    WC = W @ cross
     return W + alpha * torch.linalg.solve(H, WC.transpose(-1, -2)).transpose(-1, -2)
 
 
-def f2_target(W: torch.Tensor, problem: LayerProblem, columns: ColumnSolver, f2: F2Config | None) -> torch.Tensor:
-    """The solvers' target: ``W`` (``(B, R, C)``) with dead inputs zeroed, shifted by F2 (:func:`shifted_target`)
-    when the method takes it (``f2``), it is on and the problem carries a cross term."""
-    target = columns.zero_dead(W)
-    if f2 is None or not f2.use_dx or problem.cross is None:
+def f2_start(W: torch.Tensor, problem: LayerProblem, f2: F2Config | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The solvers' target ``W`` (``(B, R, C)``) with dead inputs zeroed, and ``W C`` when F2 applies (the method
+    takes it, ``f2``; it is on; the problem carries a cross term), else None. Called before the column solver
+    factors ``H``: an owned cross term is let go first."""
+    target = W.masked_fill(dead_columns(problem.H if problem.H.dim() == 3 else problem.H.unsqueeze(0)).unsqueeze(1),
+                           0.0)
+    cross = problem.cross_term()
+    if f2 is None or not f2.use_dx or cross is None:
+        return target, None
+    return target, target @ cross
+
+
+def f2_target(target: torch.Tensor, WC: torch.Tensor | None, columns: ColumnSolver, f2: F2Config | None) -> torch.Tensor:
+    """The target of :func:`f2_start` shifted by F2 (:func:`shifted_target`, on the damped ``H``) when it gave
+    ``W C``, dead inputs zeroed again."""
+    if f2 is None or WC is None:
         return target
-    cross = problem.cross if problem.cross.dim() == 3 else problem.cross.unsqueeze(0)
-    return columns.zero_dead(shifted_target(target, cross, columns.H_natural, f2.alpha))
+    return columns.zero_dead(shifted_target(target, WC, columns.H_natural, f2.alpha))
 
 
 def _to_linear(res: ColumnResult, d_out: int, spec: Grid, group_size: int) -> QuantizedLinear:
@@ -76,15 +104,18 @@ def _to_linear(res: ColumnResult, d_out: int, spec: Grid, group_size: int) -> Qu
 
 def solve_rtn(problem: LayerProblem, cfg: RTNConfig, spec: Grid, G: int) -> ColumnResult:
     """RTN: every weight rounded onto its group's grid, the damped Hessian weighting the range search."""
-    Hd, _ = damp(problem.H if problem.H.dim() == 3 else problem.H.unsqueeze(0), cfg.percdamp)
+    owned = problem.owned
+    Hd, _ = damp(problem.hessian(), cfg.percdamp, inplace=owned)
     return rtn_quantize(as_float(problem.W).unsqueeze(0), spec, G, Hd)
 
 
 def solve_gptq(problem: LayerProblem, cfg: GPTQConfig, spec: Grid, G: int) -> ColumnResult:
     """GPTQ (with F2: GPTAQ) over all rows at once."""
-    solver = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order, percdamp=cfg.percdamp,
-                          block_size=cfg.block_size)
-    Wb = f2_target(as_float(problem.W).unsqueeze(0), problem, solver, cfg)
+    target, WC = f2_start(as_float(problem.W).unsqueeze(0), problem, cfg)
+    solver = ColumnSolver(problem.hessian(), spec, G, act_order=cfg.act_order, percdamp=cfg.percdamp,
+                          block_size=cfg.block_size, overwrite=problem.owned)
+    Wb = f2_target(target, WC, solver, cfg)
+    del target, WC
     static = fit_groups(solver.zero_dead(Wb), spec, G, solver.H_natural) if cfg.static_groups and G > 0 else None
     return solver.solve(Wb, static)
 
@@ -96,9 +127,11 @@ def _solve_rows(problem: LayerProblem, cfg: BoAConfig, spec: Grid, G: int, optio
     W = as_float(problem.W)
     d_out, C = W.shape
     Wh = W.reshape(problem.heads, d_out // problem.heads, C)
-    columns = ColumnSolver(problem.H, spec, G, act_order=cfg.act_order_col, percdamp=cfg.percdamp,
-                           block_size=cfg.block_size)
-    target = f2_target(Wh, problem, columns, f2)
+    target, WC = f2_start(Wh, problem, f2)
+    columns = ColumnSolver(problem.hessian(), spec, G, act_order=cfg.act_order_col, percdamp=cfg.percdamp,
+                           block_size=cfg.block_size, overwrite=problem.owned)
+    target = f2_target(target, WC, columns, f2)
+    del WC
     return boa_quantize(target, columns, problem.H_row, options, cfg.percdamp), columns, target
 
 
@@ -134,9 +167,9 @@ def solve_layer(problem: LayerProblem, config: SolverConfig, grid: Grid, group_s
     if solver is None:
         raise TypeError(f"solve_layer takes a method's configuration ({', '.join(c.__name__ for c in SOLVERS)}), "
                         f"not a {type(config).__name__}; QuantConfig.solver_config() gives it")
-    if not torch.isfinite(problem.W).all():
+    if not is_finite(problem.W):
         raise HessianError(f"{problem.name}: weight holds NaN or Inf")
-    if not torch.isfinite(problem.H).all():
+    if not is_finite(problem.H):
         raise HessianError(f"{problem.name}: Hessian holds NaN or Inf (activations overflowed?)")
     try:
         res = solver(problem, config, grid, group_size)

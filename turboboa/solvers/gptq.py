@@ -171,10 +171,20 @@ def span_order(H: torch.Tensor, span: int) -> torch.Tensor:
     return (order.unsqueeze(-1) * span + torch.arange(span, device=H.device)).reshape(Bh, C)
 
 
+PERMUTE_ELEMENTS = 1 << 22  # elements of the rows permuted at a time by permute_square (16 MB in float32)
+
+
 def permute_square(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``H[b][perm[b]][:, perm[b]]`` for batched ``H`` (``(B, C, C)``) and ``perm`` (``(B, C)``)."""
-    rows = torch.gather(H, 1, perm.unsqueeze(-1).expand_as(H))
-    return torch.gather(rows, 2, perm.unsqueeze(1).expand_as(H))
+    """``H[b][perm[b]][:, perm[b]]`` for batched ``H`` (``(B, C, C)``) and ``perm`` (``(B, C)``), a band of
+    rows at a time (the only temporary is one band, not a second ``H``)."""
+    out = torch.empty_like(H)
+    C = H.shape[-1]
+    step = max(1, PERMUTE_ELEMENTS // C)
+    for b in range(H.shape[0]):
+        for r0 in range(0, C, step):
+            rows = H[b].index_select(0, perm[b, r0 : r0 + step])
+            out[b, r0 : r0 + step] = rows.index_select(1, perm[b])
+    return out
 
 
 class ColumnSolver:
@@ -185,7 +195,9 @@ class ColumnSolver:
     """
 
     def __init__(self, H: torch.Tensor, spec: Grid, group_size: int, *, act_order: bool = False,
-                 percdamp: float = 0.01, block_size: int = 128):
+                 percdamp: float = 0.01, block_size: int = 128, overwrite: bool = False):
+        """``overwrite``: ``H`` is the solver's own (no caller keeps it): damped in place, or let go once
+        permuted."""
         if H.dim() == 2:
             H = H.unsqueeze(0)
         self.spec = spec
@@ -201,7 +213,10 @@ class ColumnSolver:
         else:
             self.perm = None
             Hp = H
-        self.U, self.H = cholesky_inverse_upper(Hp, percdamp)  # both in solve order
+        del H
+        # both in solve order; a permuted H is this solver's own copy, damped in place
+        self.U, self.H = cholesky_inverse_upper(Hp, percdamp, overwrite=act_order or overwrite)
+        del Hp
         self.H_natural = self.H if self.perm is None else permute_square(self.H, self.invperm)
         self.columns = C
 
