@@ -97,3 +97,20 @@ def test_tables_rounded_in_row_chunks_equal_the_whole_table(fmt, width, monkeypa
                  *([] if q.grid is None else zip(vars(q.grid).values(), vars(whole.grid).values(), strict=True))]:
         assert (a is None and b is None) or torch.equal(a, b)
     assert torch.equal(table.weight.detach(), whole.dequantize())
+
+
+def test_covariance_take_is_h_and_c_in_the_sums_memory():
+    """``take`` gives the H and C the properties give, bit for bit, after one batch and after several, and
+    leaves the accumulator empty."""
+    from turboboa.hessians.covariance import CovarianceAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    for batches in (1, 3):
+        acc = CovarianceAccumulator()
+        for _ in range(batches):
+            x, x_fp = torch.randn(2, 7, 5, generator=g), torch.randn(2, 7, 5, generator=g)
+            acc.add(x)
+            acc.add_cross(x_fp, x)
+        H, C = acc.H, acc.C
+        H2, C2 = acc.take()
+        assert torch.equal(H2, H) and torch.equal(C2, C) and acc.n == 0 and acc.C is None

@@ -283,3 +283,34 @@ def test_each_solver_takes_only_its_method_configuration(method, config):
     assert torch.equal(q.codes, solve_layer(p, own, grid, group_size).codes)
     with pytest.raises(TypeError, match="method's configuration"):
         solve_layer(p, cfg, grid, group_size)
+
+
+def test_failed_cholesky_in_place_damping_restores_the_diagonal_between_retries():
+    """``overwrite=True`` damps the caller's copy in place; each retry starts again from the undamped diagonal,
+    so U and the damped H are those of the copying path, bit for bit."""
+    X = correlated_inputs(16, 8, 12)
+    H = (hessian(X) - 1e-3 * torch.eye(16, dtype=torch.float64)).unsqueeze(0)
+    U, Hd = cholesky_inverse_upper(H, 0.0)
+    own = H.clone()
+    U2, Hd2 = cholesky_inverse_upper(own, 0.0, overwrite=True)
+    assert Hd2.data_ptr() == own.data_ptr() and torch.equal(U2, U) and torch.equal(Hd2, Hd)
+
+
+@pytest.mark.parametrize("config", [RTNConfig(), GPTQConfig(act_order=True), GPTQConfig(act_order=False),
+                                    BoAConfig(), TurboBoAConfig(rows=4)], ids=lambda c: type(c).__name__)
+@pytest.mark.parametrize("with_cross", [False, True])
+def test_an_owned_problem_gives_the_same_layer_and_a_lent_one_is_left_untouched(config, with_cross):
+    """The block loop hands its statistics over (``owned``: the solver overwrites and lets go of H and C); a
+    caller's own H and C are never written. Both give the same codes and grids."""
+    p = boa_problem(5, dtype=torch.float32)
+    g = torch.Generator().manual_seed(6)
+    p.cross = 0.01 * torch.randn(p.H.shape, generator=g) if with_cross else None
+    p.H[:, 3] = p.H[3, :] = 0.0  # a dead input
+    H0, C0 = p.H.clone(), None if p.cross is None else p.cross.clone()
+    lent = solve(p, config, group_size=8)
+    assert torch.equal(p.H, H0) and (C0 is None or torch.equal(p.cross, C0))
+    owned = dataclasses.replace(p, H=H0.clone(), cross=None if C0 is None else C0.clone(), owned=True)
+    got = solve(owned, config, group_size=8)
+    assert owned.H is None and (owned.cross is None or isinstance(config, RTNConfig))  # RTN reads no cross term
+    assert torch.equal(got.codes, lent.codes) and torch.equal(got.scale, lent.scale)
+    assert torch.equal(got.zero, lent.zero)
