@@ -30,7 +30,7 @@ from turboboa.formats import (
 )
 from turboboa.formats.uniform import UNIFORM, UniformFormat
 from turboboa.grids import GridSpec, dequantize_weight
-from turboboa.quantized import QuantizedLinear, cat_rows
+from turboboa.quantized import QuantizedLinear, empty_rows, set_rows
 
 
 def uniform_layer(bits: int, group: int, sym: bool, rows: int = 24, columns: int = 200,
@@ -69,8 +69,30 @@ def test_uniform_layer_dequantizes_through_the_registry_bit_for_bit(bits: int, g
     assert q.fmt == "int" and ref.dtype == torch.float32
     assert torch.equal(get_format(q.fmt).dequantize_layer(q), ref)
     assert torch.equal(q.dequantize(), ref)
-    both = cat_rows([q.row_slice(0, 10), q.row_slice(10, q.shape[0])])
+    both = empty_rows(q, q.shape[0])
+    set_rows(both, 10, q.row_slice(10, q.shape[0]))  # filled out of order: each part lands at its offset
+    set_rows(both, 0, q.row_slice(0, 10))
     assert torch.equal(both.dequantize(), ref)
+
+
+def test_a_storage_format_layer_assembled_from_row_parts_keeps_every_field() -> None:
+    """A q6_k layer (scales, zero points and the stored ``d``/``sc`` fields) rebuilt from two row parts, as a
+    table is rounded a band of rows at a time: every field and the decoded weight are the layer's."""
+    from turboboa.blockwise import quantize_layer
+    from turboboa.solvers import LayerProblem
+
+    W = torch.randn(24, 512, generator=torch.Generator().manual_seed(0))
+    q = quantize_layer(LayerProblem("t", W, torch.eye(512), fmt="q6_k"),
+                       QuantConfig(method="rtn", grid="search"))
+    assert q.grid is not None
+    both = empty_rows(q, 24)
+    set_rows(both, 0, q.row_slice(0, 7))
+    set_rows(both, 7, q.row_slice(7, 24))
+    for key in ("codes", "scale", "zero"):
+        assert torch.equal(getattr(both, key), getattr(q, key)), key
+    for key, value in vars(q.grid).items():
+        assert (value is None and getattr(both.grid, key) is None) or torch.equal(getattr(both.grid, key), value), key
+    assert torch.equal(both.dequantize(), q.dequantize())
 
 
 def test_grid_params_are_the_layers_for_int_and_the_formats_own_otherwise() -> None:

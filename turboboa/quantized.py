@@ -67,17 +67,6 @@ def _row_fields(q: QuantizedLinear) -> dict[str, torch.Tensor]:
     return fields
 
 
-def cat_rows(parts: list[QuantizedLinear]) -> QuantizedLinear:
-    """The layer whose rows are the rows of ``parts`` in order (same grid kind, format and width): codes,
-    scales, zero points and every stored grid field joined along the row axis."""
-    out = empty_rows(parts[0], sum(p.shape[0] for p in parts))
-    start = 0
-    for part in parts:
-        set_rows(out, start, part)
-        start += part.shape[0]
-    return out
-
-
 def empty_rows(like: QuantizedLinear, rows: int) -> QuantizedLinear:
     """An uninitialized layer of ``rows`` rows with the format, grid and per-row field shapes of ``like``, to be
     filled part by part (:func:`set_rows`) without holding the parts and the whole at once."""
