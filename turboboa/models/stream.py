@@ -10,9 +10,10 @@ biases) are small and stay. The output head is read when it is needed (:meth:`St
 
 Host memory then holds one block and the calibration streams, whatever the number of blocks: the embedding
 is read to embed the calibration tokens, given back (:meth:`StreamedModel.release_embedding`) and read again
-at the end (:meth:`StreamedModel.load_embedding`), after the head. ``transforms`` are applied to every block as it
-is read (the rotation's per-block fold, :mod:`turboboa.rotation.fuse`), so a streamed model computes what the
-whole model would after the same transforms, tensor for tensor.
+at the end (:meth:`StreamedModel.load_embedding`), rounded and given back before the head is read.
+``transforms`` are applied to every block as it is read (the rotation's per-block fold,
+:mod:`turboboa.rotation.fuse`), so a streamed model computes what the whole model would after the same
+transforms, tensor for tensor.
 """
 
 from __future__ import annotations
