@@ -52,7 +52,7 @@ class LayerProblem:
 
     def hessian(self) -> torch.Tensor:
         """``H`` as ``(1|heads, C, C)`` for the solver, given up by an owned problem."""
-        H = self.H if self.H.dim() == 3 else self.H.unsqueeze(0)
+        H = _batched(self.H)
         if self.owned:
             self.H = None  # type: ignore[assignment]  # the solver holds the only reference now
         return H
@@ -62,7 +62,12 @@ class LayerProblem:
         cross = self.cross
         if self.owned:
             self.cross = None
-        return None if cross is None else cross if cross.dim() == 3 else cross.unsqueeze(0)
+        return None if cross is None else _batched(cross)
+
+
+def _batched(M: torch.Tensor) -> torch.Tensor:
+    """A ``(C, C)`` matrix as ``(1, C, C)``; a batch ``(B, C, C)`` as it is."""
+    return M if M.dim() == 3 else M.unsqueeze(0)
 
 
 def shifted_target(W: torch.Tensor, WC: torch.Tensor, H: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -79,8 +84,7 @@ def f2_start(W: torch.Tensor, problem: LayerProblem, f2: F2Config | None) -> tup
     """The solvers' target ``W`` (``(B, R, C)``) with dead inputs zeroed, and ``W C`` when F2 applies (the method
     takes it, ``f2``; it is on; the problem carries a cross term), else None. Called before the column solver
     factors ``H``: an owned cross term is let go first."""
-    target = W.masked_fill(dead_columns(problem.H if problem.H.dim() == 3 else problem.H.unsqueeze(0)).unsqueeze(1),
-                           0.0)
+    target = W.masked_fill(dead_columns(_batched(problem.H)).unsqueeze(1), 0.0)
     cross = problem.cross_term()
     if f2 is None or not f2.use_dx or cross is None:
         return target, None
