@@ -19,7 +19,10 @@ F32 file of the float model (whose log-probabilities are kept on disk as fp16, o
 ``bench/results/<name>.{json,md,png}`` after every file (``<name>``: ``gguf-vs-llamacpp`` for the k-quant file
 types of the default model, else ``--name``, by default ``gguf-vs-llamacpp-<model>-<k|iq>``); a rerun
 reuses a row only when its provenance (settings, data sizes, machine, library versions; ``bench/provenance.py``)
-matches the current run, ``--fresh`` measures every row again. ``--device`` is our quantization's; llama.cpp
+matches the current run, ``--fresh`` measures every row again. Our quantizations run with ``--resume``: one
+interrupted with the script continues from its last finished block when the script runs again (its quantize
+time is then that run's wall time plus the compute of the blocks finished before it; the row records
+``resumed_from_block``). ``--device`` is our quantization's; llama.cpp
 runs on the CPU. The tools are built by ``bench/llamacpp_tools.py`` into a cache folder.
 """
 
@@ -252,6 +255,7 @@ def measure(ctx: pv.Context, args: argparse.Namespace, preset: str, maker: str, 
     work, log = paths["work"], paths["log"]
     meter = pv.RowMeter()
     target = work / f"{args.model}-{preset}-{maker.replace('+', '-').replace('.', '')}.gguf"
+    resumed, earlier = None, 0.0
     if maker.startswith("llama.cpp"):
         cmd = [str(paths["tools"] / "llama-quantize")]
         if maker.endswith("imatrix"):
@@ -259,17 +263,22 @@ def measure(ctx: pv.Context, args: argparse.Namespace, preset: str, maker: str, 
         run(cmd + [str(paths["f32"]), str(target), preset, str(THREADS)], log, meter)
     else:
         qdir = work / f"{args.model}-{preset}-{maker.replace('+', '-')}.qdir"
-        run([sys.executable, "-m", "cli", "quantize", *quantize_args(args, preset, maker), "-o", str(qdir)], log, meter)
+        # --resume: a quantization interrupted with this script continues from its last finished block
+        run([sys.executable, "-m", "cli", "quantize", *quantize_args(args, preset, maker), "--resume",
+             "-o", str(qdir)], log, meter)
         settings = {**settings, "quantize": pv.confirm_quantize(settings["quantize"], qdir)}
         rec = pv.qdir_record(qdir)
         if str(rec["device"]).startswith("cuda"):
             meter.add(gpu=rec["peak_memory_bytes"])
         run([sys.executable, "-m", "cli", "export", str(qdir), "--to", "gguf", "-o", str(target)], log, meter)
-    seconds = meter.result()["wall_seconds"]
+        resumed = rec["resumed_from_block"]
+        # a resumed quantization: this invocation's wall time plus the compute of the blocks finished before it
+        earlier = sum(rec["block_seconds"][:resumed]) if resumed else 0.0
+    seconds = meter.result()["wall_seconds"] + earlier
     r = evaluate(target, paths["tokenizer"], args.eval_seqlen, args.max_windows, paths["reference"])
     size = target.stat().st_size
     measured = meter.result(quantize_seconds=seconds, eval_tokens=r["tokens"], eval_windows=r["windows"],
-                            evaluated_in_process=True)
+                            evaluated_in_process=True, resumed_from_block=resumed)
     return {"preset": preset, "maker": maker, "ppl": r["ppl"], "kld": r["kld"], "file_mib": size / 2**20,
             "bpw": 8 * size / n_params, "quantize_seconds": round(seconds, 1), "file": target.name,
             "provenance": ctx.record(settings, row_data(args), measured, LLAMA)}

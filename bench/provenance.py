@@ -163,7 +163,8 @@ def qdir_record(qdir: Path) -> dict[str, Any]:
     timings = doc.get("timings") or {}
     return {"quant_config": doc.get("quant_config"), "device": doc.get("device"),
             "calibration": doc.get("calibration"), "versions": doc.get("versions"),
-            "phase_seconds": timings.get("phase_seconds"), "peak_memory_bytes": timings.get("peak_memory_bytes")}
+            "phase_seconds": timings.get("phase_seconds"), "peak_memory_bytes": timings.get("peak_memory_bytes"),
+            "block_seconds": timings.get("block_seconds"), "resumed_from_block": timings.get("resumed_from_block")}
 
 
 def confirm_quantize(settings: dict[str, Any], qdir: Path) -> dict[str, Any]:
