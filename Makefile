@@ -68,11 +68,13 @@ CODEBOOK_ARGS ?= --model qwen2.5-coder-1.5b --blocks 0 --roles q,gate,down --for
 GPU_ARGS      ?= --model qwen2.5-coder-1.5b --methods rtn,gptq,boa,turboboa --bits 2 --groups -1 --nsamples 128 \
                  --seqlen 2048 --eval-seqlen 2048 --max-windows 16 --device cuda --out bench/results/qwen2.5-coder-1.5b-gpu
 # Peak host memory (bench-memory, not part of `make bench`): `turboboa quantize` streamed block by block against the
-# whole model loaded (--no-stream), on the default model and Qwen2.5-Coder-1.5B; 128 x 2048 calibration as well on
+# whole model loaded (--no-stream), and activations kept in bfloat16 (--calib-dtype) with their PPL cost, on the
+# default model and Qwen2.5-Coder-1.5B; 128 x 2048 calibration as well on
 # a GPU (BENCH_ARGS="--device cuda"), where it takes minutes instead of hours.
 comma         := ,
 MEMORY_ARGS   ?= --models smollm2-135m,qwen2.5-coder-1.5b \
                  --calib $(if $(findstring cuda,$(BENCH_ARGS)),16x512$(comma)128x2048,16x512) \
+                 --calib-dtypes float32,bfloat16 --eval-windows 16 --eval-seqlen 512 \
                  -- --method gptq --bits 4 --group-size 128
 NPU_ARGS      ?= --windows 4 --seqlen 128 --nsamples 16 --calib-seqlen 512
 

@@ -114,3 +114,32 @@ def test_covariance_take_is_h_and_c_in_the_sums_memory():
         H, C = acc.H, acc.C
         H2, C2 = acc.take()
         assert torch.equal(H2, H) and torch.equal(C2, C) and acc.n == 0 and acc.C is None
+
+
+def test_calibration_activations_kept_in_half_precision(tiny_llama_dir):
+    """``calib_dtype``: both streams are held in bfloat16/float16 between blocks (half the memory), each block
+    computing in float32; the layers stay close to the float32 run's."""
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(1))
+    layers, dtypes = {}, {}
+    for name in ("float32", "bfloat16", "float16"):
+        cfg = QuantConfig(method="turboboa", bits=4, group_size=32, rows=4, calib_dtype=name)
+        model = load_float_model(str(tiny_llama_dir)).model
+        seen = dtypes[name] = set()
+
+        def streams(i, done, state, seen=seen):
+            seen.update((state["X"].dtype, state["X_fp"].dtype))
+
+        layers[name] = quantize_model(model, ids, cfg, torch.device("cpu"), progress=False,
+                                      on_block_done=streams).layers
+    assert dtypes == {"float32": {torch.float32}, "bfloat16": {torch.bfloat16}, "float16": {torch.float16}}
+    for name in ("bfloat16", "float16"):
+        same = sum(int((layers[name][k].codes == q.codes).sum()) for k, q in layers["float32"].items())
+        total = sum(q.codes.numel() for q in layers["float32"].values())
+        assert 0.98 < same / total < 1.0, (name, same / total)  # measured: 0.9988 (bfloat16), 0.9993 (float16)
+
+
+def test_calib_dtype_is_checked():
+    from turboboa.errors import UserError
+
+    with pytest.raises(UserError, match="--calib-dtype 'int8' is not one of float32, bfloat16, float16"):
+        QuantConfig(calib_dtype="int8")

@@ -10,7 +10,8 @@ For block i (reference notes, section 4):
 3. quantize the block's layers;
 4. push ``X`` through the quantized block (``X_fp`` already went through the full-precision block in step 2).
 
-Only one block is on the device at a time.
+Only one block is on the device at a time. The streams are kept in ``--calib-dtype`` between blocks (float32,
+or bfloat16/float16 for half their memory); each shard is cast to float32 for the block's computation.
 
 Statistics are ordered sums over canonical shards of the calibration set (chunks of ``chunk_size`` sequences):
 each shard's sums are computed on their own and folded in shard order. Under ``torchrun`` each rank runs its
@@ -247,7 +248,8 @@ def quantize_model(
         cos, sin = adapter.rotary_cos_sin(model, L, device)
         if state is None:
             ids = calib_ids[mine]
-            X = torch.cat([adapter.embed(model, ids[i : i + 8]).float() for i in range(0, ids.shape[0], 8)]).to(device)
+            X = torch.cat([adapter.embed(model, ids[i : i + 8]).float() for i in range(0, ids.shape[0], 8)])
+            X = X.to(device=device, dtype=cfg.stream_dtype)  # kept in --calib-dtype; blocks compute in float32
             world.together(lambda: check_finite(X, "the embedding of the calibration tokens",
                                                 "check the model's embedding weights"))
             X_fp = X.clone() if use_dx else None
@@ -293,7 +295,7 @@ def quantize_model(
             tp = time.perf_counter()
             for c0 in range(0, n, step):
                 sl = slice(c0, c0 + step)
-                X[sl] = adapter.block_forward(block, X[sl], cos, sin)
+                X[sl] = adapter.block_forward(block, X[sl].float(), cos, sin)
             phases["propagate"] += time.perf_counter() - tp
             world.together(functools.partial(_check_outputs, X, X_fp, f"block {prefix}{i}"))
             block.to("cpu")
@@ -443,11 +445,11 @@ def _collect(
             inputs_fp: dict[str, torch.Tensor] = {}
             if capture_fp is not None:
                 rec_fp = {}
-                out_fp = adapter.block_forward(fp_block, X_fp[sl], cos, sin,
+                out_fp = adapter.block_forward(fp_block, X_fp[sl].float(), cos, sin,
                                                rec_fp.__setitem__ if shard.attn is not None else None)
                 inputs_fp = dict(capture_fp.inputs)  # snapshot before the quantized stream overwrites it
             rec: dict[str, torch.Tensor] = {}
-            adapter.block_forward(block, X[sl], cos, sin, rec.__setitem__ if shard.attn is not None else None)
+            adapter.block_forward(block, X[sl].float(), cos, sin, rec.__setitem__ if shard.attn is not None else None)
             # one process: the covariances take this shard's sums as they are made (the very updates a merge
             # would replay, in the same order), so no shard's d_in x d_in sums wait beside the running ones
             covs = shard if world.distributed else stats
