@@ -263,9 +263,11 @@ def measure(ctx: pv.Context, args: argparse.Namespace, preset: str, maker: str, 
         run(cmd + [str(paths["f32"]), str(target), preset, str(THREADS)], log, meter)
     else:
         qdir = work / f"{args.model}-{preset}-{maker.replace('+', '-')}.qdir"
-        # --resume: a quantization interrupted with this script continues from its last finished block
-        run([sys.executable, "-m", "cli", "quantize", *quantize_args(args, preset, maker), "--resume",
-             "-o", str(qdir)], log, meter)
+        # --resume: a quantization interrupted with this script continues from its last finished block; one
+        # whose resume is refused (left by another configuration or version: exit code 2) starts over
+        quantize = [sys.executable, "-m", "cli", "quantize", *quantize_args(args, preset, maker), "-o", str(qdir)]
+        if meter.run([*quantize, "--resume"], cwd=pv.ROOT, log=log, ok=(0, 2)).returncode == 2:
+            run(quantize, log, meter)
         settings = {**settings, "quantize": pv.confirm_quantize(settings["quantize"], qdir)}
         rec = pv.qdir_record(qdir)
         if str(rec["device"]).startswith("cuda"):
