@@ -151,8 +151,11 @@ def solve_turboboa(problem: LayerProblem, cfg: TurboBoAConfig, spec: Grid, G: in
     options = RowOptions(rows=cfg.rows, adaptive_grid=cfg.adaptive_grid, act_order_row=cfg.act_order_row)
     res, columns, target = _solve_rows(problem, cfg, spec, G, options, cfg)
     if cfg.refine_iters > 0:
+        # the objective the rows were solved under: H_col and H_row both damped (an undamped, near-singular
+        # H_row lets a coordinate step grow a row's scales along its null space)
+        H_row = None if problem.H_row is None else damp(problem.H_row, cfg.percdamp)[0]
         grid, res.Q = refine_params(spec, target, res.codes, BlockGrid(res.scale, res.zero, res.stored),
-                                    columns.H_natural, problem.H_row, G, cfg.refine_iters)
+                                    columns.H_natural, H_row, G, cfg.refine_iters)
         res.scale, res.zero, res.stored = grid.scale, grid.offset, grid.stored
     return res
 
