@@ -250,7 +250,7 @@ def write_table(doc: dict, out: Path) -> None:
 
 
 def measure(ctx: pv.Context, args: argparse.Namespace, preset: str, maker: str, settings: dict[str, Any],
-            paths: dict[str, Path], n_params: int) -> dict[str, Any]:
+            paths: dict[str, Any], n_params: int) -> dict[str, Any]:
     """Make one file (llama-quantize, or our quantize and export) and score it in llama.cpp; the row."""
     work, log = paths["work"], paths["log"]
     meter = pv.RowMeter()
@@ -259,7 +259,7 @@ def measure(ctx: pv.Context, args: argparse.Namespace, preset: str, maker: str, 
     if maker.startswith("llama.cpp"):
         cmd = [str(paths["tools"] / "llama-quantize")]
         if maker.endswith("imatrix"):
-            cmd += ["--imatrix", str(paths["imatrix"])]
+            cmd += ["--imatrix", str(paths["imatrix"]())]
         run(cmd + [str(paths["f32"]), str(target), preset, str(THREADS)], log, meter)
     else:
         qdir = work / f"{args.model}-{preset}-{maker.replace('+', '-')}.qdir"
@@ -351,14 +351,19 @@ def main() -> None:
                         "provenance": ctx.record(float_settings, float_data, measured, LLAMA)}
         save()
     imatrix = work / f"imatrix-{args.model}-{args.nsamples}x{args.seqlen}.gguf"
-    imatrix_for = row_settings(args, PRESETS[0], "llama.cpp+imatrix")["llama_quantize"]["imatrix"]
-    if not ctx.cache_valid(imatrix, imatrix_for, row_data(args), LLAMA):
-        imatrix.unlink(missing_ok=True)
-        run([str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(calibration_text(work)), "-o", str(imatrix),
-             "-c", str(args.seqlen), "--chunks", str(args.nsamples), "-t", str(THREADS)], log)
-        ctx.mark_cache(imatrix, imatrix_for, row_data(args), LLAMA)
-    paths = {"work": work, "log": log, "tools": tools, "f32": f32, "imatrix": imatrix, "tokenizer": tokenizer,
-             "reference": reference}
+
+    def importance_matrix() -> Path:
+        """llama-imatrix's file for our calibration text, made when a row first needs it."""
+        imatrix_for = row_settings(args, PRESETS[0], "llama.cpp+imatrix")["llama_quantize"]["imatrix"]
+        if not ctx.cache_valid(imatrix, imatrix_for, row_data(args), LLAMA):
+            imatrix.unlink(missing_ok=True)
+            run([str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(calibration_text(work)), "-o",
+                 str(imatrix), "-c", str(args.seqlen), "--chunks", str(args.nsamples), "-t", str(THREADS)], log)
+            ctx.mark_cache(imatrix, imatrix_for, row_data(args), LLAMA)
+        return imatrix
+
+    paths = {"work": work, "log": log, "tools": tools, "f32": f32, "imatrix": importance_matrix,
+             "tokenizer": tokenizer, "reference": reference}
     for preset in presets:
         for maker in args.makers.split(","):
             settings_row = row_settings(args, preset, maker)
