@@ -15,7 +15,11 @@ ones (IQ1_S ... IQ4_XS, ``--presets iq`` for all of them). For each file type:
 
 Every file is run in llama.cpp (llama-cpp-python) on the same WikiText-2 test windows, tokens from the same
 Hugging Face tokenizer: its PPL and its mean KL divergence ``KL(p_float || p_file)`` per predicted token to the
-F32 file of the float model (whose log-probabilities are kept on disk as fp16, one file per window). Writes
+F32 file of the float model (whose log-probabilities are kept on disk as fp16, one file per window). Each of
+our files is also checked against the QDIR it was exported from: every quantized tensor decoded by
+``gguf.quants.dequantize`` equal to the fake-quant weight, and llama.cpp's PPL within ``turboboa check``'s 1% of
+the fake-quant model's (``turboboa eval QDIR``) on the same windows; a reused row of ours without that check
+gets it when its files are still in the work folder. Writes
 ``bench/results/<name>.{json,md,png}`` after every file (``<name>``: ``gguf-vs-llamacpp`` for the k-quant file
 types of the default model, else ``--name``, by default ``gguf-vs-llamacpp-<model>-<k|iq>``); a rerun
 reuses a row only when its provenance (settings, data sizes, machine, library versions; ``bench/provenance.py``)
@@ -40,11 +44,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import provenance as pv  # noqa: E402
 
+from runtime_check.checker import CheckSettings  # noqa: E402
+from turboboa.checksums import sha256_file  # noqa: E402
 from turboboa.formats.presets import I_PRESETS, K_PRESETS, PRESETS  # noqa: E402
 
 LLAMA = ("llama_cpp_python",)  # every row runs in llama.cpp (its tools are built from that package's source)
 THREADS = 2  # llama.cpp threads of llama-quantize, llama-imatrix and the evaluation
 LEGACY_SETTINGS = ("n_params", "machine", "llama_cpp_python")  # document-level fields of earlier runs
+GGUF_TOL = CheckSettings.gguf_tol  # largest |PPL_llama.cpp / PPL_fake-quant - 1| of a file that passes
 
 
 def run(cmd: list[str], log: Path, meter: pv.RowMeter | None = None) -> None:
@@ -242,6 +249,23 @@ def write_table(doc: dict, out: Path) -> None:
                          f"{'yes' if best['ppl'] < t['ppl'] else 'no'} |")
         else:
             lines.append(f"| {preset} | {t['ppl']:.3f} / {t['file_mib']:.1f} | none within 2% | | no |")
+    ours = sorted((r for r in doc["rows"] if r["maker"].startswith("turboboa")), key=lambda r: r["file_mib"])
+    if ours:
+        lines += ["", "## Our files against their QDIR", "",
+                  "Weights: quantized tensors of the file whose `gguf.quants.dequantize` equals the QDIR's fake-quant "
+                  "weight exactly. Gap: llama.cpp's PPL above over the fake-quant model's (`turboboa eval QDIR`, "
+                  f"torch) on the same windows, minus 1; passes within {GGUF_TOL:.0%} (`turboboa check`'s "
+                  "tolerance) with every tensor exact.", "",
+                  "| preset | maker | weights exact | llama.cpp PPL | fake-quant PPL | gap | passed | provenance |",
+                  "|---|---|---:|---:|---:|---:|---|---|"]
+        for r in ours:
+            c = r.get("file_check")
+            if c is None:
+                lines.append(f"| {r['preset']} | {r['maker']} | not checked | {r['ppl']:.3f} | | | | |")
+                continue
+            lines.append(f"| {r['preset']} | {r['maker']} | {c['bit_exact_tensors']}/{c['tensors']} | "
+                         f"{c['llama_cpp_ppl']:.3f} | {c['fake_quant_ppl']:.3f} | {c['gap']:+.2%} | "
+                         f"{'yes' if c['passed'] else 'NO'} | {legend.cell(c)} |")
     legacy = s.get("machine")
     if legacy and s.get("llama_cpp_python"):
         legacy = f"{legacy}, llama-cpp-python {s['llama_cpp_python']}"
@@ -249,12 +273,67 @@ def write_table(doc: dict, out: Path) -> None:
     pv.write_text_atomic(out, "\n".join(lines) + "\n")
 
 
+def file_paths(work: Path, model: str, preset: str, maker: str) -> tuple[Path, Path]:
+    """The GGUF file of one row and, for our rows, the QDIR it is exported from."""
+    return (work / f"{model}-{preset}-{maker.replace('+', '-').replace('.', '')}.gguf",
+            work / f"{model}-{preset}-{maker.replace('+', '-')}.qdir")
+
+
+def check_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """How one of our files is checked against its QDIR (:func:`file_check`)."""
+    return {"weights": "max |gguf.quants.dequantize(file tensor) - fake-quant weight| per quantized tensor",
+            "fake_quant": pv.command_options(["eval", "QDIR", *fake_quant_eval_args(args)]),
+            "gap_tol": GGUF_TOL}
+
+
+def fake_quant_eval_args(args: argparse.Namespace) -> list[str]:
+    """``turboboa eval QDIR`` options that score the fake-quant model on the windows llama.cpp scores."""
+    return ["--seqlen", str(args.eval_seqlen), "--max-windows", str(args.max_windows), "--device", args.device,
+            "-q", "--json"]
+
+
+def file_check(ctx: pv.Context, args: argparse.Namespace, qdir: Path, target: Path,
+               llama_ppl: float) -> dict[str, Any]:
+    """One of our files against the QDIR it was exported from: every quantized tensor of the file decodes to the
+    fake-quant weight exactly (:func:`runtime_check.checker.weight_diffs`), and llama.cpp's PPL of the file on the
+    evaluation windows against the fake-quant model's (``turboboa eval QDIR``, torch) on the same windows:
+    ``gap = PPL_llama.cpp / PPL_fake-quant - 1``, within ``turboboa check``'s tolerance."""
+    from runtime_check.checker import weight_diffs, weight_summary
+    from turboboa.checkpoint import load_qdir
+
+    meter = pv.RowMeter()
+    weights = weight_summary(target, weight_diffs("gguf", target, load_qdir(qdir)))
+    fake = pv.cli_json(["eval", str(qdir), *fake_quant_eval_args(args)], meter)
+    gap = llama_ppl / fake["ppl"] - 1
+    measured = meter.result(eval_tokens=fake["tokens"], eval_windows=fake["windows"])
+    return {"tensors": weights["tensors"], "bit_exact_tensors": weights["tensors"] - len(weights["failing"]),
+            "max_abs_diff": weights["max_abs_diff"], "failing": sorted(weights["failing"]),
+            "fake_quant_ppl": fake["ppl"], "llama_cpp_ppl": llama_ppl, "gap": gap,
+            "passed": weights["passed"] and abs(gap) <= GGUF_TOL, "file_sha256": sha256_file(target),
+            "provenance": ctx.record(check_settings(args), row_data(args), measured, LLAMA)}
+
+
+def backfill_check(ctx: pv.Context, args: argparse.Namespace, row: dict[str, Any], work: Path) -> bool:
+    """Check a reused row of ours that has no :func:`file_check` yet, when its QDIR and file are still in ``work``
+    and the file is the one the row measured (its SHA-256 where the row recorded it, else its size); whether it
+    was checked."""
+    target, qdir = file_paths(work, args.model, row["preset"], row["maker"])
+    if "file_check" in row or not row["maker"].startswith("turboboa") or not (target.exists() and qdir.exists()):
+        return False
+    if target.stat().st_size != row["file_mib"] * 2**20:
+        return False
+    if row.get("file_sha256") not in (None, sha256_file(target)):
+        return False
+    row["file_check"] = file_check(ctx, args, qdir, target, row["ppl"])
+    return True
+
+
 def measure(ctx: pv.Context, args: argparse.Namespace, preset: str, maker: str, settings: dict[str, Any],
             paths: dict[str, Any], n_params: int) -> dict[str, Any]:
     """Make one file (llama-quantize, or our quantize and export) and score it in llama.cpp; the row."""
     work, log = paths["work"], paths["log"]
     meter = pv.RowMeter()
-    target = work / f"{args.model}-{preset}-{maker.replace('+', '-').replace('.', '')}.gguf"
+    target, qdir = file_paths(work, args.model, preset, maker)
     resumed, earlier = None, 0.0
     if maker.startswith("llama.cpp"):
         cmd = [str(paths["tools"] / "llama-quantize")]
@@ -262,7 +341,6 @@ def measure(ctx: pv.Context, args: argparse.Namespace, preset: str, maker: str, 
             cmd += ["--imatrix", str(paths["imatrix"]())]
         run(cmd + [str(paths["f32"]), str(target), preset, str(THREADS)], log, meter)
     else:
-        qdir = work / f"{args.model}-{preset}-{maker.replace('+', '-')}.qdir"
         # --resume: a quantization interrupted with this script continues from its last finished block; one
         # whose resume is refused (left by another configuration or version: exit code 2) starts over
         quantize = [sys.executable, "-m", "cli", "quantize", *quantize_args(args, preset, maker), "-o", str(qdir)]
@@ -281,9 +359,12 @@ def measure(ctx: pv.Context, args: argparse.Namespace, preset: str, maker: str, 
     size = target.stat().st_size
     measured = meter.result(quantize_seconds=seconds, eval_tokens=r["tokens"], eval_windows=r["windows"],
                             evaluated_in_process=True, resumed_from_block=resumed)
-    return {"preset": preset, "maker": maker, "ppl": r["ppl"], "kld": r["kld"], "file_mib": size / 2**20,
-            "bpw": 8 * size / n_params, "quantize_seconds": round(seconds, 1), "file": target.name,
-            "provenance": ctx.record(settings, row_data(args), measured, LLAMA)}
+    row = {"preset": preset, "maker": maker, "ppl": r["ppl"], "kld": r["kld"], "file_mib": size / 2**20,
+           "bpw": 8 * size / n_params, "quantize_seconds": round(seconds, 1), "file": target.name,
+           "file_sha256": sha256_file(target), "provenance": ctx.record(settings, row_data(args), measured, LLAMA)}
+    if not maker.startswith("llama.cpp"):
+        row["file_check"] = file_check(ctx, args, qdir, target, r["ppl"])
+    return row
 
 
 def main() -> None:
@@ -370,6 +451,8 @@ def main() -> None:
             at = next((i for i, r in enumerate(doc["rows"]) if (r["preset"], r["maker"]) == (preset, maker)), None)
             if ctx.reuse(f"{preset} {maker}", None if at is None else doc["rows"][at], settings_row,
                          row_data(args), LLAMA):
+                if backfill_check(ctx, args, doc["rows"][at], work):
+                    save()
                 continue
             row = measure(ctx, args, preset, maker, settings_row, paths, n_params)
             if at is None:

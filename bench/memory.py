@@ -21,7 +21,6 @@ row, in this process, so no row measures it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
@@ -30,16 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance as pv  # noqa: E402
 
+from turboboa.checksums import sha256_file  # noqa: E402
+
 TENSOR_FILES = ("quantized.safetensors", "float.safetensors")
 LOADS = {"whole": "--no-stream", "stream": "--stream"}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def prepare_model(model: str) -> None:
@@ -63,19 +56,17 @@ def measure(model: str, options: list[str], load: str, evaluation: list[str] | N
     meter = pv.RowMeter()
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
         qdir = Path(tmp) / "qdir"
-        child = meter.run([sys.executable, "-m", "cli", "quantize", model, *options, LOADS[load], "-q", "--json",
-                           "-o", str(qdir)])
+        summary = pv.cli_json(["quantize", model, *options, LOADS[load], "-q", "--json", "-o", str(qdir)], meter)
         measured = meter.result()  # the quantization's own peak and wall time
         doc = json.loads((qdir / "quant_config.json").read_text())
-        digests = {name: sha256(qdir / name) for name in TENSOR_FILES}
+        digests = {name: sha256_file(qdir / name) for name in TENSOR_FILES}
         scored = None
         if evaluation is not None:
-            child_eval = pv.RowMeter().run([sys.executable, "-m", "cli", "eval", str(qdir), *evaluation])
-            scored = json.loads(child_eval.stdout.strip().splitlines()[-1])
+            scored = pv.cli_json(["eval", str(qdir), *evaluation])
     timings = doc["timings"]
     return {"measured": measured, "parameters": doc["parameters"], "streamed": timings.get("streamed"),
             "quantize_seconds": timings["quantize_seconds"], "phase_seconds": timings["phase_seconds"],
-            "summary": json.loads(child.stdout.strip().splitlines()[-1]), "tensor_sha256": digests,
+            "summary": summary, "tensor_sha256": digests,
             "ppl": None if scored is None else scored["ppl"]}
 
 

@@ -28,8 +28,7 @@ RESULTS = pv.RESULTS
 
 def run_json(args: list[str], meter: pv.RowMeter) -> dict:
     """Run ``turboboa ARGS`` (counted in ``meter``) and return the JSON object its last stdout line prints."""
-    child = meter.run([sys.executable, "-m", "cli", *args], cwd=ROOT)
-    return json.loads(child.stdout.strip().splitlines()[-1])
+    return pv.cli_json(args, meter)
 
 
 def load_doc(path: Path, settings: dict, note: str | None) -> dict:

@@ -418,6 +418,13 @@ class RowMeter:
                 "peak_rss_bytes": self.peak_rss_bytes, "peak_gpu_bytes": self.peak_gpu_bytes, **extra}
 
 
+def cli_json(args: Sequence[str], meter: RowMeter | None = None) -> dict[str, Any]:
+    """Run ``turboboa ARGS`` (``python -m cli``, counted in ``meter`` when given) and return the JSON object its
+    last stdout line prints (the command's ``--json`` summary)."""
+    child = (meter or RowMeter()).run([sys.executable, "-m", "cli", *args], cwd=ROOT)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 

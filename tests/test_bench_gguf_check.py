@@ -1,0 +1,71 @@
+"""``bench/gguf_vs_llamacpp.py`` checks each of our files against the QDIR it was exported from (weights decode
+exactly, llama.cpp's PPL within 1% of the fake-quant model's), and checks a reused row only when its files are
+the ones it measured; on a tiny random Llama."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporters import export
+from turboboa import quantization
+from turboboa.checkpoint import load_qdir
+from turboboa.config import QuantConfig
+
+from .conftest import run_cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import gguf_vs_llamacpp as bench  # noqa: E402
+import provenance as pv  # noqa: E402
+
+ARGS = argparse.Namespace(model="tiny", eval_seqlen=32, max_windows=2, device="cpu", nsamples=2, seqlen=32)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A bench work folder holding one of our rows' files: an RTN q4_0 QDIR of the tiny Llama and its GGUF."""
+    work = tmp_path_factory.mktemp("bench-gguf")
+    target, qdir = bench.file_paths(work, ARGS.model, "Q4_0", "turboboa")
+    quantization.quantize(str(tiny_llama_dir), QuantConfig(method="rtn", format="q4_0", nsamples=2, seqlen=32),
+                          qdir, device="cpu", progress=False)
+    export(load_qdir(qdir), "gguf", target)
+    return work
+
+
+def llama_cpp_ppl(target: Path, qdir: Path) -> float:
+    """The file's PPL in llama.cpp on the windows the bench scores (the QDIR's tokenizer)."""
+    r = run_cli("eval", str(target), "--tokenizer", str(qdir), "--seqlen", str(ARGS.eval_seqlen),
+                "--max-windows", str(ARGS.max_windows), "--threads", "1", "-q", "--json")
+    assert r.returncode == 0, r.stderr
+    return float(json.loads(r.stdout.strip().splitlines()[-1])["ppl"])
+
+
+def test_a_reused_row_is_checked_only_against_its_own_files(work) -> None:
+    ctx = pv.Context.start("cpu")
+    target, qdir = bench.file_paths(work, ARGS.model, "Q4_0", "turboboa")
+    row = {"preset": "Q4_0", "maker": "turboboa", "ppl": llama_cpp_ppl(target, qdir),
+           "file_mib": target.stat().st_size / 2**20}
+    # llama.cpp's rows have no QDIR; a file of another size, or of another hash, is not the one the row measured
+    assert not bench.backfill_check(ctx, ARGS, {**row, "maker": "llama.cpp+imatrix"}, work)
+    assert not bench.backfill_check(ctx, ARGS, {**row, "file_mib": row["file_mib"] + 1 / 2**20}, work)
+    assert not bench.backfill_check(ctx, ARGS, {**row, "file_sha256": "0" * 64}, work)
+    assert not bench.backfill_check(ctx, ARGS, {**row, "preset": "Q2_K"}, work)  # no files
+    assert bench.backfill_check(ctx, ARGS, row, work)
+    c = row["file_check"]
+    assert c["tensors"] == len(load_qdir(qdir).layers) > 0
+    assert c["bit_exact_tensors"] == c["tensors"] and c["max_abs_diff"] == 0.0 and c["failing"] == []
+    assert c["gap"] == pytest.approx(row["ppl"] / c["fake_quant_ppl"] - 1)
+    assert abs(c["gap"]) <= bench.GGUF_TOL and c["passed"]
+    assert c["provenance"]["measured"]["eval_windows"] == ARGS.max_windows
+    assert c["file_sha256"] == bench.sha256_file(target)
+    assert not bench.backfill_check(ctx, ARGS, row, work)  # checked once
+
+    # a file whose PPL in llama.cpp is 2% away from the fake-quant model's fails
+    far = {**row, "ppl": 1.02 * c["fake_quant_ppl"]}
+    del far["file_check"]
+    assert bench.backfill_check(ctx, ARGS, far, work) and not far["file_check"]["passed"]
