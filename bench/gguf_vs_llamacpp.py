@@ -19,7 +19,8 @@ F32 file of the float model (whose log-probabilities are kept on disk as fp16, o
 our files is also checked against the QDIR it was exported from: every quantized tensor decoded by
 ``gguf.quants.dequantize`` equal to the fake-quant weight, and llama.cpp's PPL within ``turboboa check``'s 1% of
 the fake-quant model's (``turboboa eval QDIR``) on the same windows; a reused row of ours without that check
-gets it when its files are still in the work folder. Writes
+gets it when its files are still in the work folder. A llama.cpp+imatrix file's time is llama-quantize's: the
+importance matrix they all share is timed once (``imatrix`` in the JSON file). Writes
 ``bench/results/<name>.{json,md,png}`` after every file (``<name>``: ``gguf-vs-llamacpp`` for the k-quant file
 types of the default model, else ``--name``, by default ``gguf-vs-llamacpp-<model>-<k|iq>``); a rerun
 reuses a row only when its provenance (settings, data sizes, machine, library versions; ``bench/provenance.py``)
@@ -221,6 +222,9 @@ def write_table(doc: dict, out: Path) -> None:
         "",
         "KL: mean KL divergence per token from the float model (F32 file in llama.cpp) to the file.",
         "",
+        *([f"Quantize s: making the file from the float model (ours: calibration included). llama-imatrix's "
+           f"importance matrix, shared by every llama.cpp+imatrix file and not in their time, took "
+           f"{doc['imatrix']['seconds']:.0f} s ({legend.cell(doc['imatrix'])}).", ""] if doc.get("imatrix") else []),
         "| preset | maker | PPL | KL | file MiB | bits/weight | quantize s | provenance |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
@@ -330,15 +334,17 @@ def backfill_check(ctx: pv.Context, args: argparse.Namespace, row: dict[str, Any
 
 def measure(ctx: pv.Context, args: argparse.Namespace, preset: str, maker: str, settings: dict[str, Any],
             paths: dict[str, Any], n_params: int) -> dict[str, Any]:
-    """Make one file (llama-quantize, or our quantize and export) and score it in llama.cpp; the row."""
+    """Make one file (llama-quantize, or our quantize and export) and score it in llama.cpp; the row. A
+    llama.cpp+imatrix row's time is llama-quantize's: the importance matrix all of them share is timed apart."""
     work, log = paths["work"], paths["log"]
+    imatrix = paths["imatrix"]() if maker == "llama.cpp+imatrix" else None  # before this row's clock starts
     meter = pv.RowMeter()
     target, qdir = file_paths(work, args.model, preset, maker)
     resumed, earlier = None, 0.0
     if maker.startswith("llama.cpp"):
         cmd = [str(paths["tools"] / "llama-quantize")]
-        if maker.endswith("imatrix"):
-            cmd += ["--imatrix", str(paths["imatrix"]())]
+        if imatrix is not None:
+            cmd += ["--imatrix", str(imatrix)]
         run(cmd + [str(paths["f32"]), str(target), preset, str(THREADS)], log, meter)
     else:
         # --resume: a quantization interrupted with this script continues from its last finished block; one
@@ -438,9 +444,14 @@ def main() -> None:
         imatrix_for = row_settings(args, PRESETS[0], "llama.cpp+imatrix")["llama_quantize"]["imatrix"]
         if not ctx.cache_valid(imatrix, imatrix_for, row_data(args), LLAMA):
             imatrix.unlink(missing_ok=True)
+            meter = pv.RowMeter()
             run([str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(calibration_text(work)), "-o",
-                 str(imatrix), "-c", str(args.seqlen), "--chunks", str(args.nsamples), "-t", str(THREADS)], log)
+                 str(imatrix), "-c", str(args.seqlen), "--chunks", str(args.nsamples), "-t", str(THREADS)], log,
+                meter)
             ctx.mark_cache(imatrix, imatrix_for, row_data(args), LLAMA)
+            doc["imatrix"] = {"seconds": meter.result()["wall_seconds"],
+                              "provenance": ctx.record(imatrix_for, row_data(args), meter.result(), LLAMA)}
+            save()
         return imatrix
 
     paths = {"work": work, "log": log, "tools": tools, "f32": f32, "imatrix": importance_matrix,

@@ -69,3 +69,24 @@ def test_a_reused_row_is_checked_only_against_its_own_files(work) -> None:
     far = {**row, "ppl": 1.02 * c["fake_quant_ppl"]}
     del far["file_check"]
     assert bench.backfill_check(ctx, ARGS, far, work) and not far["file_check"]["passed"]
+
+
+def test_table_reports_the_check_and_the_shared_importance_matrix(tmp_path) -> None:
+    ctx = pv.Context.start("cpu")
+    prov = ctx.record({"s": 1}, {"d": 1}, {"wall_seconds": 1.0})
+    check = {"tensors": 198, "bit_exact_tensors": 198, "max_abs_diff": 0.0, "failing": [], "fake_quant_ppl": 38.4,
+             "llama_cpp_ppl": 38.5, "gap": 38.5 / 38.4 - 1, "passed": True, "provenance": prov}
+    rows = [{"preset": "IQ2_XXS", "maker": "llama.cpp+imatrix", "ppl": 67.2, "kld": 1.19, "file_mib": 560.4,
+             "bpw": 2.6, "quantize_seconds": 227.0, "provenance": prov},
+            {"preset": "IQ2_XXS", "maker": "turboboa", "ppl": 38.5, "kld": 0.61, "file_mib": 560.4, "bpw": 2.6,
+             "quantize_seconds": 3031.0, "provenance": prov, "file_check": check},
+            {"preset": "IQ2_XS", "maker": "turboboa", "ppl": 30.0, "kld": 0.5, "file_mib": 597.9, "bpw": 2.8,
+             "quantize_seconds": 3000.0, "provenance": prov}]
+    doc = {"settings": {"nsamples": 32, "seqlen": 512, "eval_seqlen": 512, "windows": 16, "n_params": 10**9,
+                        "model": "m"}, "rows": rows, "imatrix": {"seconds": 386.4, "provenance": prov}}
+    bench.write_table(doc, tmp_path / "t.md")
+    text = (tmp_path / "t.md").read_text()
+    assert "importance matrix, shared by every llama.cpp+imatrix file and not in their time, took 386 s" in text
+    assert "| IQ2_XXS | turboboa | 198/198 | 38.500 | 38.400 | +0.26% | yes |" in text
+    assert "| IQ2_XS | turboboa | not checked | 30.000 |" in text
+    assert "| IQ2_XXS | 67.200 / 560.4 | 38.500 / 560.4 | IQ2_XXS turboboa | yes |" in text
