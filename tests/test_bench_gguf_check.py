@@ -62,7 +62,7 @@ def test_a_reused_row_is_checked_only_against_its_own_files(work) -> None:
     assert c["gap"] == pytest.approx(row["ppl"] / c["fake_quant_ppl"] - 1)
     assert abs(c["gap"]) <= bench.GGUF_TOL and c["passed"]
     assert c["provenance"]["measured"]["eval_windows"] == ARGS.max_windows
-    assert c["file_sha256"] == bench.sha256_file(target)
+    assert row["file_sha256"] == bench.sha256_file(target)  # the file the check read, named by the row
     assert not bench.backfill_check(ctx, ARGS, row, work)  # checked once
 
     # a file whose PPL in llama.cpp is 2% away from the fake-quant model's fails
