@@ -158,9 +158,9 @@ def measure(ctx: pv.Context, args: list[str], ev: list[str], settings: dict[str,
     meter = pv.RowMeter()
     with tempfile.TemporaryDirectory() as tmp:
         qdir = Path(tmp) / "Q"
-        q = mb.run_json(["quantize", *args, "-o", str(qdir)], meter)
+        q = pv.cli_json(["quantize", *args, "-o", str(qdir)], meter)
         settings = {**settings, "quantize": pv.confirm_quantize(settings["quantize"], qdir)}
-        e = mb.run_json(["eval", str(qdir), *ev], meter)
+        e = pv.cli_json(["eval", str(qdir), *ev], meter)
     measured = meter.result(quantize_seconds=q["seconds"], eval_tokens=e["tokens"], eval_windows=e["windows"],
                             calibration_tokens=calib.nsamples * calib.seqlen)
     return {"ppl": e["ppl"], "seconds": q["seconds"], "peak_memory_bytes": q["peak_memory_bytes"],

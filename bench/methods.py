@@ -26,11 +26,6 @@ ROOT = pv.ROOT
 RESULTS = pv.RESULTS
 
 
-def run_json(args: list[str], meter: pv.RowMeter) -> dict:
-    """Run ``turboboa ARGS`` (counted in ``meter``) and return the JSON object its last stdout line prints."""
-    return pv.cli_json(args, meter)
-
-
 def load_doc(path: Path, settings: dict, note: str | None) -> dict:
     """The results so far in ``path`` when they were made for the same document ``settings`` (sizes, methods),
     else a new document; with ``note`` when given. Rows keep their own provenance: the document records no
@@ -119,7 +114,7 @@ def float_row(ctx: pv.Context, doc: dict, ev: list[str], eval_seqlen: int, max_w
     if ctx.reuse("float", doc.get("float"), settings, data):
         return False
     meter = pv.RowMeter()
-    f = run_json(["eval", model, *ev], meter)
+    f = pv.cli_json(["eval", model, *ev], meter)
     doc["float"] = {**f, "provenance": ctx.record(settings, data, meter.result(eval_tokens=f["tokens"],
                                                                               eval_windows=f["windows"]))}
     return True
@@ -138,13 +133,13 @@ def measure_row(ctx: pv.Context, method: str, bits: int, group: int, order: int,
     meter = pv.RowMeter()
     with tempfile.TemporaryDirectory() as tmp:
         qdir = Path(tmp) / "Q"
-        q = run_json(["quantize", *quantize_args(method, bits, group, a, ctx.device), "-o", str(qdir)], meter)
+        q = pv.cli_json(["quantize", *quantize_args(method, bits, group, a, ctx.device), "-o", str(qdir)], meter)
         rec = pv.qdir_record(qdir)
         settings = {**settings, "quantize": pv.confirm_quantize(settings["quantize"], qdir)}
         if str(rec["device"]).startswith("cuda"):
             meter.add(gpu=q["peak_memory_bytes"])
         wall = meter.result()["wall_seconds"]
-        e = run_json(["eval", str(qdir), *ev], meter)
+        e = pv.cli_json(["eval", str(qdir), *ev], meter)
     measured = meter.result(quantize_seconds=q["seconds"], eval_tokens=e["tokens"], eval_windows=e["windows"],
                             calibration_tokens=(rec["calibration"] or {}).get("tokens"))
     return {"method": method, "bits": bits, "group_size": group, "order": order, "ppl": e["ppl"],

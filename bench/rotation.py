@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance as pv  # noqa: E402
-from methods import RESULTS, eval_args, float_row, load_doc, run_json  # noqa: E402
+from methods import RESULTS, eval_args, float_row, load_doc  # noqa: E402
 
 SETTINGS = {  # name: (weight bits, activation bits, kv bits)
     "W2A16": (2, 16, 16),
@@ -191,13 +191,13 @@ def gguf_check(ctx: pv.Context, a: argparse.Namespace, ev: list[str], rotate: st
     meter = pv.RowMeter()
     with tempfile.TemporaryDirectory() as tmp:
         qdir, gguf = Path(tmp) / "Q", Path(tmp) / "model.gguf"
-        q = run_json(["quantize", *gguf_args(a, rotate), "-o", str(qdir)], meter)
+        q = pv.cli_json(["quantize", *gguf_args(a, rotate), "-o", str(qdir)], meter)
         settings = {**settings, "quantize": pv.confirm_quantize(settings["quantize"], qdir)}
         if ctx.device.startswith("cuda"):
             meter.add(gpu=q["peak_memory_bytes"])
         meter.run([sys.executable, "-m", "cli", "export", str(qdir), "--to", "gguf", "-o", str(gguf), "-q"])
-        fq = run_json(["eval", str(qdir), *ev], meter)
-        gg = run_json(["eval", str(gguf), "--tokenizer", str(qdir), *ev], meter)
+        fq = pv.cli_json(["eval", str(qdir), *ev], meter)
+        gg = pv.cli_json(["eval", str(gguf), "--tokenizer", str(qdir), *ev], meter)
     measured = meter.result(quantize_seconds=q["seconds"], eval_tokens=gg["tokens"], eval_windows=gg["windows"])
     return {"rotate": rotate, "fakequant_ppl": fq["ppl"], "llamacpp_ppl": gg["ppl"],
             "gap": gg["ppl"] / fq["ppl"] - 1, "quantize_seconds": q["seconds"],
@@ -219,7 +219,7 @@ def float_rotated_row(ctx: pv.Context, doc: dict, ev: list[str], a: argparse.Nam
     if ctx.reuse("float, rotation fused", row, settings, data):
         return False
     meter = pv.RowMeter()
-    rot = run_json(args, meter)
+    rot = pv.cli_json(args, meter)
     rot["relative"] = abs(rot["ppl"] / doc["float"]["ppl"] - 1)
     rot["float_measured_at"] = doc["float"]["provenance"]["measured_at"]
     rot["provenance"] = ctx.record(settings, data, meter.result(eval_tokens=rot["tokens"],
@@ -306,7 +306,7 @@ def shared_weights(ctx: pv.Context, method: str, setting: str, rotate: str, a: a
         return qdir, json.loads(summary.read_text())
     shutil.rmtree(qdir, ignore_errors=True)
     meter = pv.RowMeter()
-    q = run_json([*quantize_args(method, weight_setting(setting), rotate, a), "-o", str(qdir)], meter)
+    q = pv.cli_json([*quantize_args(method, weight_setting(setting), rotate, a), "-o", str(qdir)], meter)
     if ctx.device.startswith("cuda"):
         meter.add(gpu=q["peak_memory_bytes"])
     rec = pv.qdir_record(qdir)
@@ -333,7 +333,7 @@ def run_rows(ctx: pv.Context, rows: list[tuple[str, str, str]], doc: dict, a: ar
             settings = {**settings, "quantize": shared["settings"]}
             meter = pv.RowMeter()
             meter.absorb(shared["measured"])
-            e = run_json(["eval", str(qdir), *ev, *dynamic_args(setting)], meter)
+            e = pv.cli_json(["eval", str(qdir), *ev, *dynamic_args(setting)], meter)
             q, rec = shared["q"], shared["qdir"]
             measured = meter.result(quantize_seconds=q["seconds"], eval_tokens=e["tokens"],
                                     eval_windows=e["windows"], weights_shared_with=wk)
