@@ -11,7 +11,8 @@ ones (IQ1_S ... IQ4_XS, ``--presets iq`` for all of them). For each file type:
 * ours: ``turboboa quantize --preset P`` (TurboBoA, ``nsamples x seqlen`` calibration tokens), without and with
   ``--pad-to 256`` (unrotated, and with the Hadamard rotation ``--rotate auto`` now gives every TurboBoA model;
   the committed unpadded rows predate that default and are unrotated), exported
-  with ``turboboa export --to gguf``.
+  with ``turboboa export --to gguf``. ``--makers`` picks among these; a ``+damp<x>`` part on one of ours
+  (``turboboa+damp0.2``) quantizes with ``--damp x``, a row of its own.
 
 Every file is run in llama.cpp (llama-cpp-python) on the same WikiText-2 test windows, tokens from the same
 Hugging Face tokenizer: its PPL and its mean KL divergence ``KL(p_float || p_file)`` per predicted token to the
@@ -150,9 +151,31 @@ def quantize_args(args: argparse.Namespace, preset: str, maker: str) -> list[str
     """``turboboa quantize`` arguments (after the subcommand, without -o) of one of our files."""
     cmd = [args.model, "--method", args.method, "--preset", preset, "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--device", args.device, "-q"]
-    if "pad256" in maker:  # turboboa+pad256: padded, unrotated; +hadamard: what --rotate auto does
-        cmd += ["--pad-to", "256", "--rotate", "hadamard" if maker.endswith("hadamard") else "none"]
+    parts = maker.split("+")[1:]
+    if "pad256" in parts:  # turboboa+pad256: padded, unrotated; +hadamard: what --rotate auto does
+        cmd += ["--pad-to", "256", "--rotate", "hadamard" if "hadamard" in parts else "none"]
+    cmd += [a for part in parts if part.startswith("damp") for a in ("--damp", part.removeprefix("damp"))]
     return cmd
+
+
+def check_maker(maker: str) -> str | None:
+    """Why ``maker`` names no file this script can make (None when it does): ``llama.cpp``,
+    ``llama.cpp+imatrix``, or ``turboboa`` followed by any of ``+pad256``, ``+hadamard`` (with ``+pad256``) and
+    ``+damp<x>`` (our quantize's ``--damp x``)."""
+    if maker in ("llama.cpp", "llama.cpp+imatrix"):
+        return None
+    base, *parts = maker.split("+")
+    if base != "turboboa":
+        return f"unknown maker {maker!r}: use llama.cpp, llama.cpp+imatrix or turboboa[+pad256[+hadamard]][+damp<x>]"
+    for part in parts:
+        if part.startswith("damp"):
+            try:
+                float(part.removeprefix("damp"))
+            except ValueError:
+                return f"maker {maker!r}: {part!r} is not +damp<number>, e.g. +damp0.2"
+        elif part not in ("pad256", "hadamard") or (part == "hadamard" and "pad256" not in parts):
+            return f"maker {maker!r}: unknown part {part!r}; use +pad256, +pad256+hadamard or +damp<x>"
+    return None
 
 
 def row_settings(args: argparse.Namespace, preset: str, maker: str) -> dict[str, Any]:
@@ -186,6 +209,8 @@ def plot(rows: list[dict], float_ppl: float | None, out: Path, title: str) -> No
     styles = {"llama.cpp": ("o", "tab:gray"), "llama.cpp+imatrix": ("s", "tab:blue"),
               "turboboa": ("^", "tab:red"), "turboboa+pad256": ("D", "tab:green"),
               "turboboa+pad256+hadamard": ("v", "tab:purple")}
+    others = iter([("P", "tab:orange"), ("X", "tab:brown"), ("*", "tab:olive"), ("h", "tab:cyan")])
+    styles |= {m: next(others, ("x", "black")) for m in dict.fromkeys(r["maker"] for r in rows) if m not in styles}
     for label, (marker, color) in styles.items():
         pts = sorted((r["file_mib"], r["ppl"], r["preset"]) for r in rows if r["maker"] == label)
         if pts:
@@ -386,7 +411,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=16)
     ap.add_argument("--method", default="turboboa")
     ap.add_argument("--makers", default="llama.cpp,llama.cpp+imatrix,turboboa,turboboa+pad256,turboboa+pad256+hadamard",
-                    help="which files to make (comma-separated)")
+                    help="which files to make (comma-separated); +damp<x> on a turboboa maker passes --damp x")
     ap.add_argument("--work", default=None, help="work folder (default: $TURBOBOA_CACHE/bench-gguf)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     pv.add_arguments(ap)
@@ -406,6 +431,9 @@ def main() -> None:
     for preset in presets:
         if preset not in PRESETS:
             ap.error(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    for maker in args.makers.split(","):
+        if (why := check_maker(maker)) is not None:
+            ap.error(why)
     family = "iq" if presets[0] in I_PRESETS else "k"
     name = args.name or ("gguf-vs-llamacpp" if (args.model, family) == ("smollm2-135m", "k")
                          else f"gguf-vs-llamacpp-{args.model}-{family}")

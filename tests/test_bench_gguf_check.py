@@ -90,3 +90,19 @@ def test_table_reports_the_check_and_the_shared_importance_matrix(tmp_path) -> N
     assert "| IQ2_XXS | turboboa | 198/198 | 38.500 | 38.400 | +0.26% | yes |" in text
     assert "| IQ2_XS | turboboa | not checked | 30.000 |" in text
     assert "| IQ2_XXS | 67.200 / 560.4 | 38.500 / 560.4 | IQ2_XXS turboboa | yes |" in text
+
+
+def test_makers_map_to_quantize_options() -> None:
+    """A maker's ``+pad256``, ``+hadamard`` and ``+damp<x>`` parts become our quantize options; a maker the script
+    cannot make is named with the fix."""
+    args = argparse.Namespace(**vars(ARGS), method="turboboa")
+    plain = bench.quantize_args(args, "Q2_K", "turboboa")
+    assert "--damp" not in plain and "--pad-to" not in plain
+    damped = bench.quantize_args(args, "Q2_K", "turboboa+pad256+hadamard+damp0.2")
+    assert damped[len(plain):] == ["--pad-to", "256", "--rotate", "hadamard", "--damp", "0.2"]
+    for maker in ("llama.cpp", "llama.cpp+imatrix", "turboboa", "turboboa+damp0.2", "turboboa+pad256+hadamard"):
+        assert bench.check_maker(maker) is None
+    assert "+damp<number>" in bench.check_maker("turboboa+dampx")
+    assert "unknown part 'hadamard'" in bench.check_maker("turboboa+hadamard")
+    assert "unknown maker" in bench.check_maker("gptq")
+    assert bench.file_paths(Path("w"), "m", "Q2_K", "turboboa+damp0.2")[0].name == "m-Q2_K-turboboa-damp02.gguf"
