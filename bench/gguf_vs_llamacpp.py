@@ -8,9 +8,9 @@ ones (IQ1_S ... IQ4_XS, ``--presets iq`` for all of them). For each file type:
 * llama.cpp: an F32 GGUF of the same float model quantized by ``llama-quantize``, without and with an
   importance matrix from ``llama-imatrix`` on the calibration text we use (WikiText-2 validation rows,
   ``nsamples`` chunks of ``seqlen`` tokens);
-* ours: ``turboboa quantize --preset P`` (TurboBoA, ``nsamples x seqlen`` calibration tokens), without and with
-  ``--pad-to 256`` (unrotated, and with the Hadamard rotation ``--rotate auto`` now gives every TurboBoA model;
-  the committed unpadded rows predate that default and are unrotated), exported
+* ours: ``turboboa quantize --preset P`` (TurboBoA, ``nsamples x seqlen`` calibration tokens), without
+  ``--pad-to`` (with ``--rotate auto``: the Hadamard rotation unless it would untie a tied head, so none for
+  SmolLM2) and with ``--pad-to 256`` (unrotated, and with the Hadamard rotation), exported
   with ``turboboa export --to gguf``. ``--makers`` picks among these; a ``+damp<x>`` part on one of ours
   (``turboboa+damp0.2``) quantizes with ``--damp x``, a row of its own.
 
