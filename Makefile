@@ -61,7 +61,7 @@ QWEN_ARGS     ?= --model qwen2.5-coder-1.5b --name gguf-vs-llamacpp-qwen2.5-code
 # and `turboboa run` with its defaults (the demo's calibration and windows) exporting GGUF and ONNX, checked.
 GEMMA_ARGS    ?= --model gemma-3-270m --methods gptq,turboboa --bits 4 --groups 128 --nsamples 16 --seqlen 512 \
                  --eval-seqlen 512 --max-windows 16 --out bench/results/gemma-3-270m-methods
-GEMMA_RUN_ARGS ?= --name gemma-3-270m-run -- gemma-3-270m --export gguf,onnx $(DEMO_CALIB) $(DEMO_EVAL)
+GEMMA_RUN_ARGS ?= --name gemma-3-270m-run -- gemma-3-270m --export gguf,onnx --gguf-graph $(DEMO_CALIB) $(DEMO_EVAL)
 CODEBOOK_ARGS ?= --model qwen2.5-coder-1.5b --blocks 0 --roles q,gate,down --formats iq2_xxs,iq3_xxs --nsamples 8 --seqlen 512
 # The GPU timing (bench-gpu, for a CUDA machine): every method with the papers' calibration on Qwen2.5-Coder-1.5B at
 # INT2 per channel with rotation (--rotate auto), wall time by phase and peak GPU memory per row.

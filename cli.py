@@ -222,8 +222,12 @@ def export_cmd(qdir: str, to: str, output: str, opset: int | None, profile: str 
 CHECK_OPTIONS: list[Callable[[F], F]] = [
     click.option("--data", default="wikitext2", show_default=True, help="evaluation data: name or .txt/.jsonl path"),
     click.option("--max-windows", type=int, default=None, help="only the first K windows (default: all)"),
-    click.option("--gguf-tol", type=float, default=0.01, show_default=True,
-                 help="largest |PPL(llama.cpp) / PPL(fake-quant) - 1| that passes"),
+    click.option("--gguf-tol", type=float, default=None,
+                 help="largest |PPL(llama.cpp) / PPL(fake-quant) - 1| that passes (default: the model family's, "
+                      "for the rounding of llama.cpp's 8-bit activation blocks; see docs/formats-and-export.md)"),
+    click.option("--gguf-graph", is_flag=True,
+                 help="also score the fake-quant weights as an F32 GGUF in llama.cpp (a temporary file the size "
+                      "of the float model): float products, so its gap (<= 0.1%) checks llama.cpp's graph alone"),
     click.option("--onnx-tol", type=float, default=None,
                  help="largest |PPL(onnxruntime) / PPL(fake-quant) - 1| that passes (default 0.001; 0.02 for a "
                       "--profile qnn-htp graph, where every tensor is quantized)"),
@@ -283,8 +287,9 @@ def echo_report(report: dict[str, Any], as_json: bool, report_md: str | None) ->
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 def check_cmd(qdir: str, gguf: str | None, onnx: str | None, seqlen: int, npu: str | None, npu_windows: int,
               htp_tol: float, openvino_tol: float, allow_fallback: bool, localize: bool, openvino_ir: str | None,
-              qnn_context: str | None, data: str, max_windows: int | None, gguf_tol: float, onnx_tol: float | None,
-              threads: int | None, device: str, report_dir: str | None, quiet: bool, as_json: bool) -> int:
+              qnn_context: str | None, data: str, max_windows: int | None, gguf_tol: float | None, gguf_graph: bool,
+              onnx_tol: float | None, threads: int | None, device: str, report_dir: str | None, quiet: bool,
+              as_json: bool) -> int:
     """Check exported files against the QDIR they came from: every quantized weight identical, and the float,
     fake-quant, llama.cpp (--gguf) and onnxruntime (--onnx) models on the same windows (PPL, gap, KL, top-1);
     --npu adds Qualcomm's HTP (emulated) and OpenVINO on a slice of them. Exit code 1 when a check fails, 0
@@ -294,7 +299,7 @@ def check_cmd(qdir: str, gguf: str | None, onnx: str | None, seqlen: int, npu: s
     from runtime_check.report import MD_NAME, write_report
 
     settings = CheckSettings(data=data, seqlen=seqlen, max_windows=max_windows, gguf_tol=gguf_tol,
-                             onnx_tol=onnx_tol, threads=threads, device=device, npu=parse_npu(npu),
+                             gguf_graph=gguf_graph, onnx_tol=onnx_tol, threads=threads, device=device, npu=parse_npu(npu),
                              npu_windows=npu_windows, htp_tol=htp_tol, openvino_tol=openvino_tol,
                              allow_fallback=allow_fallback, localize=localize)
     report = check(qdir, gguf=gguf, onnx=onnx, settings=settings, progress=not quiet and not as_json,
@@ -324,7 +329,8 @@ def check_cmd(qdir: str, gguf: str | None, onnx: str | None, seqlen: int, npu: s
 @click.pass_context
 def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, eval_seqlen: int, onnx_profile: str,
             data: str,
-            max_windows: int | None, gguf_tol: float, onnx_tol: float | None, threads: int | None, outdir: str,
+            max_windows: int | None, gguf_tol: float | None, gguf_graph: bool, onnx_tol: float | None,
+            threads: int | None, outdir: str,
             quiet: bool, as_json: bool, **options: Any) -> int:
     """Quantize MODEL (default smollm2-135m) into OUTDIR/qdir, export OUTDIR/model.gguf and/or model.onnx,
     check them (as turboboa check), and write the reports and a SHA-256 manifest. The last line printed is
@@ -342,7 +348,7 @@ def run_cmd(ctx: click.Context, model: str, export_list: str, run_check: bool, e
     cfg = quant_config(options)
     scope, act_bits = activation_scheme(options)
     settings = CheckSettings(data=data, seqlen=eval_seqlen, max_windows=max_windows, gguf_tol=gguf_tol,
-                             onnx_tol=onnx_tol, threads=threads, device=options["device"])
+                             gguf_graph=gguf_graph, onnx_tol=onnx_tol, threads=threads, device=options["device"])
     format_given = ctx.get_parameter_source("format") != ParameterSource.DEFAULT
     log = None if quiet or as_json else (lambda line: click.echo(line, err=True))
     result = run(model, cfg, outdir, exports, format_given=format_given, check=run_check, settings=settings,

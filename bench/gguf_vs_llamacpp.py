@@ -46,14 +46,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import provenance as pv  # noqa: E402
 
-from runtime_check.checker import CheckSettings  # noqa: E402
 from turboboa.checksums import sha256_file  # noqa: E402
 from turboboa.formats.presets import I_PRESETS, K_PRESETS, PRESETS  # noqa: E402
 
 LLAMA = ("llama_cpp_python",)  # every row runs in llama.cpp (its tools are built from that package's source)
 THREADS = 2  # llama.cpp threads of llama-quantize, llama-imatrix and the evaluation
 LEGACY_SETTINGS = ("n_params", "machine", "llama_cpp_python")  # document-level fields of earlier runs
-GGUF_TOL = CheckSettings.gguf_tol  # largest |PPL_llama.cpp / PPL_fake-quant - 1| of a file that passes
 
 
 def run(cmd: list[str], log: Path, meter: pv.RowMeter | None = None) -> None:
@@ -283,8 +281,8 @@ def write_table(doc: dict, out: Path) -> None:
         lines += ["", "## Our files against their QDIR", "",
                   "Weights: quantized tensors of the file whose `gguf.quants.dequantize` equals the QDIR's fake-quant "
                   "weight exactly. Gap: llama.cpp's PPL above over the fake-quant model's (`turboboa eval QDIR`, "
-                  f"torch) on the same windows, minus 1; passes within {GGUF_TOL:.0%} (`turboboa check`'s "
-                  "tolerance) with every tensor exact.", "",
+                  f"torch) on the same windows, minus 1; passes within {tolerances(ours)} (`turboboa check`'s "
+                  "tolerance for the model family) with every tensor exact.", "",
                   "| preset | maker | weights exact | llama.cpp PPL | fake-quant PPL | gap | passed | provenance |",
                   "|---|---|---:|---:|---:|---:|---|---|"]
         for r in ours:
@@ -308,11 +306,18 @@ def file_paths(work: Path, model: str, preset: str, maker: str) -> tuple[Path, P
             work / f"{model}-{preset}-{maker.replace('+', '-')}.qdir")
 
 
-def check_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """How one of our files is checked against its QDIR (:func:`file_check`)."""
+def tolerances(rows: list[dict[str, Any]]) -> str:
+    """The gap tolerances our checked rows were judged by, as text ("1%")."""
+    tols = sorted({r["file_check"]["provenance"]["settings"]["gap_tol"] for r in rows if "file_check" in r})
+    return " / ".join(f"{t:.0%}" for t in tols) or "the tolerance"
+
+
+def check_settings(args: argparse.Namespace, gap_tol: float) -> dict[str, Any]:
+    """How one of our files is checked against its QDIR (:func:`file_check`): ``gap_tol`` is ``turboboa
+    check``'s default for the model family."""
     return {"weights": "max |gguf.quants.dequantize(file tensor) - fake-quant weight| per quantized tensor",
             "fake_quant": pv.command_options(["eval", "QDIR", *fake_quant_eval_args(args)]),
-            "gap_tol": GGUF_TOL}
+            "gap_tol": gap_tol}
 
 
 def fake_quant_eval_args(args: argparse.Namespace) -> list[str]:
@@ -327,9 +332,12 @@ def file_check(ctx: pv.Context, args: argparse.Namespace, qdir: Path, target: Pa
     fake-quant weight exactly (:func:`runtime_check.checker.weight_diffs`), and llama.cpp's PPL of the file on the
     evaluation windows against the fake-quant model's (``turboboa eval QDIR``, torch) on the same windows:
     ``gap = PPL_llama.cpp / PPL_fake-quant - 1``, within ``turboboa check``'s tolerance."""
-    from runtime_check.checker import weight_diffs, weight_summary
+    from transformers import AutoConfig
+
+    from runtime_check.checker import default_gguf_tol, weight_diffs, weight_summary
     from turboboa.checkpoint import load_qdir
 
+    tol = default_gguf_tol(AutoConfig.from_pretrained(qdir))
     meter = pv.RowMeter()
     weights = weight_summary(target, weight_diffs("gguf", target, load_qdir(qdir)))
     fake = pv.cli_json(["eval", str(qdir), *fake_quant_eval_args(args)], meter)
@@ -338,8 +346,8 @@ def file_check(ctx: pv.Context, args: argparse.Namespace, qdir: Path, target: Pa
     return {"tensors": weights["tensors"], "bit_exact_tensors": weights["tensors"] - len(weights["failing"]),
             "max_abs_diff": weights["max_abs_diff"], "failing": sorted(weights["failing"]),
             "fake_quant_ppl": fake["ppl"], "llama_cpp_ppl": llama_ppl, "gap": gap,
-            "passed": weights["passed"] and abs(gap) <= GGUF_TOL,
-            "provenance": ctx.record(check_settings(args), row_data(args), measured, LLAMA)}
+            "passed": weights["passed"] and abs(gap) <= tol,
+            "provenance": ctx.record(check_settings(args, tol), row_data(args), measured, LLAMA)}
 
 
 def backfill_check(ctx: pv.Context, args: argparse.Namespace, row: dict[str, Any], work: Path) -> bool:

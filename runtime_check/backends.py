@@ -27,6 +27,7 @@ from turboboa.models import load_float_model
 
 FLOAT, FAKEQUANT, LLAMACPP, ONNXRT = "float", "fake-quant", "llama.cpp", "onnxruntime"
 FAKEQUANT_WEIGHTS = "fake-quant (weights only)"
+LLAMACPP_F32 = "llama.cpp (F32 weights)"  # the fake-quant weights as an F32 GGUF: llama.cpp's graph alone
 
 
 @dataclass
@@ -87,8 +88,9 @@ def open_weights_only(ckpt: Any, device: torch.device, windows: int) -> Backend:
                    {"device": str(device), "dtype": "float32", "activations": "float"}, max_windows=windows)
 
 
-def open_llamacpp(path: Path, seqlen: int, threads: int, stack: ExitStack) -> Backend:
-    """The GGUF file ``path`` in llama.cpp with a context of ``seqlen`` tokens (closed with ``stack``)."""
+def open_llamacpp(path: Path, seqlen: int, threads: int, stack: ExitStack, name: str = LLAMACPP) -> Backend:
+    """The GGUF file ``path`` in llama.cpp with a context of ``seqlen`` tokens (closed with ``stack``), as the
+    backend ``name``."""
     from importlib.metadata import PackageNotFoundError, version
 
     fn = stack.enter_context(gguf_logits_fn(path, n_ctx=seqlen, threads=threads))
@@ -99,7 +101,7 @@ def open_llamacpp(path: Path, seqlen: int, threads: int, stack: ExitStack) -> Ba
     settings = {"file": str(path), "n_ctx": seqlen, "n_batch": min(512, seqlen), "n_threads": threads,
                 "n_threads_batch": threads, "kv_cache": "f16 (llama.cpp default)", "logits_all": True,
                 "llama_cpp_python": package}
-    return Backend(LLAMACPP, fn, settings)
+    return Backend(name, fn, settings)
 
 
 def open_onnxrt(path: Path, seqlen: int, threads: int, stack: ExitStack) -> Backend:

@@ -11,16 +11,20 @@ Two levels, both against the fake-quant torch model of the QDIR:
   update its :class:`~runtime_check.metrics.StreamMetrics` (PPL, KL(p_fakequant || p_backend), top-1
   agreement) and are dropped, so memory holds one window's logits at a time.
 
-Verdict: ``|PPL_llama.cpp / PPL_fakequant - 1| <= gguf_tol`` (llama.cpp rounds activations to 8 bits inside its
-kernels, hence 1% by default), ``|PPL_onnxruntime / PPL_fakequant - 1| <= onnx_tol`` (0.1%; 2% for a fully
-quantized ``qnn-htp`` graph, :func:`default_onnx_tol`), and every weight
-difference 0. :func:`check` returns the report as a JSON-ready dict whose ``passed`` is that verdict.
+Verdict: ``|PPL_llama.cpp / PPL_fakequant - 1| <= gguf_tol`` (llama.cpp rounds activations to 8-bit blocks
+inside its quantized kernels, so by default the model family's ``GgufArch.kernel_tol``: :func:`default_gguf_tol`),
+``|PPL_onnxruntime / PPL_fakequant - 1| <= onnx_tol`` (0.1%; 2% for a fully quantized ``qnn-htp`` graph,
+:func:`default_onnx_tol`), and every weight difference 0. With ``gguf_graph`` the fake-quant weights are also
+written as an F32 GGUF (:func:`exporters.gguf.export.export_fakequant_f32`, a temporary file beside the GGUF)
+and scored in llama.cpp, whose float products leave its graph alone: ``|gap| <= graph_tol`` (0.1%).
+:func:`check` returns the report as a JSON-ready dict whose ``passed`` is that verdict.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
@@ -31,9 +35,11 @@ import torch
 from tqdm.auto import tqdm
 
 from exporters import size_summary
-from exporters.gguf.export import check_gguf_weights
+from exporters.gguf.export import check_gguf_weights, export_fakequant_f32
 from exporters.onnx.check import check_onnx_weights
 from exporters.onnx.export import qnn_context_path
+from turboboa.arch import adapter_for_config
+from turboboa.arch.base import GgufArch
 from turboboa.blockwise import select_device
 from turboboa.checkpoint import is_qdir, load_qdir, package_versions, source_parameters
 from turboboa.data import eval_tokens
@@ -45,6 +51,7 @@ from .backends import (
     FAKEQUANT_WEIGHTS,
     FLOAT,
     LLAMACPP,
+    LLAMACPP_F32,
     ONNXRT,
     Backend,
     default_threads,
@@ -72,6 +79,9 @@ from .onnxrt import validate_onnx
 
 FAKEQUANT_SLICE = "fake-quant (NPU slice)"
 ONNX_TOL, QUANTIZED_GRAPH_ONNX_TOL = 0.001, 0.02
+# float products on both sides: gemma-3-270m's fake-quant weights as an F32 GGUF score GRAPH_GAP_GEMMA against
+# torch on 8 windows of 512 (bench/results/gemma-3-270m-run.md)
+GRAPH_TOL = 0.001
 
 
 @dataclass(frozen=True)
@@ -81,8 +91,10 @@ class CheckSettings:
     data: str = "wikitext2"
     seqlen: int = 512
     max_windows: int | None = None
-    gguf_tol: float = 0.01
+    gguf_tol: float | None = None
     onnx_tol: float | None = None
+    gguf_graph: bool = False
+    graph_tol: float = GRAPH_TOL
     threads: int | None = None
     device: str = "auto"
     npu: tuple[str, ...] = ()
@@ -101,7 +113,7 @@ class CheckSettings:
         if self.npu_windows < 1:
             raise UserError(f"--npu-windows must be at least 1, not {self.npu_windows}")
         for name, tol in (("--gguf-tol", self.gguf_tol), ("--onnx-tol", self.onnx_tol), ("--htp-tol", self.htp_tol),
-                          ("--openvino-tol", self.openvino_tol)):
+                          ("--openvino-tol", self.openvino_tol), ("--graph-tol", self.graph_tol)):
             if tol is not None and not tol >= 0:
                 raise UserError(f"{name} must be a relative PPL gap >= 0 (0.01 = 1%), not {tol}")
         if self.threads is not None and self.threads < 1:
@@ -219,13 +231,27 @@ def verdict(rows: list[dict[str, Any]], weights: dict[str, dict[str, Any]], sett
     for kind, w in weights.items():
         checks.append({"check": f"{kind} weights == fake-quant weights", "value": w["max_abs_diff"], "limit": 0.0,
                        "passed": w["passed"], "failing": list(w["failing"]), "kind": "exact"})
-        gap = by_name[FILE_BACKEND[kind]]["gap"]
-        checks.append({"check": f"{FILE_BACKEND[kind]} |PPL gap|", "value": gap, "limit": tols[kind],
-                       "passed": gap is not None and abs(gap) <= tols[kind], "kind": "gap"})
+        checks.append(gap_check(by_name[FILE_BACKEND[kind]], tols[kind]))
+    if LLAMACPP_F32 in by_name:
+        checks.append(gap_check(by_name[LLAMACPP_F32], settings.graph_tol))
     return checks
 
 
+def gap_check(row: dict[str, Any], tol: float | None) -> dict[str, Any]:
+    """``|gap| <= tol`` for one backend's row (a NaN or missing gap fails)."""
+    gap = row["gap"]
+    return {"check": f"{row['backend']} |PPL gap|", "value": gap, "limit": tol,
+            "passed": gap is not None and tol is not None and abs(gap) <= tol, "kind": "gap"}
+
+
 # --- the check --------------------------------------------------------------------------------------------
+
+
+def default_gguf_tol(hf_config: Any) -> float:
+    """The llama.cpp tolerance of the model family of ``hf_config``: its ``GgufArch.kernel_tol`` (a family
+    without a llama.cpp architecture has no GGUF file to check; it gets the class default)."""
+    arch = adapter_for_config(hf_config).GGUF
+    return arch.kernel_tol if isinstance(arch, GgufArch) else GgufArch.kernel_tol
 
 
 def default_onnx_tol(onnx: Path | None) -> float:
@@ -317,7 +343,7 @@ def check(qdir: str | Path, gguf: str | Path | None = None, onnx: str | Path | N
     ``settings.npu`` adds NPU backends on the first ``settings.npu_windows`` windows (:mod:`.npu`):
     ``qnn-htp`` runs the ``onnx`` file on the emulated HTP (and its EPContext model ``qnn_context``, by
     default ``<name>_ctx.onnx`` when it exists), ``openvino`` the IR ``openvino`` (else the ``onnx`` file)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     t0 = time.perf_counter()
     settings = settings or CheckSettings()
@@ -329,8 +355,12 @@ def check(qdir: str | Path, gguf: str | Path | None = None, onnx: str | Path | N
     if ir is not None and not ir.is_file():
         raise UserError(f"--openvino file not found: {ir}")
     context = npu_context(files.get("onnx"), qnn_context, settings)
+    if settings.gguf_graph and "gguf" not in files:
+        raise UserError("--gguf-graph scores the QDIR's weights in llama.cpp beside a GGUF file; give --gguf FILE")
     if settings.onnx_tol is None:
         settings = replace(settings, onnx_tol=default_onnx_tol(files.get("onnx")))
+    if settings.gguf_tol is None:
+        settings = replace(settings, gguf_tol=default_gguf_tol(AutoConfig.from_pretrained(qdir)))
     ckpt = load_qdir(qdir)
     weights = {kind: weight_summary(path, weight_diffs(kind, path, ckpt)) for kind, path in files.items()}
     windows = make_windows(eval_tokens(AutoTokenizer.from_pretrained(qdir), settings.data), settings.seqlen,
@@ -341,6 +371,10 @@ def check(qdir: str | Path, gguf: str | Path | None = None, onnx: str | Path | N
         backends = [open_float(ckpt.meta, device), open_fakequant(ckpt, device)]
         if "gguf" in files:
             backends.append(open_llamacpp(files["gguf"], settings.seqlen, threads, stack))
+        if settings.gguf_graph:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(dir=files["gguf"].parent, prefix=".f32-"))
+            f32 = export_fakequant_f32(ckpt, Path(folder) / "fake-quant-f32.gguf", progress)
+            backends.append(open_llamacpp(f32, settings.seqlen, threads, stack, name=LLAMACPP_F32))
         if "onnx" in files:
             backends.append(open_onnxrt(files["onnx"], settings.seqlen, threads, stack))
         for name in settings.npu:
@@ -368,7 +402,8 @@ def check(qdir: str | Path, gguf: str | Path | None = None, onnx: str | Path | N
         "backends": rows,
         "weights": weights,
         "checks": checks,
-        "runtime": {b.name: b.settings for b in backends if b.name in (LLAMACPP, ONNXRT, *NPU_BACKENDS)},
+        "runtime": {b.name: b.settings for b in backends
+                    if b.name in (LLAMACPP, LLAMACPP_F32, ONNXRT, *NPU_BACKENDS)},
         "localize": npu.localize,
         "versions": package_versions(),
         "seconds": round(time.perf_counter() - t0, 3),

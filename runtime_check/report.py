@@ -142,8 +142,9 @@ def settings_lines(report: dict[str, Any]) -> list[str]:
         lines += [f"* evaluation: {s['data']}, {s['windows']} windows of {s['seqlen']} tokens ({s['tokens']} "
                   f"predicted tokens), tokenizer of `{s['tokenizer']}`, torch on {s['device']}, {s['threads']} "
                   f"threads",
-                  f"* tolerances: llama.cpp |PPL gap| <= {s['gguf_tol']:.2%}, onnxruntime <= {s['onnx_tol']:.2%}, "
-                  f"weights exact"]
+                  f"* tolerances: llama.cpp |PPL gap| <= {s['gguf_tol']:.2%}"
+                  + (f", llama.cpp (F32 weights) <= {s['graph_tol']:.2%}" if s.get("gguf_graph") else "")
+                  + f", onnxruntime <= {s['onnx_tol']:.2%}, weights exact"]
         if s.get("npu"):
             lines.append(f"* NPU backends {', '.join(s['npu'])} on the first {s['npu_windows']} windows; tolerances "
                          f"qnn-htp <= {s['htp_tol']:.2%}, openvino <= {s['openvino_tol']:.2%}; CPU fallback "

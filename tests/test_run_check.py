@@ -90,9 +90,46 @@ def test_check_passes_on_honest_gguf(tmp_path, q4_0_gguf) -> None:
     size = report["sizes"]["gguf"]
     assert size["bytes"] == gguf.stat().st_size
     assert size["bits_per_weight"] == round(8 * size["bytes"] / load_qdir(qdir).meta["parameters"], 4)
-    assert report["runtime"]["llama.cpp"]["n_ctx"] == 64
+    assert report["runtime"]["llama.cpp"]["n_ctx"] == 64 and report["settings"]["gguf_tol"] == 0.01
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["passed"] is True
     assert "| llama.cpp |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_check_gguf_graph_scores_the_fakequant_weights_as_f32(tmp_path, q4_0_gguf, int_onnx) -> None:
+    """--gguf-graph: the F32 GGUF of the fake-quant weights holds them exactly; llama.cpp scores it with float
+    products (within the graph tolerance, closer than the q4_0 file whose activations it rounds to 8 bits); the
+    temporary file is gone afterwards; without a GGUF file the option is refused in one line."""
+    from exporters.gguf.export import export_fakequant_f32
+    from runtime_check.backends import LLAMACPP_F32
+    from runtime_check.checker import GRAPH_TOL, weight_diffs
+
+    qdir, gguf = q4_0_gguf
+    f32 = export_fakequant_f32(load_qdir(qdir), tmp_path / "f32.gguf")
+    diffs = weight_diffs("gguf", f32, load_qdir(qdir))
+    assert len(diffs) == 15 and max(diffs.values()) == 0.0
+    r = run_cli("check", str(qdir), "--gguf", str(gguf), "--gguf-graph", *CHECK_WINDOWS, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    rows = {row["backend"]: row for row in report["backends"]}
+    graph, kernels = rows[LLAMACPP_F32], rows["llama.cpp"]
+    assert abs(graph["gap"]) <= GRAPH_TOL and graph["kl"] < kernels["kl"] and graph["tokens"] == 2 * 63
+    check = next(c for c in report["checks"] if c["check"] == f"{LLAMACPP_F32} |PPL gap|")
+    assert check["passed"] and check["limit"] == GRAPH_TOL
+    assert not list(gguf.parent.glob(".f32-*"))
+    onnx_qdir, onnx = int_onnx
+    assert_one_line_error(run_cli("check", str(onnx_qdir), "--onnx", str(onnx), "--gguf-graph"), "--gguf")
+
+
+def test_gguf_tolerance_is_the_model_family_s() -> None:
+    """The llama.cpp tolerance of a check is its family's ``GgufArch.kernel_tol`` (Gemma 3's own, measured)."""
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    from runtime_check.checker import default_gguf_tol
+    from turboboa.arch.base import GgufArch
+    from turboboa.arch.gemma3 import Gemma3Adapter
+
+    assert default_gguf_tol(LlamaConfig()) == GgufArch.kernel_tol == 0.01
+    assert default_gguf_tol(Gemma3TextConfig()) == Gemma3Adapter.GGUF.kernel_tol > 0.01
 
 
 def test_check_passes_on_honest_onnx(int_onnx) -> None:

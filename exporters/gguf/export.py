@@ -9,6 +9,7 @@ a separate head) are written as F32, so they too are what the fake-quant model h
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +95,36 @@ def export_gguf(ckpt: QuantizedCheckpoint, output: Path, progress: bool = False,
     for packing and writing on stderr."""
     if options:
         raise UserError(f"the gguf exporter takes no options {sorted(options)}")
+    return _write(ckpt, output, gguf_tensors, progress)
+
+
+def export_fakequant_f32(ckpt: QuantizedCheckpoint, output: Path, progress: bool = False) -> Path:
+    """Write ``ckpt``'s fake-quant model as an F32 GGUF file ``output``: every quantized weight stored as its
+    float values ``W_hat`` instead of its packed codes, the same architecture and metadata otherwise. llama.cpp
+    then computes the fake-quant model with float matrix products, which isolates its graph from the arithmetic
+    of its quantized kernels (``turboboa check --gguf-graph``)."""
+    return _write(ckpt, output, fakequant_f32_tensors, progress)
+
+
+def fakequant_f32_tensors(ckpt: QuantizedCheckpoint, progress: bool = False) -> dict[str, GgufTensor]:
+    """Every tensor of the checkpoint as F32 values, a quantized layer's weight dequantized."""
+    check_gguf_config(ckpt.config)
+    tensors = {name: GgufTensor.from_float(t) for name, t in ckpt.float_tensors.items()}
+    for name, q in tqdm(ckpt.layers.items(), desc="dequantize", unit="layer", total=len(ckpt.layers),
+                        file=sys.stderr, disable=not progress):
+        tensors[f"{name}.weight"] = GgufTensor.from_float(q.dequantize())
+    return tensors
+
+
+def _write(ckpt: QuantizedCheckpoint, output: Path,
+           make_tensors: Callable[[QuantizedCheckpoint, bool], dict[str, GgufTensor]], progress: bool) -> Path:
+    """Write the tensors ``make_tensors`` gives for ``ckpt`` with its architecture, tokenizer and settings."""
     from transformers import AutoConfig, AutoTokenizer
 
     assert ckpt.path is not None
     hf_config = AutoConfig.from_pretrained(ckpt.path)
     arch_spec(hf_config)  # a family without a llama.cpp architecture is refused before any packing
-    tensors = gguf_tensors(ckpt, progress)
+    tensors = make_tensors(ckpt, progress)
     extra = _extra_kv(ckpt)
     extra["bits_per_weight"] = round(bits_per_weight(tensors), 4)
     source = source_gguf_of(ckpt)

@@ -64,13 +64,18 @@ class GgufArch:
     llama.cpp applies adjacent-pair ("normal") rope, so q/k rows are permuted from HF's rotate-half order;
     ``qkv_bias``: the q/k/v biases are required tensors; ``norm_offset``: llama.cpp's norm weight is the HF
     weight plus this (Gemma's ``(1 + w)`` RMSNorm is stored as ``1 + w``); ``sliding_window``: llama.cpp reads
-    the window of the sliding layers from ``{arch}.attention.sliding_window``."""
+    the window of the sliding layers from ``{arch}.attention.sliding_window``; ``kernel_tol``: the largest
+    ``|PPL_llama.cpp / PPL_fake-quant - 1|`` of a quantized file that ``turboboa check`` passes. llama.cpp's
+    quantized dot products round each activation row to 8-bit blocks (``Q8_0``: 32 values, ``Q8_K``: 256)
+    before multiplying, so a file computes the fake-quant model's function up to that rounding, whose effect on
+    the PPL depends on the family's activations."""
 
     name: str
     permute_qk: bool
     qkv_bias: bool
     norm_offset: float = 0.0
     sliding_window: bool = False
+    kernel_tol: float = 0.01  # default models' files: gaps +0.57% to +0.84% (bench/results/gguf-vs-llamacpp.md)
 
 
 class ArchAdapter:
