@@ -113,7 +113,7 @@ class CheckSettings:
         if self.npu_windows < 1:
             raise UserError(f"--npu-windows must be at least 1, not {self.npu_windows}")
         for name, tol in (("--gguf-tol", self.gguf_tol), ("--onnx-tol", self.onnx_tol), ("--htp-tol", self.htp_tol),
-                          ("--openvino-tol", self.openvino_tol), ("--graph-tol", self.graph_tol)):
+                          ("--openvino-tol", self.openvino_tol), ("graph_tol", self.graph_tol)):
             if tol is not None and not tol >= 0:
                 raise UserError(f"{name} must be a relative PPL gap >= 0 (0.01 = 1%), not {tol}")
         if self.threads is not None and self.threads < 1:
