@@ -308,8 +308,7 @@ def file_paths(work: Path, model: str, preset: str, maker: str) -> tuple[Path, P
 
 def tolerances(rows: list[dict[str, Any]]) -> str:
     """The gap tolerances our checked rows were judged by, as text ("1%")."""
-    checks = [r["file_check"] for r in rows if "file_check" in r]
-    tols = sorted({t for c in checks if (t := c.get("gap_tol", c["provenance"]["settings"].get("gap_tol")))})
+    tols = sorted({r["file_check"]["provenance"]["settings"]["gap_tol"] for r in rows if "file_check" in r})
     return " / ".join(f"{t:.0%}" for t in tols) or "the tolerance"
 
 
@@ -346,7 +345,7 @@ def file_check(ctx: pv.Context, args: argparse.Namespace, qdir: Path, target: Pa
     measured = meter.result(eval_tokens=fake["tokens"], eval_windows=fake["windows"])
     return {"tensors": weights["tensors"], "bit_exact_tensors": weights["tensors"] - len(weights["failing"]),
             "max_abs_diff": weights["max_abs_diff"], "failing": sorted(weights["failing"]),
-            "fake_quant_ppl": fake["ppl"], "llama_cpp_ppl": llama_ppl, "gap": gap, "gap_tol": tol,
+            "fake_quant_ppl": fake["ppl"], "llama_cpp_ppl": llama_ppl, "gap": gap,
             "passed": weights["passed"] and abs(gap) <= tol,
             "provenance": ctx.record(check_settings(args, tol), row_data(args), measured, LLAMA)}
 

@@ -61,8 +61,8 @@ def test_a_reused_row_is_checked_only_against_its_own_files(work) -> None:
     assert c["tensors"] == len(load_qdir(qdir).layers) > 0
     assert c["bit_exact_tensors"] == c["tensors"] and c["max_abs_diff"] == 0.0 and c["failing"] == []
     assert c["gap"] == pytest.approx(row["ppl"] / c["fake_quant_ppl"] - 1)
-    tol = c["gap_tol"]
-    assert tol == c["provenance"]["settings"]["gap_tol"] == GgufArch.kernel_tol and abs(c["gap"]) <= tol and c["passed"]  # the tiny Llama's family's
+    tol = c["provenance"]["settings"]["gap_tol"]
+    assert tol == GgufArch.kernel_tol and abs(c["gap"]) <= tol and c["passed"]  # the tiny Llama's family's
     assert c["provenance"]["measured"]["eval_windows"] == ARGS.max_windows
     assert row["file_sha256"] == bench.sha256_file(target)  # the file the check read, named by the row
     assert not bench.backfill_check(ctx, ARGS, row, work)  # checked once
@@ -76,8 +76,9 @@ def test_a_reused_row_is_checked_only_against_its_own_files(work) -> None:
 def test_table_reports_the_check_and_the_shared_importance_matrix(tmp_path) -> None:
     ctx = pv.Context.start("cpu")
     prov = ctx.record({"s": 1}, {"d": 1}, {"wall_seconds": 1.0})
+    checked = ctx.record({"gap_tol": 0.01}, {"d": 1}, {"wall_seconds": 1.0})
     check = {"tensors": 198, "bit_exact_tensors": 198, "max_abs_diff": 0.0, "failing": [], "fake_quant_ppl": 38.4,
-             "llama_cpp_ppl": 38.5, "gap": 38.5 / 38.4 - 1, "gap_tol": 0.01, "passed": True, "provenance": prov}
+             "llama_cpp_ppl": 38.5, "gap": 38.5 / 38.4 - 1, "passed": True, "provenance": checked}
     rows = [{"preset": "IQ2_XXS", "maker": "llama.cpp+imatrix", "ppl": 67.2, "kld": 1.19, "file_mib": 560.4,
              "bpw": 2.6, "quantize_seconds": 227.0, "provenance": prov},
             {"preset": "IQ2_XXS", "maker": "turboboa", "ppl": 38.5, "kld": 0.61, "file_mib": 560.4, "bpw": 2.6,
