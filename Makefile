@@ -51,7 +51,7 @@ SOLVER_ARGS   ?= --blocks 5 --bits 3 --group-size -1 \
 ROTATION_ARGS ?= --nsamples 8 --seqlen 512 --eval-seqlen 512 --max-windows 8
 GGUF_ARGS     ?= --nsamples 16 --seqlen 512 --eval-seqlen 512 --max-windows 16
 IQ_ARGS       ?= --model smollm2-135m --presets IQ2_XXS,IQ2_XS,IQ2_S,IQ3_XXS,IQ3_M \
-                 --makers llama.cpp+imatrix,turboboa+pad256 --nsamples 8 --seqlen 512 --eval-seqlen 512 --max-windows 16
+                 --makers llama.cpp+imatrix,turboboa+pad256+act --nsamples 8 --seqlen 512 --eval-seqlen 512 --max-windows 16
 # The second reference model (bench-qwen, not part of `make bench`): every width takes every type. Tens of minutes
 # per file on a CPU; a GPU (BENCH_ARGS="--device cuda") is the intended machine for our quantizations.
 QWEN_ARGS     ?= --model qwen2.5-coder-1.5b --name gguf-vs-llamacpp-qwen2.5-coder-1.5b \

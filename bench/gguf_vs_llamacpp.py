@@ -10,7 +10,8 @@ ones (IQ1_S ... IQ4_XS, ``--presets iq`` for all of them). For each file type:
   ``nsamples`` chunks of ``seqlen`` tokens);
 * ours: ``turboboa quantize --preset P`` (TurboBoA, ``nsamples x seqlen`` calibration tokens), without
   ``--pad-to`` (with ``--rotate auto``: the Hadamard rotation unless it would untie a tied head, so none for
-  SmolLM2) and with ``--pad-to 256`` (unrotated, and with the Hadamard rotation), exported
+  SmolLM2) and with ``--pad-to 256`` (unrotated, with the Hadamard rotation, or with ``--pad-order
+  activation``), exported
   with ``turboboa export --to gguf``. ``--makers`` picks among these; a ``+damp<x>`` part on one of ours
   (``turboboa+damp0.2``) quantizes with ``--damp x``, a row of its own.
 
@@ -152,27 +153,30 @@ def quantize_args(args: argparse.Namespace, preset: str, maker: str) -> list[str
     parts = maker.split("+")[1:]
     if "pad256" in parts:  # turboboa+pad256: padded, unrotated; +hadamard: what --rotate auto does
         cmd += ["--pad-to", "256", "--rotate", "hadamard" if "hadamard" in parts else "none"]
+    if "act" in parts:  # +act: the zero channels beside the largest activations (--pad-order activation)
+        cmd += ["--pad-order", "activation"]
     cmd += [a for part in parts if part.startswith("damp") for a in ("--damp", part.removeprefix("damp"))]
     return cmd
 
 
 def check_maker(maker: str) -> str | None:
     """Why ``maker`` names no file this script can make (None when it does): ``llama.cpp``,
-    ``llama.cpp+imatrix``, or ``turboboa`` followed by any of ``+pad256``, ``+hadamard`` (with ``+pad256``) and
-    ``+damp<x>`` (our quantize's ``--damp x``)."""
+    ``llama.cpp+imatrix``, or ``turboboa`` followed by any of ``+pad256``, ``+hadamard`` and ``+act`` (each with
+    ``+pad256``; ``+act`` is ``--pad-order activation``) and ``+damp<x>`` (our quantize's ``--damp x``)."""
     if maker in ("llama.cpp", "llama.cpp+imatrix"):
         return None
     base, *parts = maker.split("+")
     if base != "turboboa":
-        return f"unknown maker {maker!r}: use llama.cpp, llama.cpp+imatrix or turboboa[+pad256[+hadamard]][+damp<x>]"
+        return (f"unknown maker {maker!r}: use llama.cpp, llama.cpp+imatrix or "
+                "turboboa[+pad256[+hadamard][+act]][+damp<x>]")
     for part in parts:
         if part.startswith("damp"):
             try:
                 float(part.removeprefix("damp"))
             except ValueError:
                 return f"maker {maker!r}: {part!r} is not +damp<number>, e.g. +damp0.2"
-        elif part not in ("pad256", "hadamard") or (part == "hadamard" and "pad256" not in parts):
-            return f"maker {maker!r}: unknown part {part!r}; use +pad256, +pad256+hadamard or +damp<x>"
+        elif part not in ("pad256", "hadamard", "act") or (part != "pad256" and "pad256" not in parts):
+            return f"maker {maker!r}: unknown part {part!r}; use +pad256, +pad256+hadamard, +pad256+act or +damp<x>"
     return None
 
 
@@ -206,8 +210,8 @@ def plot(rows: list[dict], float_ppl: float | None, out: Path, title: str) -> No
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"llama.cpp": ("o", "tab:gray"), "llama.cpp+imatrix": ("s", "tab:blue"),
               "turboboa": ("^", "tab:red"), "turboboa+pad256": ("D", "tab:green"),
-              "turboboa+pad256+hadamard": ("v", "tab:purple")}
-    others = iter([("P", "tab:orange"), ("X", "tab:brown"), ("*", "tab:olive"), ("h", "tab:cyan")])
+              "turboboa+pad256+hadamard": ("v", "tab:purple"), "turboboa+pad256+act": ("D", "tab:olive")}
+    others = iter([("P", "tab:orange"), ("X", "tab:brown"), ("*", "tab:pink"), ("h", "tab:cyan")])
     styles |= {m: next(others, ("x", "black")) for m in dict.fromkeys(r["maker"] for r in rows) if m not in styles}
     for label, (marker, color) in styles.items():
         pts = sorted((r["file_mib"], r["ppl"], r["preset"]) for r in rows if r["maker"] == label)

@@ -97,16 +97,20 @@ def test_table_reports_the_check_and_the_shared_importance_matrix(tmp_path) -> N
 
 
 def test_makers_map_to_quantize_options() -> None:
-    """A maker's ``+pad256``, ``+hadamard`` and ``+damp<x>`` parts become our quantize options; a maker the script
-    cannot make is named with the fix."""
+    """A maker's ``+pad256``, ``+hadamard``, ``+act`` and ``+damp<x>`` parts become our quantize options; a maker
+    the script cannot make is named with the fix."""
     args = argparse.Namespace(**vars(ARGS), method="turboboa")
     plain = bench.quantize_args(args, "Q2_K", "turboboa")
     assert "--damp" not in plain and "--pad-to" not in plain
     damped = bench.quantize_args(args, "Q2_K", "turboboa+pad256+hadamard+damp0.2")
     assert damped[len(plain):] == ["--pad-to", "256", "--rotate", "hadamard", "--damp", "0.2"]
-    for maker in ("llama.cpp", "llama.cpp+imatrix", "turboboa", "turboboa+damp0.2", "turboboa+pad256+hadamard"):
+    placed = bench.quantize_args(args, "IQ2_XS", "turboboa+pad256+act")
+    assert placed[len(plain):] == ["--pad-to", "256", "--rotate", "none", "--pad-order", "activation"]
+    for maker in ("llama.cpp", "llama.cpp+imatrix", "turboboa", "turboboa+damp0.2", "turboboa+pad256+hadamard",
+                  "turboboa+pad256+act"):
         assert bench.check_maker(maker) is None
     assert "+damp<number>" in bench.check_maker("turboboa+dampx")
     assert "unknown part 'hadamard'" in bench.check_maker("turboboa+hadamard")
+    assert "unknown part 'act'" in bench.check_maker("turboboa+act")
     assert "unknown maker" in bench.check_maker("gptq")
     assert bench.file_paths(Path("w"), "m", "Q2_K", "turboboa+damp0.2")[0].name == "m-Q2_K-turboboa-damp02.gguf"
