@@ -12,8 +12,9 @@ venv: $(STAMP)
 # `torch` requirement would otherwise pull a multi-gigabyte CUDA build.
 # llama-cpp-python compiles llama.cpp: a portable AVX2 build (no -march=native), so the library behaves the same on
 # every x86-64 host; ggml's AMX kernels, which a native build enables on CPUs that have AMX, crash in
-# ggml_backend_amx_mul_mat. --no-cache-dir: never reuse a wheel built earlier with other flags.
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# ggml_backend_amx_mul_mat. -DLLAVA_BUILD=OFF: the multimodal library (mtmd), which turboboa never loads, is not
+# compiled. --no-cache-dir: never reuse a wheel built earlier with other flags.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +51,9 @@ SOLVER_ARGS   ?= --blocks 5 --bits 3 --group-size -1 \
                  $(if $(findstring cuda,$(BENCH_ARGS)),--nsamples 128 --seqlen 2048,--nsamples 16 --seqlen 512)
 ROTATION_ARGS ?= --nsamples 8 --seqlen 512 --eval-seqlen 512 --max-windows 8
 GGUF_ARGS     ?= --nsamples 16 --seqlen 512 --eval-seqlen 512 --max-windows 16
-IQ_ARGS       ?= --model smollm2-135m --presets IQ2_XXS,IQ2_XS,IQ2_S,IQ3_XXS,IQ3_M \
+# The default model padded to 256 (--pad-order activation), against llama.cpp's files of the unpadded model: the
+# ten file types of bench-qwen.
+IQ_ARGS       ?= --model smollm2-135m --presets IQ2_XXS,IQ2_XS,IQ2_S,IQ2_M,Q2_K,IQ3_XXS,IQ3_M,Q3_K_S,Q3_K_M,Q4_K_M \
                  --makers llama.cpp+imatrix,turboboa+pad256+act --nsamples 8 --seqlen 512 --eval-seqlen 512 --max-windows 16
 # The second reference model (bench-qwen, not part of `make bench`): every width takes every type. Tens of minutes
 # per file on a CPU; a GPU (BENCH_ARGS="--device cuda") is the intended machine for our quantizations.

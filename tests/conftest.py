@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,13 @@ def run_main(*args: str, capsys) -> subprocess.CompletedProcess:
         code = e.code if isinstance(e.code, int) else 1
     out = capsys.readouterr()
     return subprocess.CompletedProcess(["turboboa", *args], code, out.out, out.err)
+
+
+@pytest.fixture
+def cli_main(capsys) -> Callable[..., subprocess.CompletedProcess]:
+    """:func:`run_main` bound to this test's ``capsys``: ``cli_main("check", qdir)``. For refusals, which need
+    no fresh process; the commands that compute run through :func:`run_cli`."""
+    return lambda *args: run_main(*args, capsys=capsys)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:

@@ -286,20 +286,20 @@ def test_session_keeps_the_activation_qdq(tmp_path, tiny_llama) -> None:
 # --- the command line ---------------------------------------------------------------------------------------
 
 
-def test_cli_calibrate_export_eval_and_errors(tmp_path, tiny_llama) -> None:
+def test_cli_calibrate_export_eval_and_errors(tmp_path, tiny_llama, cli_main) -> None:
     q = tmp_path / "q"
     quantize(tiny_llama, q, None, bits=4, group_size=-1, sym=True)
     out = tmp_path / "m.onnx"
     export = ("export", str(q), "--to", "onnx", "--profile", "npu", "--seqlen", "64", "-o", str(out))
-    assert_one_line_error(run_cli(*export, "--act-bits", "8"), "no activation encodings",
+    assert_one_line_error(cli_main(*export, "--act-bits", "8"), "no activation encodings",
                           "turboboa calibrate")
-    assert_one_line_error(run_cli("quantize", str(tiny_llama), "--act-bits", "4", "--act-scope", "inputs", "-o",
-                                  str(tmp_path / "x")), "--act-bits 4", "8 or 16")
-    assert_one_line_error(run_cli("calibrate", str(tmp_path), "--act-bits", "8"), "not a turboboa QDIR")
+    assert_one_line_error(cli_main("quantize", str(tiny_llama), "--act-bits", "4", "--act-scope", "inputs",
+                                   "-o", str(tmp_path / "x")), "--act-bits 4", "8 or 16")
+    assert_one_line_error(cli_main("calibrate", str(tmp_path), "--act-bits", "8"), "not a turboboa QDIR")
     r = run_cli("calibrate", str(q), "--act-bits", "16", "--nsamples", "2", "--seqlen", "32", "-q", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["dtype"] == "uint16" and json.loads(r.stdout)["layers"] == 14
-    assert_one_line_error(run_cli(*export, "--act-bits", "8"), "does not match", "--act-bits 16")
+    assert_one_line_error(cli_main(*export, "--act-bits", "8"), "does not match", "--act-bits 16")
     r = run_cli(*export, "--act-bits", "16")
     assert r.returncode == 0, r.stderr
     torch_run = run_cli("eval", str(q), "--seqlen", "64", "--max-windows", "2", "--json")

@@ -51,8 +51,8 @@ def test_missing_calibration_data(tmp_path, tiny_llama_dir):
     assert not out.exists()
 
 
-def test_unknown_option_is_one_line(tmp_path):
-    assert_one_line_error(run_cli("quantize", "--bogus", "-o", str(tmp_path / "Q")), "--bogus")
+def test_unknown_option_is_one_line(tmp_path, cli_main):
+    assert_one_line_error(cli_main("quantize", "--bogus", "-o", str(tmp_path / "Q")), "--bogus")
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "turboboa"])

@@ -57,6 +57,23 @@ def objective(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     return float(((D @ H) * D).sum())
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
+def test_range_search_error_is_the_value_of_the_rounded_weights(fmt: str) -> None:
+    """The range search's one-buffer error equals ``sum h (value(round(w)) - w)^2`` bit for bit, for every
+    candidate (shrink factors down to 0.05) and for all-zero groups, whose scale is 0."""
+    spec = format_spec(fmt)
+    G = spec.fmt.group_size
+    W, H, _ = problem()
+    wg = W.reshape(W.shape[0], -1, G)
+    h = torch.diagonal(H).reshape(1, -1, G)
+    p = torch.linspace(1.0, 0.05, 20).reshape(-1, 1, 1) * torch.ones(1, *wg.shape[:-1])
+    s, o = spec.candidates(wg, p)
+    assert bool((s == 0).any())  # the zero row and block
+    q = spec.value(spec.round(wg, s.unsqueeze(-1), o.unsqueeze(-1)), s.unsqueeze(-1), o.unsqueeze(-1))
+    expected = ((q - wg) ** 2 * h).sum(-1)
+    assert torch.equal(spec._group_error(wg, h, s, o), expected)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("method", METHODS)
 def test_packed_file_bytes_decode_to_the_solver_weights(fmt: str, method: str) -> None:

@@ -248,18 +248,18 @@ def test_sliding_windows_match_fake_quant(tmp_path, default_tokenizer, windows, 
         assert relative_gap(path, ckpt, used) < REL_BOUND
 
 
-def test_profile_errors_are_one_line(tmp_path, tiny_llama) -> None:
+def test_profile_errors_are_one_line(tmp_path, tiny_llama, cli_main) -> None:
     quantize(tiny_llama, tmp_path / "asym", bits=4, group_size=32)
     quantize(tiny_llama, tmp_path / "g16", bits=4, group_size=16, sym=True)
     quantize(tiny_llama, tmp_path / "ggml", format="q4_1")
     out = tmp_path / "m.onnx"
     export = ("export", "--to", "onnx", "-o", str(out))
-    assert_one_line_error(run_cli(*export, str(tmp_path / "asym"), "--profile", "npu"), "symmetric", "--sym")
-    assert_one_line_error(run_cli(*export, str(tmp_path / "g16"), "--profile", "npu"), "groups of 16",
+    assert_one_line_error(cli_main(*export, str(tmp_path / "asym"), "--profile", "npu"), "symmetric", "--sym")
+    assert_one_line_error(cli_main(*export, str(tmp_path / "g16"), "--profile", "npu"), "groups of 16",
                           "32, 64, 128")
-    assert_one_line_error(run_cli(*export, str(tmp_path / "ggml")), "q4_1", "--to gguf", "--format int")
-    assert_one_line_error(run_cli(*export, str(tmp_path / "g16"), "--opset", "28"), "--opset 28", "21")
-    assert_one_line_error(run_cli(*export, str(tmp_path / "g16"), "--profile", "npu", "--opset", "25"),
+    assert_one_line_error(cli_main(*export, str(tmp_path / "ggml")), "q4_1", "--to gguf", "--format int")
+    assert_one_line_error(cli_main(*export, str(tmp_path / "g16"), "--opset", "28"), "--opset 28", "21")
+    assert_one_line_error(cli_main(*export, str(tmp_path / "g16"), "--profile", "npu", "--opset", "25"),
                           "--opset 25")
     assert not out.exists() and not list(tmp_path.glob(".m.onnx*"))
 
@@ -284,7 +284,7 @@ def test_profiles_and_options_in_python(tmp_path, tiny_llama) -> None:
     assert types == {TensorProto.INT4} and not any(t.name.endswith("zero_point") for t in model.graph.initializer)
 
 
-def test_cli_export_and_eval_in_onnxruntime(tmp_path, tiny_llama) -> None:
+def test_cli_export_and_eval_in_onnxruntime(tmp_path, tiny_llama, cli_main) -> None:
     q = tmp_path / "q"
     quantize(tiny_llama, q, bits=4, group_size=-1, sym=True)
     out = tmp_path / "m.onnx"
@@ -298,12 +298,12 @@ def test_cli_export_and_eval_in_onnxruntime(tmp_path, tiny_llama) -> None:
     assert got["onnxruntime"]["graph_optimization_level"] == "ORT_ENABLE_BASIC"
     ref = evaluate_torch(str(q), seqlen=64, max_windows=2, device="cpu", progress=False)
     assert abs(got["ppl"] / ref.ppl - 1) < 1e-5
-    assert_one_line_error(run_cli("eval", str(out), "--seqlen", "32"), "static sequence length of 64",
+    assert_one_line_error(cli_main("eval", str(out), "--seqlen", "32"), "static sequence length of 64",
                           "--seqlen 64")
-    assert_one_line_error(run_cli("eval", str(out), "--backend", "torch"), "--backend onnxruntime")
+    assert_one_line_error(cli_main("eval", str(out), "--backend", "torch"), "--backend onnxruntime")
     moved = tmp_path / "elsewhere"
     q.rename(moved)
-    assert_one_line_error(run_cli("eval", str(out), "--seqlen", "64"), "tokenizer", "--tokenizer")
+    assert_one_line_error(cli_main("eval", str(out), "--seqlen", "64"), "tokenizer", "--tokenizer")
     r = run_cli("eval", str(out), "--seqlen", "64", "--max-windows", "1", "--tokenizer", str(moved), "--json")
     assert r.returncode == 0, r.stderr
 

@@ -322,12 +322,12 @@ def test_damaged_ggml_grids_are_refused() -> None:
         one_weight_model(q, 21)
 
 
-def test_cli_refusals_are_one_line_and_q4_0_passes_npu(tmp_path, qdirs, q4_0_qdir) -> None:
+def test_cli_refusals_are_one_line_and_q4_0_passes_npu(tmp_path, qdirs, q4_0_qdir, cli_main) -> None:
     out = tmp_path / "m.onnx"
     export = ("export", "--to", "onnx", "-o", str(out))
-    assert_one_line_error(run_cli(*export, str(qdirs("q4_k"))), "ggml type q4_k", "--to gguf",
+    assert_one_line_error(cli_main(*export, str(qdirs("q4_k"))), "ggml type q4_k", "--to gguf",
                           "q4_0, q5_0, q8_0, q3_k or q6_k")
-    assert_one_line_error(run_cli(*export, str(qdirs("q3_k")), "--profile", "npu"), "q3_k", "groups of 16",
+    assert_one_line_error(cli_main(*export, str(qdirs("q3_k")), "--profile", "npu"), "q3_k", "groups of 16",
                           "--format q4_0, q5_0 or q8_0")
     assert not out.exists()
     r = run_cli(*export, str(q4_0_qdir), "--profile", "npu", "--seqlen", "64")

@@ -190,15 +190,16 @@ def test_weight_activation_onnx_uses_dynamic_quantize_ops_and_matches(tmp_path, 
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
-def test_what_a_runtime_cannot_compute_is_refused_in_one_line(tmp_path, wa_qdir, tiny_llama_dir) -> None:
+def test_what_a_runtime_cannot_compute_is_refused_in_one_line(tmp_path, wa_qdir, tiny_llama_dir,
+                                                               cli_main) -> None:
     from turboboa import quantization
     from turboboa.config import QuantConfig
 
-    assert_one_line_error(run_cli("export", str(wa_qdir), "--to", "gguf", "-o", str(tmp_path / "x.gguf")),
+    assert_one_line_error(cli_main("export", str(wa_qdir), "--to", "gguf", "-o", str(tmp_path / "x.gguf")),
                           "online rotations", "--to onnx")
     assert not (tmp_path / "x.gguf").exists()
-    assert_one_line_error(run_cli("quantize", str(tiny_llama_dir), "--online-rotate", "down", "-o",
-                                  str(tmp_path / "q")), "weight-activation")
+    assert_one_line_error(cli_main("quantize", str(tiny_llama_dir), "--online-rotate", "down", "-o",
+                                   str(tmp_path / "q")), "weight-activation")
     assert not (tmp_path / "q").exists()
     for bad, words in (({"rotate": "spin"}, "--rotate"), ({"dyn_act_bits": 5}, "--act-bits 5"),
                        ({"kv_bits": 3}, "--kv-bits 3"), ({"online_rotate": "up"}, "--online-rotate")):

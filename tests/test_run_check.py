@@ -95,7 +95,8 @@ def test_check_passes_on_honest_gguf(tmp_path, q4_0_gguf) -> None:
     assert "| llama.cpp |" in (tmp_path / "rep" / "report.md").read_text()
 
 
-def test_check_gguf_graph_scores_the_fakequant_weights_as_f32(tmp_path, q4_0_gguf, int_onnx) -> None:
+def test_check_gguf_graph_scores_the_fakequant_weights_as_f32(tmp_path, q4_0_gguf, int_onnx,
+                                                              cli_main) -> None:
     """--gguf-graph: the F32 GGUF of the fake-quant weights holds them exactly; llama.cpp scores it with float
     products (within the graph tolerance, closer than the q4_0 file whose activations it rounds to 8 bits); the
     temporary file is gone afterwards; without a GGUF file the option is refused in one line."""
@@ -117,7 +118,7 @@ def test_check_gguf_graph_scores_the_fakequant_weights_as_f32(tmp_path, q4_0_ggu
     assert check["passed"] and check["limit"] == GRAPH_TOL
     assert not list(gguf.parent.glob(".f32-*"))
     onnx_qdir, onnx = int_onnx
-    assert_one_line_error(run_cli("check", str(onnx_qdir), "--onnx", str(onnx), "--gguf-graph"), "--gguf")
+    assert_one_line_error(cli_main("check", str(onnx_qdir), "--onnx", str(onnx), "--gguf-graph"), "--gguf")
 
 
 def test_gguf_tolerance_is_the_model_family_s() -> None:
@@ -195,19 +196,19 @@ def test_check_fails_and_names_one_altered_onnx_code(tmp_path, int_onnx) -> None
     assert list(report["weights"]["onnx"]["failing"]) == [ONNX_ALTERED]
 
 
-def test_check_needs_a_file(q4_0_gguf) -> None:
+def test_check_needs_a_file(q4_0_gguf, cli_main) -> None:
     qdir, _ = q4_0_gguf
-    assert_one_line_error(run_cli("check", str(qdir)), "--gguf", "--onnx")
+    assert_one_line_error(cli_main("check", str(qdir)), "--gguf", "--onnx")
 
 
-def test_check_refuses_corrupt_and_foreign_files(tmp_path, q4_0_gguf) -> None:
+def test_check_refuses_corrupt_and_foreign_files(tmp_path, q4_0_gguf, cli_main) -> None:
     """A truncated GGUF, and a valid GGUF that turboboa did not write: one line, exit 2."""
     import gguf
 
     qdir, path = q4_0_gguf
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    assert_one_line_error(run_cli("check", str(qdir), "--gguf", str(cut)), "cut.gguf")
+    assert_one_line_error(cli_main("check", str(qdir), "--gguf", str(cut)), "cut.gguf")
     foreign = tmp_path / "foreign.gguf"
     w = gguf.GGUFWriter(str(foreign), "llama")
     w.add_tensor("x", np.zeros(4, dtype=np.float32))
@@ -215,7 +216,7 @@ def test_check_refuses_corrupt_and_foreign_files(tmp_path, q4_0_gguf) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert_one_line_error(run_cli("check", str(qdir), "--gguf", str(foreign)), "foreign.gguf")
+    assert_one_line_error(cli_main("check", str(qdir), "--gguf", str(foreign)), "foreign.gguf")
 
 
 # --- run --------------------------------------------------------------------------------------------------
@@ -268,9 +269,9 @@ def test_run_writes_every_file_and_a_manifest_that_verifies(tmp_path, tiny_llama
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
 
 
-def test_run_unknown_export_is_one_line(tmp_path, tiny_llama_dir) -> None:
+def test_run_unknown_export_is_one_line(tmp_path, tiny_llama_dir, cli_main) -> None:
     out = tmp_path / "run"
-    assert_one_line_error(run_cli("run", str(tiny_llama_dir), "--export", "gguf,tflite", "-o", str(out)),
+    assert_one_line_error(cli_main("run", str(tiny_llama_dir), "--export", "gguf,tflite", "-o", str(out)),
                           "tflite", "gguf, onnx")
     assert not out.exists()
 
@@ -286,10 +287,11 @@ def test_run_unknown_export_is_one_line(tmp_path, tiny_llama_dir) -> None:
     (("--export", "onnx", "--onnx-profile", "edge"), ("edge",)),
 ], ids=["gguf-int", "gguf-lpbq", "onnx-q4_k", "onnx-preset", "gguf-act-bits", "npu-asym", "npu-q3_k",
         "unknown-profile"])
-def test_run_refuses_formats_the_exports_cannot_hold_before_quantizing(tmp_path, args, words) -> None:
+def test_run_refuses_formats_the_exports_cannot_hold_before_quantizing(tmp_path, args, words,
+                                                                        cli_main) -> None:
     # the model does not exist: a refusal about the format proves it came before loading and quantizing
     out = tmp_path / "run"
-    assert_one_line_error(run_cli("run", str(tmp_path / "no-model"), *args, "-o", str(out)), *words)
+    assert_one_line_error(cli_main("run", str(tmp_path / "no-model"), *args, "-o", str(out)), *words)
     assert not out.exists()
 
 
@@ -333,7 +335,8 @@ def whole_run(tmp_path_factory, tiny_llama_dir):
 
 
 @pytest.mark.parametrize("point", ["solve:1", "state-write:1", "export:gguf"])
-def test_run_killed_and_resumed_gives_the_same_files(tmp_path, tiny_llama_dir, whole_run, point) -> None:
+def test_run_killed_and_resumed_gives_the_same_files(tmp_path, tiny_llama_dir, whole_run, point,
+                                                     cli_main) -> None:
     """Issue 6's and 20's check: `turboboa run` SIGKILLed while solving block 1, halfway through writing the
     resume state, or halfway through writing model.gguf, leaves no file half-written under its name (the QDIR
     and the GGUF are absent or complete); the same command with --resume cleans what the kill left and writes
@@ -350,7 +353,7 @@ def test_run_killed_and_resumed_gives_the_same_files(tmp_path, tiny_llama_dir, w
     else:  # the QDIR is not there; the state of the finished blocks is
         assert not (out / "qdir").exists() and hidden == []
         assert json.loads((out / "qdir.partial" / "state.json").read_text())["next_block"] == 1
-        assert_one_line_error(run_cli("export", str(out / "qdir.partial"), "--to", "gguf", "-o",
+        assert_one_line_error(cli_main("export", str(out / "qdir.partial"), "--to", "gguf", "-o",
                                       str(tmp_path / "x.gguf")), str(out / "qdir.partial"))
         assert not (tmp_path / "x.gguf").exists()
     again = run_cli(*argv, "--resume")

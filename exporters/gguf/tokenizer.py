@@ -20,14 +20,16 @@ import numpy as np
 from gguf import GGUFWriter, Keys, TokenType
 from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
-from .source import read_kv
+from .source import KeyValue
 
 
-def copy_tokenizer(writer: GGUFWriter, source_gguf: Path) -> int:
-    """Copy every ``tokenizer.*`` key of ``source_gguf`` into ``writer`` with its value types; return the
-    number of tokens."""
+def copy_tokenizer(writer: GGUFWriter, source_kv: list[KeyValue]) -> int:
+    """Copy every ``tokenizer.*`` key of ``source_kv`` (a source GGUF's fields, :func:`.source.read_kv`) into
+    ``writer`` with its value types; return the number of tokens."""
     n_tokens = 0
-    for kv in read_kv(source_gguf, ("tokenizer.",)):
+    for kv in source_kv:
+        if not kv.key.startswith("tokenizer."):
+            continue
         kv.add_to(writer)
         if kv.key == Keys.Tokenizer.LIST:
             n_tokens = len(kv.value)

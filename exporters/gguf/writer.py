@@ -163,7 +163,9 @@ def _add_metadata(writer: GGUFWriter, hf_config: Any, hp: Hyperparameters, token
                   source_gguf: Path | None, extra_kv: Mapping[str, Any], name: str | None, ftype: LlamaFileType,
                   embd_rows: int) -> None:
     """Add every key: ``general.*``, hyperparameters, file type, ``tokenizer.*``, then ``turboboa.*``."""
-    source_general = read_kv(source_gguf, ("general.",)) if source_gguf is not None else []
+    # one parse of the source file for both prefixes: a 262k-token vocabulary takes seconds to read
+    source_kv = read_kv(source_gguf, ("general.", "tokenizer.")) if source_gguf is not None else []
+    source_general = [kv for kv in source_kv if kv.key.startswith("general.")]
     writer.add_type("model")
     writer.add_name(name or _model_name(hf_config, source_general))
     for kv in source_general:
@@ -172,7 +174,7 @@ def _add_metadata(writer: GGUFWriter, hf_config: Any, hp: Hyperparameters, token
     add_hyperparameters(writer, hp)
     add_file_info(writer, ftype)
     if source_gguf is not None:
-        n_tokens = copy_tokenizer(writer, source_gguf)
+        n_tokens = copy_tokenizer(writer, source_kv)
     else:
         n_tokens = add_hf_tokenizer(writer, tokenizer_dir_or_tokenizer, hp.vocab_size)
     if n_tokens != embd_rows:

@@ -132,12 +132,27 @@ class FormatSpec:
                      offset: torch.Tensor) -> torch.Tensor:
         """``sum_c h_c (q_c - w_c)^2`` per group for candidate grids (``(P, ...)``) of groups ``w``."""
         s, o = scale.unsqueeze(-1), offset.unsqueeze(-1)
-        if _first_level(self.fmt) is None:  # the bracketing search of IQ4_NL wants full-size operands
+        l0 = _first_level(self.fmt)
+        if l0 is not None and type(self).round is FormatSpec.round and type(self).value is FormatSpec.value:
+            return self._uniform_group_error(w, h, s, o, l0)
+        if l0 is None:  # the bracketing search of IQ4_NL wants full-size operands
             s = s.expand(*scale.shape, w.shape[-1])
             o = o.expand_as(s)
             w = w.expand_as(s)
         q = self.value(self.round(w, s, o), s, o)
         return ((q - w) ** 2 * h).sum(-1)
+
+    def _uniform_group_error(self, w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, o: torch.Tensor,
+                             l0: float) -> torch.Tensor:
+        """:meth:`_group_error` of consecutive integer levels in one buffer: ``q = s clamp(round((w + o) / s),
+        l_0, l_0 + L - 1) - o`` is :meth:`value` of :meth:`round`, the same float32 operations in the same order
+        (where ``s = 0``, ``q = -o`` either way), so the errors are bit-identical; the search's many candidates
+        then cost one allocation each instead of nine."""
+        q = (w + o).div_(s.masked_fill(s == 0, 1.0)).round_().clamp_(l0, l0 + self.fmt.code_max())
+        q.mul_(s).sub_(o).sub_(w).square_()
+        if q.shape != torch.broadcast_shapes(q.shape, h.shape):
+            return (q * h).sum(-1)
+        return q.mul_(h).sum(-1)
 
     def continuous(self, wg: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Best continuous (scale, offset) of each group of ``wg`` (``(..., G)``), weights ``h`` (broadcastable)."""
